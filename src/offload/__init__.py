@@ -1,0 +1,1 @@
+"""offload: background tasks for Python web applications."""

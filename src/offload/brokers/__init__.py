@@ -1,0 +1,45 @@
+"""Backends by URL scheme. Each module imports its own client library, and only it does."""
+
+from __future__ import annotations
+
+import importlib
+
+from offload.brokers.base import Broker, Store
+from offload.config import BrokerURL
+from offload.errors import ConfigError
+
+_MODULES = {
+    "memory": "offload.brokers.memory",
+    "sqlite": "offload.brokers.sqlite",
+    "redis": "offload.brokers.redis",
+    "rediss": "offload.brokers.redis",
+    "amqp": "offload.brokers.amqp",
+    "amqps": "offload.brokers.amqp",
+}
+_EXTRAS = {"redis": "redis", "rediss": "redis", "amqp": "amqp", "amqps": "amqp"}
+
+
+def _module(url: BrokerURL):  # type: ignore[no-untyped-def]
+    name = _MODULES.get(url.scheme)
+    if name is None:
+        raise ConfigError(f"unknown broker scheme {url.scheme!r} in {url.masked}; use one of {', '.join(sorted(_MODULES))}")
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        extra = _EXTRAS.get(url.scheme)
+        hint = f": pip install 'offload[{extra}]'" if extra else ""
+        raise ConfigError(f"the {url.scheme}:// backend cannot be loaded ({e}){hint}") from None
+
+
+def make_broker(url: BrokerURL, namespace: str) -> Broker:
+    return _module(url).make_broker(url, namespace)  # type: ignore[no-any-return]
+
+
+def make_store(url: BrokerURL, namespace: str) -> Store:
+    module = _module(url)
+    factory = getattr(module, "make_store", None)
+    if factory is None:
+        raise ConfigError(
+            f"{url.scheme}:// cannot store results; pass results='redis://...' or results='sqlite:///...' to Offload()"
+        )
+    return factory(url, namespace)  # type: ignore[no-any-return]

@@ -1,0 +1,214 @@
+"""The two protocols every backend implements: `Broker` (queues) and `Store` (results, events,
+pub/sub channels and a small key-value space for locks and counters).
+
+Both speak bytes: the codec in `offload.message` turns envelopes and values into bytes before
+they reach a backend, so a backend never imports a serializer. Every method is a coroutine and
+must not block the event loop. A backend module is the only place that imports its client
+library; everything else (worker, gateway, workflows, scheduler) speaks these protocols only.
+
+Guarantees a Broker gives:
+
+* at least once: a fetched message is leased for ``lease_s`` seconds; until `ack` it is not
+  handed to anyone else, and when its lease runs out (its worker died) it is handed out again
+  with ``deliveries`` incremented;
+* claim and lease happen in one atomic step, so two consumers never get the same message;
+* a message with an ``eta`` is not visible before it; higher ``priority`` (0..9) first, FIFO
+  within a priority;
+* a ``key`` (deduplication) is held from `enqueue` until `ack`/`dead_letter` of that message.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from offload.config import BrokerURL
+
+DEFAULT_LEASE_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message on its way into a queue. ``body`` is the encoded envelope."""
+
+    id: str
+    queue: str
+    body: bytes
+    priority: int = 0
+    eta: float | None = None  # epoch seconds; None means now
+    key: str | None = None  # deduplication key
+    expires: float | None = None  # epoch seconds; a hint for brokers with native expiry
+
+
+@dataclass(slots=True)
+class Delivery:
+    """A leased message. ``receipt`` is the backend's own handle (a lease token, a delivery tag)."""
+
+    id: str
+    queue: str
+    body: bytes
+    deliveries: int = 1  # how many times it was handed out, this time included
+    receipt: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    queue: str
+    body: bytes
+    reason: str
+    died_at: float
+
+
+@dataclass(slots=True)
+class QueueStats:
+    queued: dict[str, int] = field(default_factory=dict)  # ready to run, per queue
+    scheduled: int = 0  # waiting for their eta
+    running: int = 0  # leased by a worker
+    dead: int = 0
+
+
+class Broker(abc.ABC):
+    """Queues of encoded messages, namespaced. See the module docstring for the guarantees."""
+
+    #: can this backend also serve as the `Store` (same URL)?
+    stores_results: ClassVar[bool] = False
+
+    def __init__(self, url: BrokerURL, namespace: str) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.lease_s = url.param_float("visibility_timeout", DEFAULT_LEASE_S)
+
+    async def connect(self) -> None:
+        """Open connections; raise `BrokerUnavailable` (URL masked) when unreachable."""
+
+    async def close(self) -> None:
+        """Release connections. Leased messages stay leased until their lease runs out."""
+
+    @abc.abstractmethod
+    async def enqueue(self, message: OutgoingMessage) -> str:
+        """Store the message durably. Returns its id, or, when ``message.key`` is held by a
+        queued or running message, that message's id (and stores nothing)."""
+
+    @abc.abstractmethod
+    async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
+        """Lease up to ``limit`` ready messages from ``queues`` (highest priority first, queues
+        in the order given for equal priority). Waits up to ``timeout_s`` for the first one;
+        returns [] when none came."""
+
+    @abc.abstractmethod
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """The outcome is stored: forget these messages and release their keys."""
+
+    @abc.abstractmethod
+    async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
+        """Put a leased message back, optionally with a new body (next attempt), visible after
+        ``delay_s``. Atomic: the message is never lost nor duplicated in between."""
+
+    @abc.abstractmethod
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        """Heartbeat: renew the leases of messages still running, by ``lease_s`` from now."""
+
+    @abc.abstractmethod
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move a leased message to the dead letters with the reason (acknowledging it)."""
+
+    @abc.abstractmethod
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The most recent dead letters, newest first."""
+
+    @abc.abstractmethod
+    async def replay(self, ids: Sequence[str] | None = None) -> list[DeadLetter]:
+        """Remove dead letters (all when ``ids`` is None) and return them, for re-enqueueing."""
+
+    @abc.abstractmethod
+    async def cancel(self, message_id: str) -> bool:
+        """Remove the message if it is still queued or scheduled (not leased). True if removed."""
+
+    @abc.abstractmethod
+    async def purge(self, queue: str) -> int:
+        """Remove every ready or scheduled message of a queue; returns how many."""
+
+    @abc.abstractmethod
+    async def stats(self) -> QueueStats:
+        """Queue depths, scheduled, running and dead-letter counts for this namespace."""
+
+    async def flush_namespace(self) -> None:
+        """Remove everything of this namespace (tests)."""
+        raise NotImplementedError
+
+
+class Watch(abc.ABC):
+    """Signals that the state of one of the watched tasks may have changed."""
+
+    @abc.abstractmethod
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait until a change is signalled (True) or the timeout passes (False). Spurious
+        wake-ups are allowed: callers re-read the state."""
+
+
+class Store(abc.ABC):
+    """Task states, change notifications, pub/sub channels and a small key-value space."""
+
+    def __init__(self, url: BrokerURL, namespace: str) -> None:
+        self.url = url
+        self.namespace = namespace
+
+    async def connect(self) -> None:
+        """Open connections; raise `BrokerUnavailable` when unreachable."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    # -- task states ---------------------------------------------------------------------
+    @abc.abstractmethod
+    async def put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+        """Store each (task id, encoded state) and signal watchers of those ids."""
+
+    @abc.abstractmethod
+    async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
+        """The stored states, None for ids never stored (or expired)."""
+
+    async def get_state(self, task_id: str) -> bytes | None:
+        return (await self.get_states([task_id]))[0]
+
+    @abc.abstractmethod
+    def watch(self, task_ids: Sequence[str]) -> AbstractAsyncContextManager[Watch]:
+        """Subscribe to changes of these tasks. Entering it subscribes before returning, so a
+        read of the state made after entering cannot miss a change."""
+
+    # -- pub/sub -------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def publish(self, channel: str, data: bytes) -> None:
+        """Deliver to every subscriber of the channel connected now."""
+
+    @abc.abstractmethod
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """Messages published on the channel after entering, in order."""
+
+    # -- key-value (locks, counters, dedup of periodic runs) -----------------------------
+    @abc.abstractmethod
+    async def set_if_absent(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
+        """Store the value unless the key exists; True if stored. Atomic across processes."""
+
+    @abc.abstractmethod
+    async def get_value(self, key: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def delete_value(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        """Atomically add to an integer counter (created at 0); ``ttl_s`` applies on creation."""
+
+    async def flush_namespace(self) -> None:
+        """Remove everything of this namespace (tests)."""
+        raise NotImplementedError
+
+
+def now() -> float:
+    return time.time()

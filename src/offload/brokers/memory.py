@@ -1,0 +1,307 @@
+"""``memory://[name]``: one process, no persistence. For tests and for trying things out.
+
+Apps created with the same ``memory://name`` URL in one process share queues and results, so a
+worker running in a thread sees what the test enqueued. This module also serves as the plainest
+statement of the protocol's semantics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from offload.brokers._signals import Signals
+from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store, Watch
+from offload.config import BrokerURL
+
+
+@dataclass(slots=True)
+class _Message:
+    id: str
+    queue: str
+    body: bytes
+    priority: int
+    visible_at: float
+    seq: int
+    key: str | None
+    leased: bool = False
+    deliveries: int = 0
+
+
+@dataclass
+class _Space:
+    """Everything stored under one memory URL."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    signals: Signals = field(default_factory=Signals)
+    messages: dict[tuple[str, str], _Message] = field(default_factory=dict)  # (ns, id)
+    keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, key) -> id
+    dead: dict[tuple[str, str], DeadLetter] = field(default_factory=dict)
+    states: dict[tuple[str, str], tuple[bytes, float | None]] = field(default_factory=dict)
+    values: dict[tuple[str, str], tuple[bytes, float | None]] = field(default_factory=dict)
+    channels: dict[tuple[str, str], set[asyncio.Queue[bytes]]] = field(default_factory=dict)
+    seq: int = 0
+
+
+_SPACES: dict[str, _Space] = {}
+_SPACES_LOCK = threading.Lock()
+
+
+def _space(url: BrokerURL) -> _Space:
+    with _SPACES_LOCK:
+        return _SPACES.setdefault(url.path or "default", _Space())
+
+
+def _alive(entry: tuple[bytes, float | None] | None) -> bytes | None:
+    if entry is None or (entry[1] is not None and entry[1] < time.time()):
+        return None
+    return entry[0]
+
+
+class MemoryBroker(Broker):
+    stores_results = True
+
+    def __init__(self, url: BrokerURL, namespace: str) -> None:
+        super().__init__(url, namespace)
+        self._s = _space(url)
+
+    def _topic(self, queue: str) -> str:
+        return f"q:{self.namespace}:{queue}"
+
+    async def enqueue(self, message: OutgoingMessage) -> str:
+        s, ns = self._s, self.namespace
+        with s.lock:
+            if message.key is not None:
+                holder = s.keys.get((ns, message.key))
+                if holder is not None and (ns, holder) in s.messages:
+                    return holder
+                s.keys[(ns, message.key)] = message.id
+            s.seq += 1
+            s.messages[(ns, message.id)] = _Message(
+                message.id, message.queue, message.body, message.priority,
+                message.eta or 0.0, s.seq, message.key,
+            )
+        s.signals.notify([self._topic(message.queue)])
+        return message.id
+
+    def _claim(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
+        now = time.time()
+        order = {q: i for i, q in enumerate(queues)}
+        ready: list[_Message] = []
+        next_due: float | None = None
+        with self._s.lock:
+            for (ns, _), m in self._s.messages.items():
+                if ns != self.namespace or m.queue not in order:
+                    continue
+                if m.visible_at <= now:
+                    ready.append(m)
+                elif next_due is None or m.visible_at < next_due:
+                    next_due = m.visible_at
+            ready.sort(key=lambda m: (-m.priority, order[m.queue], m.seq))
+            out = []
+            for m in ready[:limit]:
+                m.leased = True
+                m.deliveries += 1
+                m.visible_at = now + self.lease_s
+                out.append(Delivery(m.id, m.queue, m.body, m.deliveries))
+        return out, next_due
+
+    async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
+        deadline = time.monotonic() + timeout_s
+        with self._s.signals.listen(self._topic(q) for q in queues) as listener:
+            while True:
+                got, next_due = self._claim(queues, limit)
+                if got:
+                    return got
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                if next_due is not None:
+                    left = min(left, max(next_due - time.time(), 0.001))
+                await listener.wait(left)
+
+    def _drop(self, delivery_id: str) -> _Message | None:
+        m = self._s.messages.pop((self.namespace, delivery_id), None)
+        if m is not None and m.key is not None and self._s.keys.get((self.namespace, m.key)) == m.id:
+            del self._s.keys[(self.namespace, m.key)]
+        return m
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        with self._s.lock:
+            for d in deliveries:
+                self._drop(d.id)
+
+    async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
+        with self._s.lock:
+            m = self._s.messages.get((self.namespace, delivery.id))
+            if m is None:
+                return
+            if body is not None:
+                m.body = body
+            m.leased = False
+            m.visible_at = time.time() + delay_s
+        self._s.signals.notify([self._topic(delivery.queue)])
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        until = time.time() + self.lease_s
+        with self._s.lock:
+            for d in deliveries:
+                m = self._s.messages.get((self.namespace, d.id))
+                if m is not None and m.leased:
+                    m.visible_at = until
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        with self._s.lock:
+            self._drop(delivery.id)
+            self._s.dead[(self.namespace, delivery.id)] = DeadLetter(
+                delivery.id, delivery.queue, delivery.body, reason, time.time()
+            )
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        with self._s.lock:
+            mine = [d for (ns, _), d in self._s.dead.items() if ns == self.namespace]
+        return sorted(mine, key=lambda d: d.died_at, reverse=True)[:limit]
+
+    async def replay(self, ids: Sequence[str] | None = None) -> list[DeadLetter]:
+        with self._s.lock:
+            keys = [k for k in self._s.dead if k[0] == self.namespace and (ids is None or k[1] in ids)]
+            return [self._s.dead.pop(k) for k in keys]
+
+    async def cancel(self, message_id: str) -> bool:
+        with self._s.lock:
+            m = self._s.messages.get((self.namespace, message_id))
+            if m is None or m.leased:
+                return False
+            self._drop(message_id)
+            return True
+
+    async def purge(self, queue: str) -> int:
+        with self._s.lock:
+            ids = [m.id for (ns, _), m in self._s.messages.items() if ns == self.namespace and m.queue == queue and not m.leased]
+            for i in ids:
+                self._drop(i)
+            return len(ids)
+
+    async def stats(self) -> QueueStats:
+        now = time.time()
+        out = QueueStats()
+        with self._s.lock:
+            for (ns, _), m in self._s.messages.items():
+                if ns != self.namespace:
+                    continue
+                if m.leased:
+                    out.running += 1
+                elif m.visible_at > now:
+                    out.scheduled += 1
+                else:
+                    out.queued[m.queue] = out.queued.get(m.queue, 0) + 1
+            out.dead = sum(1 for (ns, _) in self._s.dead if ns == self.namespace)
+        return out
+
+    async def flush_namespace(self) -> None:
+        with self._s.lock:
+            for table in (self._s.messages, self._s.keys, self._s.dead):
+                for k in [k for k in table if k[0] == self.namespace]:
+                    del table[k]
+
+
+class _MemoryWatch(Watch):
+    def __init__(self, listener: object) -> None:
+        self._listener = listener
+
+    async def wait(self, timeout_s: float) -> bool:
+        return await self._listener.wait(timeout_s)  # type: ignore[attr-defined,no-any-return]
+
+
+class MemoryStore(Store):
+    def __init__(self, url: BrokerURL, namespace: str) -> None:
+        super().__init__(url, namespace)
+        self._s = _space(url)
+
+    def _topic(self, task_id: str) -> str:
+        return f"t:{self.namespace}:{task_id}"
+
+    async def put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+        until = time.time() + ttl_s if ttl_s else None
+        with self._s.lock:
+            for task_id, data in states:
+                self._s.states[(self.namespace, task_id)] = (data, until)
+        self._s.signals.notify(self._topic(t) for t, _ in states)
+
+    async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
+        with self._s.lock:
+            return [_alive(self._s.states.get((self.namespace, t))) for t in task_ids]
+
+    @asynccontextmanager
+    async def watch(self, task_ids: Sequence[str]) -> AsyncIterator[Watch]:  # type: ignore[override]
+        with self._s.signals.listen(self._topic(t) for t in task_ids) as listener:
+            yield _MemoryWatch(listener)
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        with self._s.lock:
+            queues = list(self._s.channels.get((self.namespace, channel), ()))
+        for q in queues:
+            loop = getattr(q, "_offload_loop")
+            loop.call_soon_threadsafe(q.put_nowait, data)
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:  # type: ignore[override]
+        q: asyncio.Queue[bytes] = asyncio.Queue()
+        q._offload_loop = asyncio.get_running_loop()  # type: ignore[attr-defined]
+        key = (self.namespace, channel)
+        with self._s.lock:
+            self._s.channels.setdefault(key, set()).add(q)
+
+        async def messages() -> AsyncIterator[bytes]:
+            while True:
+                yield await q.get()
+
+        try:
+            yield messages()
+        finally:
+            with self._s.lock:
+                self._s.channels.get(key, set()).discard(q)
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
+        with self._s.lock:
+            k = (self.namespace, key)
+            if _alive(self._s.values.get(k)) is not None:
+                return False
+            self._s.values[k] = (value, time.time() + ttl_s if ttl_s else None)
+            return True
+
+    async def get_value(self, key: str) -> bytes | None:
+        with self._s.lock:
+            return _alive(self._s.values.get((self.namespace, key)))
+
+    async def delete_value(self, key: str) -> None:
+        with self._s.lock:
+            self._s.values.pop((self.namespace, key), None)
+
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        with self._s.lock:
+            k = (self.namespace, key)
+            entry = self._s.values.get(k)
+            current = _alive(entry)
+            value = int(current or b"0") + amount
+            until = entry[1] if current is not None and entry is not None else (time.time() + ttl_s if ttl_s else None)
+            self._s.values[k] = (str(value).encode(), until)
+            return value
+
+    async def flush_namespace(self) -> None:
+        with self._s.lock:
+            for table in (self._s.states, self._s.values):
+                for k in [k for k in table if k[0] == self.namespace]:
+                    del table[k]
+
+
+def make_broker(url: BrokerURL, namespace: str) -> Broker:
+    return MemoryBroker(url, namespace)
+
+
+def make_store(url: BrokerURL, namespace: str) -> Store:
+    return MemoryStore(url, namespace)

@@ -1,0 +1,131 @@
+"""The message envelope and its codec: serialize, compress above a threshold, sign.
+
+Wire format (every broker carries these bytes unchanged)::
+
+    b"OF" | version (1 byte) | flags (1 byte) | [HMAC-SHA256 (32 bytes) if signed] | payload
+
+flags: bits 0-3 the serializer code, bit 4 zlib-compressed, bit 5 signed. The signature
+covers the header and the payload, so neither can be altered without detection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+import zlib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from offload.errors import MessageError, SerializationError, SignatureError
+from offload.serializers import BY_CODE, Serializer
+
+MAGIC = b"OF"
+VERSION = 1
+_COMPRESSED = 0x10
+_SIGNED = 0x20
+_DIGEST = 32
+
+
+@dataclass(slots=True)
+class Envelope:
+    """Everything a worker needs to run one task attempt."""
+
+    id: str
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    queue: str = "default"
+    priority: int = 0
+    eta: float | None = None  # epoch seconds: not before
+    expires: float | None = None  # epoch seconds: never start after
+    attempt: int = 1  # counts from 1
+    retries: int = 0  # extra attempts allowed after the first
+    retry_backoff: float = 1.0  # seconds, doubled each attempt
+    time_limit: float | None = None
+    soft_time_limit: float | None = None
+    key: str | None = None  # deduplication key
+    queued_at: float = field(default_factory=time.time)
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Envelope:
+        try:
+            known = {f.name for f in fields(cls)}
+            env = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as e:
+            raise MessageError(f"not an offload envelope: {e}") from None
+        if not isinstance(env.id, str) or not isinstance(env.name, str):
+            raise MessageError("not an offload envelope: id and name must be strings")
+        env.args = tuple(env.args)
+        return env
+
+
+class Codec:
+    """Turns envelopes and results into bytes and back, the same way in every process."""
+
+    def __init__(self, serializer: Serializer, *, secret: bytes | None = None, compress_over: int = 8192) -> None:
+        self.serializer = serializer
+        self.secret = secret
+        self.compress_over = compress_over
+
+    # Values (results, channel messages) use the serializer alone: they are never executed.
+    def dumps(self, value: Any) -> bytes:
+        return self.serializer.dumps(value)
+
+    def loads(self, data: bytes) -> Any:
+        return self.serializer.loads(data)
+
+    def encode(self, env: Envelope) -> bytes:
+        payload = self.serializer.dumps(env.to_dict())
+        flags = self.serializer.code
+        if len(payload) > self.compress_over:
+            payload = zlib.compress(payload, 6)
+            flags |= _COMPRESSED
+        if self.secret is None:
+            return MAGIC + bytes((VERSION, flags)) + payload
+        flags |= _SIGNED
+        header = MAGIC + bytes((VERSION, flags))
+        digest = hmac.new(self.secret, header + payload, hashlib.sha256).digest()
+        return header + digest + payload
+
+    def decode(self, data: bytes) -> Envelope:
+        if len(data) < 4 or data[:2] != MAGIC:
+            raise MessageError("not an offload message (bad magic bytes)")
+        version, flags = data[2], data[3]
+        if version != VERSION:
+            raise MessageError(f"unsupported message version {version}")
+        body = data[4:]
+        if flags & _SIGNED:
+            if self.secret is None:
+                raise SignatureError("message is signed but this app has no secret to check it")
+            digest, body = body[:_DIGEST], body[_DIGEST:]
+            expected = hmac.new(self.secret, data[:4] + body, hashlib.sha256).digest()
+            if not hmac.compare_digest(digest, expected):
+                raise SignatureError("bad signature: the message was tampered with or signed with another secret")
+        elif self.secret is not None:
+            raise SignatureError("unsigned message refused: this app requires signed messages")
+        if flags & _COMPRESSED:
+            try:
+                body = zlib.decompress(body)
+            except zlib.error as e:
+                raise MessageError(f"corrupt compressed payload: {e}") from None
+        serializer_cls = BY_CODE.get(flags & 0x0F)
+        if serializer_cls is None:
+            raise MessageError(f"unknown serializer code {flags & 0x0F}")
+        if serializer_cls.code != self.serializer.code:
+            # Never unpickle a message that merely claims to be pickle: only the app's own
+            # serializer may decode envelopes.
+            raise MessageError(f"message uses serializer {serializer_cls.name!r}, this app uses {self.serializer.name!r}")
+        try:
+            data_dict = self.serializer.loads(body)
+        except (SerializationError, ValueError, TypeError, KeyError, EOFError) as e:
+            raise MessageError(f"undecodable payload: {e}") from None
+        except Exception as e:  # msgpack and pickle raise their own types
+            raise MessageError(f"undecodable payload: {type(e).__name__}: {e}") from None
+        if not isinstance(data_dict, dict):
+            raise MessageError("not an offload envelope: payload is not a mapping")
+        return Envelope.from_dict(data_dict)

@@ -1,0 +1,162 @@
+"""Serializers: values <-> bytes. JSON by default, msgpack when installed, pickle only on request.
+
+JSON carries datetime, date, UUID, Decimal, bytes and tuples through tagged objects
+(``{"$dt": "..."}``), so they come back as the same types. A dict that happens to have
+a single "$..." key is escaped the same way, so user data never collides with a tag.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import pickle
+import uuid
+from decimal import Decimal
+from typing import Any, Protocol
+
+from offload.errors import ConfigError, SerializationError
+
+
+class Serializer(Protocol):
+    name: str
+    code: int
+
+    def dumps(self, value: Any) -> bytes: ...
+    def loads(self, data: bytes) -> Any: ...
+
+
+def _tag(value: Any) -> Any:
+    """Turn a value into plain JSON types, tagging the ones JSON cannot hold."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_tag(v) for v in value]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise SerializationError(f"JSON object keys must be str, got {type(k).__name__} key {k!r}")
+            out[k] = _tag(v)
+        if len(out) == 1 and next(iter(out)).startswith("$"):
+            return {"$map": out}
+        return out
+    if isinstance(value, tuple):
+        return {"$tuple": [_tag(v) for v in value]}
+    if isinstance(value, dt.datetime):
+        return {"$dt": value.isoformat()}
+    if isinstance(value, dt.date):
+        return {"$date": value.isoformat()}
+    if isinstance(value, uuid.UUID):
+        return {"$uuid": str(value)}
+    if isinstance(value, Decimal):
+        return {"$dec": str(value)}
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"$b64": base64.b64encode(bytes(value)).decode("ascii")}
+    raise SerializationError(
+        f"cannot serialize {type(value).__name__} with JSON "
+        "(supported: None, bool, int, float, str, list, dict, tuple, datetime, date, UUID, Decimal, bytes)"
+    )
+
+
+_UNTAG = {
+    "$tuple": lambda v: tuple(_untag(x) for x in v),
+    "$dt": dt.datetime.fromisoformat,
+    "$date": dt.date.fromisoformat,
+    "$uuid": uuid.UUID,
+    "$dec": Decimal,
+    "$b64": base64.b64decode,
+    "$map": lambda v: {k: _untag(x) for k, x in v.items()},
+}
+
+
+def _untag(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_untag(v) for v in value]
+    if isinstance(value, dict):
+        if len(value) == 1:
+            key = next(iter(value))
+            convert = _UNTAG.get(key)
+            if convert is not None:
+                return convert(value[key])
+        return {k: _untag(v) for k, v in value.items()}
+    return value
+
+
+def to_plain(value: Any) -> Any:
+    """A JSON-compatible view of a value for browsers: datetimes as ISO strings, and so on."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, (uuid.UUID, Decimal)):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return repr(value)
+
+
+class JSONSerializer:
+    name = "json"
+    code = 1
+
+    def dumps(self, value: Any) -> bytes:
+        try:
+            return json.dumps(_tag(value), separators=(",", ":"), allow_nan=False).encode()
+        except ValueError as e:  # NaN / infinity
+            raise SerializationError(f"cannot serialize with JSON: {e}") from None
+
+    def loads(self, data: bytes) -> Any:
+        return _untag(json.loads(data))
+
+
+class MsgpackSerializer:
+    name = "msgpack"
+    code = 2
+
+    def __init__(self) -> None:
+        try:
+            import msgpack
+        except ImportError:
+            raise ConfigError("serializer='msgpack' needs msgpack: pip install 'offload[msgpack]'") from None
+        self._msgpack = msgpack
+
+    def dumps(self, value: Any) -> bytes:
+        try:
+            return self._msgpack.packb(_tag(value), use_bin_type=True)
+        except (TypeError, ValueError) as e:
+            raise SerializationError(f"cannot serialize with msgpack: {e}") from None
+
+    def loads(self, data: bytes) -> Any:
+        return _untag(self._msgpack.unpackb(data, raw=False, strict_map_key=True))
+
+
+class PickleSerializer:
+    """Only when the app is created with serializer="pickle": unpickling runs code."""
+
+    name = "pickle"
+    code = 3
+
+    def dumps(self, value: Any) -> bytes:
+        try:
+            return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise SerializationError(f"cannot pickle: {e}") from None
+
+    def loads(self, data: bytes) -> Any:
+        return pickle.loads(data)
+
+
+_BY_NAME = {"json": JSONSerializer, "msgpack": MsgpackSerializer, "pickle": PickleSerializer}
+BY_CODE = {cls.code: cls for cls in _BY_NAME.values()}
+
+
+def get_serializer(name: str) -> Serializer:
+    try:
+        return _BY_NAME[name]()
+    except KeyError:
+        raise ConfigError(f"unknown serializer {name!r}; choose one of {', '.join(_BY_NAME)}") from None

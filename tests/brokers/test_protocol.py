@@ -1,0 +1,231 @@
+"""The Broker and Store protocols, test by test, against every backend kind."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from offload.brokers import make_broker, make_store
+from offload.brokers.base import Broker, OutgoingMessage, Store
+from offload.config import parse_url
+from tests.conftest import urls_for
+
+
+@pytest.fixture
+async def backends(kind: str, tmp_path: Path, namespace: str) -> AsyncIterator[tuple[Broker, Store]]:
+    broker_url, results_url = urls_for(kind, tmp_path)
+    store = make_store(parse_url(results_url or broker_url), namespace)
+    broker = make_broker(parse_url(broker_url), namespace)
+    await store.connect()
+    bind = getattr(broker, "bind_store", None)
+    if bind is not None:
+        bind(store)
+    await broker.connect()
+    try:
+        yield broker, store
+    finally:
+        await broker.flush_namespace()
+        await store.flush_namespace()
+        await broker.close()
+        await store.close()
+
+
+def msg(queue: str = "default", priority: int = 0, eta: float | None = None, key: str | None = None) -> OutgoingMessage:
+    mid = uuid.uuid4().hex
+    return OutgoingMessage(id=mid, queue=queue, body=b"body-" + mid.encode(), priority=priority, eta=eta, key=key)
+
+
+async def test_enqueue_then_fetch_returns_the_body(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    m = msg()
+    assert await broker.enqueue(m) == m.id
+    got = await broker.fetch(["default"], 10, timeout_s=2)
+    assert [(d.id, d.body, d.queue, d.deliveries) for d in got] == [(m.id, m.body, "default", 1)]
+    await broker.ack(got)
+    assert await broker.fetch(["default"], 10, timeout_s=0.2) == []
+
+
+async def test_higher_priority_first_fifo_within(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    low1, high, low2 = msg(priority=1), msg(priority=9), msg(priority=1)
+    for m in (low1, high, low2):
+        await broker.enqueue(m)
+    seen = []
+    while len(seen) < 3:
+        got = await broker.fetch(["default"], 1, timeout_s=2)
+        assert got, "message missing"
+        seen.append(got[0].id)
+        await broker.ack(got)
+    assert seen == [high.id, low1.id, low2.id]
+
+
+async def test_fetch_waits_and_wakes_on_enqueue(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    m = msg()
+    fetching = asyncio.create_task(broker.fetch(["default"], 1, timeout_s=5))
+    await asyncio.sleep(0.1)  # let the fetch start waiting; the wake-up is what is tested
+    started = time.monotonic()
+    await broker.enqueue(m)
+    got = await fetching
+    assert [d.id for d in got] == [m.id]
+    assert time.monotonic() - started < 1.5
+
+
+async def test_eta_hides_until_due(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    m = msg(eta=time.time() + 1.0)
+    await broker.enqueue(m)
+    assert await broker.fetch(["default"], 1, timeout_s=0.3) == []
+    assert (await broker.stats()).scheduled == 1
+    got = await broker.fetch(["default"], 1, timeout_s=3)
+    assert [d.id for d in got] == [m.id]
+
+
+async def test_a_lease_that_runs_out_is_delivered_again(backends: tuple[Broker, Store], kind: str) -> None:
+    broker, _ = backends
+    if kind == "amqp":
+        pytest.skip("RabbitMQ redelivers when the consumer's connection closes, tested in test_amqp")
+    broker.lease_s = 0.5
+    m = msg()
+    await broker.enqueue(m)
+    first = await broker.fetch(["default"], 1, timeout_s=2)
+    assert await broker.fetch(["default"], 1, timeout_s=0.1) == []
+    again = await broker.fetch(["default"], 1, timeout_s=3)
+    assert [d.id for d in again] == [m.id]
+    assert again[0].deliveries == first[0].deliveries + 1
+
+
+async def test_extend_keeps_the_lease(backends: tuple[Broker, Store], kind: str) -> None:
+    broker, _ = backends
+    broker.lease_s = 0.6
+    await broker.enqueue(msg())
+    got = await broker.fetch(["default"], 1, timeout_s=2)
+    for _ in range(4):
+        await asyncio.sleep(0.3)
+        await broker.extend(got)
+    assert await broker.fetch(["default"], 1, timeout_s=0.1) == []
+    await broker.ack(got)
+
+
+async def test_requeue_with_new_body_and_delay(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    m = msg()
+    await broker.enqueue(m)
+    [d] = await broker.fetch(["default"], 1, timeout_s=2)
+    await broker.requeue(d, b"attempt-2", delay_s=0.5)
+    assert await broker.fetch(["default"], 1, timeout_s=0.2) == []
+    [again] = await broker.fetch(["default"], 1, timeout_s=3)
+    assert again.id == m.id and again.body == b"attempt-2"
+
+
+async def test_dedup_key_held_until_ack(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    first, second = msg(key="k1"), msg(key="k1")
+    assert await broker.enqueue(first) == first.id
+    assert await broker.enqueue(second) == first.id
+    [d] = await broker.fetch(["default"], 10, timeout_s=2)
+    assert await broker.enqueue(msg(key="k1")) == first.id  # still running
+    await broker.ack([d])
+    third = msg(key="k1")
+    assert await broker.enqueue(third) == third.id
+
+
+async def test_dead_letters_keep_body_and_reason_and_replay(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    m = msg()
+    await broker.enqueue(m)
+    [d] = await broker.fetch(["default"], 1, timeout_s=2)
+    await broker.dead_letter(d, "malformed: bad magic")
+    [dead] = await broker.dead_letters()
+    assert (dead.id, dead.body, dead.reason, dead.queue) == (m.id, m.body, "malformed: bad magic", "default")
+    assert (await broker.stats()).dead == 1
+    replayed = await broker.replay([m.id])
+    assert [r.id for r in replayed] == [m.id]
+    assert await broker.dead_letters() == []
+
+
+async def test_cancel_removes_a_queued_message(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    m = msg()
+    await broker.enqueue(m)
+    assert await broker.cancel(m.id) is True
+    assert await broker.fetch(["default"], 1, timeout_s=0.3) == []
+
+
+async def test_purge_and_stats(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    for _ in range(3):
+        await broker.enqueue(msg(queue="images"))
+    await broker.enqueue(msg(queue="default"))
+    stats = await broker.stats()
+    assert stats.queued.get("images") == 3 and stats.queued.get("default") == 1
+    assert await broker.purge("images") == 3
+    assert (await broker.stats()).queued.get("images", 0) == 0
+
+
+async def test_queues_are_isolated(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    await broker.enqueue(msg(queue="a"))
+    assert await broker.fetch(["b"], 1, timeout_s=0.2) == []
+    assert len(await broker.fetch(["b", "a"], 1, timeout_s=2)) == 1
+
+
+async def test_namespaces_are_isolated(kind: str, tmp_path: Path, backends: tuple[Broker, Store]) -> None:
+    broker, store = backends
+    broker_url, results_url = urls_for(kind, tmp_path)
+    if kind == "memory":
+        broker_url = broker.url.raw
+    other = make_broker(parse_url(broker_url), broker.namespace + "x")
+    other_store = make_store(parse_url(results_url or broker_url), broker.namespace + "x")
+    await other_store.connect()
+    if hasattr(other, "bind_store"):
+        other.bind_store(other_store)
+    await other.connect()
+    try:
+        await broker.enqueue(msg())
+        await store.put_states([("t1", b"mine")])
+        assert await other.fetch(["default"], 1, timeout_s=0.3) == []
+        assert await other_store.get_state("t1") is None
+    finally:
+        await other.flush_namespace()
+        await other.close()
+        await other_store.close()
+
+
+async def test_states_round_trip_and_watch_wakes(backends: tuple[Broker, Store]) -> None:
+    _, store = backends
+    assert await store.get_states(["a", "b"]) == [None, None]
+    async with store.watch(["a"]) as watch:
+        assert await watch.wait(0.1) is False
+        await store.put_states([("a", b"state-1")])
+        assert await watch.wait(2) is True
+    assert await store.get_states(["a", "b"]) == [b"state-1", None]
+
+
+async def test_pubsub_reaches_every_subscriber(backends: tuple[Broker, Store]) -> None:
+    _, store = backends
+    async with store.subscribe("news") as sub1, store.subscribe("news") as sub2:
+        await store.publish("news", b"one")
+        await store.publish("news", b"two")
+        got1 = [await asyncio.wait_for(sub1.__anext__(), 2) for _ in range(2)]
+        got2 = [await asyncio.wait_for(sub2.__anext__(), 2) for _ in range(2)]
+    assert got1 == got2 == [b"one", b"two"]
+
+
+async def test_key_value_primitives(backends: tuple[Broker, Store]) -> None:
+    _, store = backends
+    assert await store.set_if_absent("lock", b"1", ttl_s=5) is True
+    assert await store.set_if_absent("lock", b"2", ttl_s=5) is False
+    assert await store.get_value("lock") == b"1"
+    await store.delete_value("lock")
+    assert await store.get_value("lock") is None
+    assert await store.incr("n") == 1
+    assert await store.incr("n", 5) == 6
+    assert await store.set_if_absent("short", b"x", ttl_s=0.2) is True
+    await asyncio.sleep(0.4)  # the TTL itself is what is tested
+    assert await store.set_if_absent("short", b"y", ttl_s=5) is True
