@@ -1,1 +1,50 @@
-"""offload: background tasks for Python web applications."""
+"""offload: background tasks for Python web applications.
+
+The web app hands work off with ``task.delay()``, workers run it reliably, and the result
+flows back to ``r.get()``, ``await r``, or the browser through the gateway.
+"""
+
+from offload.app import Offload
+from offload.context import current
+from offload.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    ConfigError,
+    MessageError,
+    OffloadError,
+    ResultTimeout,
+    Retry,
+    SerializationError,
+    SignatureError,
+    SoftTimeLimitExceeded,
+    TaskCancelled,
+    TaskExpired,
+    TaskFailed,
+    TaskTimeLimit,
+)
+from offload.result import Result, Status, TaskState
+from offload.task import Signature, Task
+
+__all__ = [
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConfigError",
+    "MessageError",
+    "Offload",
+    "OffloadError",
+    "Result",
+    "ResultTimeout",
+    "Retry",
+    "SerializationError",
+    "Signature",
+    "SignatureError",
+    "SoftTimeLimitExceeded",
+    "Status",
+    "Task",
+    "TaskCancelled",
+    "TaskExpired",
+    "TaskFailed",
+    "TaskState",
+    "TaskTimeLimit",
+    "current",
+]

@@ -245,7 +245,7 @@ class MemoryStore(Store):
         with self._s.lock:
             queues = list(self._s.channels.get((self.namespace, channel), ()))
         for q in queues:
-            loop = getattr(q, "_offload_loop")
+            loop = q._offload_loop
             loop.call_soon_threadsafe(q.put_nowait, data)
 
     @asynccontextmanager

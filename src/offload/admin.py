@@ -1,0 +1,72 @@
+"""Operations on a namespace: queue status, purge, dead letters and their replay."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from offload.app import Offload
+from offload.brokers.base import DeadLetter, OutgoingMessage, QueueStats
+from offload.errors import MessageError
+from offload.result import SAFETY_POLL_S, Status, TaskState
+
+
+async def status(app: Offload) -> QueueStats:
+    return await (await app._broker()).stats()
+
+
+async def purge(app: Offload, queue: str) -> int:
+    return await (await app._broker()).purge(queue)
+
+
+async def dead_letters(app: Offload, limit: int = 100) -> list[DeadLetter]:
+    return await (await app._broker()).dead_letters(limit)
+
+
+async def replay(app: Offload, ids: Sequence[str] | None = None) -> list[str]:
+    """Enqueue dead letters again (all when ``ids`` is None) as fresh first attempts.
+
+    A message that decodes gets attempt 1 and no expiry; bytes that never decoded are put back
+    as they were, so the worker dead-letters them again with the same reason.
+    """
+    backends = await app._backends()
+    replayed = await backends.broker.replay(None if ids is None else list(ids))
+    for dead in replayed:
+        body, name, queue, priority = dead.body, "?", dead.queue, 0
+        try:
+            env = app.codec.decode(dead.body)
+        except MessageError:
+            pass
+        else:
+            env = dataclasses.replace(env, attempt=1, expires=None, eta=None)
+            body, name, priority = app.codec.encode(env), env.name, env.priority
+            queued = TaskState(id=env.id, name=name, status=Status.QUEUED, queued_at=dt.datetime.now(dt.UTC))
+            await backends.store.put_states([(env.id, app.encode_state(queued))], app.result_ttl_s)
+        await backends.broker.enqueue(OutgoingMessage(id=dead.id, queue=queue, body=body, priority=priority))
+    return [d.id for d in replayed]
+
+
+async def follow(app: Offload, task_id: str, timeout: float | None = None) -> AsyncIterator[TaskState]:
+    """Every state a task goes through (as seen by this reader), ending with its final one."""
+    import time
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    store = await app._store()
+    async with store.watch([task_id]) as watch:
+        last: Any = None
+        while True:
+            state = await app._read_state(task_id)
+            if state is None:
+                raise LookupError(f"unknown task id {task_id!r}")
+            key = (state.status, state.progress, state.message)
+            if key != last:
+                last = key
+                yield state
+            if state.done:
+                return
+            left = SAFETY_POLL_S if deadline is None else min(SAFETY_POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                return
+            await watch.wait(left)

@@ -1,0 +1,281 @@
+"""`Offload`: configuration, the task registry, sending, results and pub/sub."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import secrets
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar, overload
+
+from offload._portal import Portal
+from offload.brokers import make_broker, make_store
+from offload.brokers.base import Broker, OutgoingMessage, Store
+from offload.config import BrokerURL, parse_url
+from offload.errors import ConfigError, MessageError
+from offload.message import Codec, Envelope
+from offload.result import Result, Status, TaskState
+from offload.serializers import get_serializer
+from offload.task import Options, Task, TaskRef, task_name
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_URL = "sqlite:///offload.db"
+#: Workers listen here for cancellations of running tasks.
+CONTROL_CHANNEL = "__offload.control"
+
+
+@dataclass(slots=True)
+class _Backends:
+    broker: Broker
+    store: Store
+
+
+def new_task_id() -> str:
+    """128 random bits, URL-safe (22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+class Offload:
+    """One application: a broker URL, a namespace, and the tasks registered on it.
+
+    ``Offload()`` reads ``$OFFLOAD_URL`` (default ``sqlite:///offload.db``) and
+    ``$OFFLOAD_NAMESPACE`` (default ``"default"``) once, here.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        namespace: str | None = None,
+        results: str | None = None,
+        serializer: str = "json",
+        secret: str | bytes | None = None,
+        timezone: str = "UTC",
+        result_ttl: float | dt.timedelta = dt.timedelta(days=1),
+        compress_over: int = 8192,
+        debug: bool = False,
+    ) -> None:
+        self.url: BrokerURL = parse_url(url or os.environ.get("OFFLOAD_URL") or DEFAULT_URL)
+        self.namespace = namespace or os.environ.get("OFFLOAD_NAMESPACE") or "default"
+        if not self.namespace.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError(f"namespace must be letters, digits, '-', '_' or '.', got {self.namespace!r}")
+        self.results_url: BrokerURL = parse_url(results) if results else self.url
+        if results is None and self.url.scheme in ("amqp", "amqps"):
+            raise ConfigError(
+                "an amqp:// broker cannot store results: add results='redis://localhost:6379/0' "
+                "(or results='sqlite:///offload.db') to Offload(...)"
+            )
+        if isinstance(secret, str):
+            secret = secret.encode()
+        self.secret: bytes | None = secret
+        self.codec = Codec(get_serializer(serializer), secret=secret, compress_over=compress_over)
+        self.timezone = timezone
+        self.result_ttl_s = result_ttl.total_seconds() if isinstance(result_ttl, dt.timedelta) else float(result_ttl)
+        self.debug = debug
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.worker_start_hooks: list[Callable[[], Any]] = []
+        self.periodic_tasks: list[Any] = []
+        #: "module:attribute" this app was loaded from (set by offload.loading; process pools need it).
+        self.spec: str | None = None
+        #: Called by the worker after a final outcome of a message with headers is stored and
+        #: before it is acknowledged: (envelope, state). Workflows hang on this.
+        self.outcome_hooks: list[Callable[[Envelope, TaskState], Any]] = []
+        #: Asked by the worker before a task starts: (envelope, task) -> seconds to wait, or None
+        #: to run now. A positive answer puts the message back with that delay, costing no
+        #: attempt (rate limits hang on this).
+        self.admission_hooks: list[Callable[[Envelope, Task[Any, Any]], Awaitable[float | None]]] = []
+        self._portal = Portal()
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Backends] = weakref.WeakKeyDictionary()
+        self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        os.register_at_fork(after_in_child=self._by_loop.clear)
+
+    def __repr__(self) -> str:
+        return f"<Offload {self.url.masked} namespace={self.namespace!r}>"
+
+    # -- registry ----------------------------------------------------------------------------
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+    @overload
+    def task(self, *, name: str | None = None, **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+    def task(self, fn: Any = None, /, *, name: str | None = None, **options: Any) -> Any:
+        """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(queue=...)``."""
+        opts = Options().merge(**options)
+
+        def register(f: Callable[P, R]) -> Task[P, R]:
+            task_name_ = name or task_name(f)
+            existing = self.tasks.get(task_name_)
+            if existing is not None and existing.fn is not f and getattr(existing.fn, "__code__", None) is not getattr(f, "__code__", None):
+                raise ConfigError(f"two different functions registered as task {task_name_!r}; give one of them name=...")
+            t = Task(self, f, task_name_, opts)
+            self.tasks[task_name_] = t
+            return t
+
+        return register(fn) if fn is not None else register
+
+    def ref(self, name: str) -> TaskRef:
+        """A task by name, without importing its code (web and workers on different machines)."""
+        return TaskRef(self, name, self._default_options(name))
+
+    def _default_options(self, name: str) -> Options:
+        t = self.tasks.get(name)
+        return t.opts if t is not None else Options()
+
+    def send(self, name: str, *args: Any, **kwargs: Any) -> Result[Any]:
+        return self.ref(name).delay(*args, **kwargs)
+
+    async def asend(self, name: str, *args: Any, **kwargs: Any) -> Result[Any]:
+        return await self.ref(name).adelay(*args, **kwargs)
+
+    def result(self, task_id: str) -> Result[Any]:
+        return Result(self, task_id)
+
+    def on_worker_start(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Run ``fn`` once in each worker process before its first task (fill ``current.state``)."""
+        self.worker_start_hooks.append(fn)
+        return fn
+
+    # -- connections, one set per event loop ---------------------------------------------------
+    async def _backends(self) -> _Backends:
+        loop = asyncio.get_running_loop()
+        found = self._by_loop.get(loop)
+        if found is not None:
+            return found
+        lock = self._connecting.setdefault(loop, asyncio.Lock())
+        async with lock:
+            found = self._by_loop.get(loop)
+            if found is None:
+                store = make_store(self.results_url, self.namespace)
+                broker = make_broker(self.url, self.namespace)
+                await store.connect()
+                bind = getattr(broker, "bind_store", None)
+                if bind is not None:
+                    bind(store)
+                try:
+                    await broker.connect()
+                except BaseException:
+                    await store.close()
+                    raise
+                found = self._by_loop[loop] = _Backends(broker, store)
+        return found
+
+    async def _broker(self) -> Broker:
+        return (await self._backends()).broker
+
+    async def _store(self) -> Store:
+        return (await self._backends()).store
+
+    async def aclose(self) -> None:
+        """Close this loop's connections."""
+        found = self._by_loop.pop(asyncio.get_running_loop(), None)
+        if found is not None:
+            await found.broker.close()
+            await found.store.close()
+
+    def close(self) -> None:
+        """Close the connections of the sync face and stop its thread."""
+        if self._portal._loop is not None:
+            self._portal.run(self.aclose())
+            self._portal.stop()
+
+    # -- states ------------------------------------------------------------------------------
+    def encode_state(self, state: TaskState) -> bytes:
+        return self.codec.dumps(state.to_record())
+
+    def decode_state(self, data: bytes) -> TaskState:
+        try:
+            return TaskState.from_record(self.codec.loads(data))
+        except MessageError:
+            raise
+        except Exception as e:
+            raise MessageError(f"undecodable task state: {e}") from None
+
+    async def _read_states(self, ids: Sequence[str]) -> list[TaskState | None]:
+        store = await self._store()
+        return [None if raw is None else self.decode_state(raw) for raw in await store.get_states(ids)]
+
+    async def _read_state(self, task_id: str) -> TaskState | None:
+        return (await self._read_states([task_id]))[0]
+
+    async def _write_states(self, states: Sequence[TaskState]) -> None:
+        store = await self._store()
+        await store.put_states([(s.id, self.encode_state(s)) for s in states], self.result_ttl_s)
+
+    # -- sending -----------------------------------------------------------------------------
+    def build(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options, task_id: str | None = None) -> Envelope:
+        now = time.time()
+        eta: float | None = None
+        if opts.countdown_s is not None:
+            eta = now + opts.countdown_s
+        elif opts.eta is not None:
+            eta = opts.eta.timestamp()
+        expires: float | None = None
+        if isinstance(opts.expires, dt.datetime):
+            expires = opts.expires.timestamp()
+        elif isinstance(opts.expires, dt.timedelta):
+            expires = now + opts.expires.total_seconds()
+        elif opts.expires is not None:
+            expires = now + float(opts.expires)
+        return Envelope(
+            id=task_id or new_task_id(), name=name, args=tuple(args), kwargs=dict(kwargs), queue=opts.queue,
+            priority=opts.priority, eta=eta, expires=expires, retries=opts.retries,
+            retry_backoff=opts.retry_backoff_s, time_limit=opts.time_limit_s,
+            soft_time_limit=opts.soft_time_limit_s, key=opts.key, queued_at=now, headers=dict(opts.headers),
+        )
+
+    async def _enqueue(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options, task_id: str | None = None) -> Result[Any]:
+        env = self.build(name, args, kwargs, opts, task_id)
+        return await self.enqueue_envelope(env)
+
+    async def enqueue_envelope(self, env: Envelope) -> Result[Any]:
+        # Encode first: a value the serializer cannot carry fails here, before anything is sent.
+        body = self.codec.encode(env)
+        queued = TaskState(
+            id=env.id, name=env.name, status=Status.QUEUED,
+            queued_at=dt.datetime.fromtimestamp(env.queued_at, dt.UTC),
+            meta={k: v for k, v in env.headers.items() if k in ("owner", "parent")},
+        )
+        backends = await self._backends()
+        # The QUEUED state is written before the message exists, so a fast worker's final state
+        # can never be overwritten by it.
+        await backends.store.put_states([(env.id, self.encode_state(queued))], self.result_ttl_s)
+        holder = await backends.broker.enqueue(
+            OutgoingMessage(id=env.id, queue=env.queue, body=body, priority=env.priority, eta=env.eta, key=env.key, expires=env.expires)
+        )
+        return Result(self, holder)
+
+    async def _cancel(self, task_id: str) -> None:
+        backends = await self._backends()
+        if await backends.broker.cancel(task_id):
+            state = await self._read_state(task_id)
+            if state is not None and not state.done:
+                state.status = Status.CANCELLED
+                state.finished_at = dt.datetime.now(dt.UTC)
+                await self._write_states([state])
+        # A running (or already fetched) task is stopped by its worker.
+        await backends.store.publish(CONTROL_CHANNEL, self.codec.dumps({"cancel": task_id}))
+
+    # -- pub/sub -----------------------------------------------------------------------------
+    async def apublish(self, channel: str, data: Any) -> None:
+        await (await self._store()).publish(channel, self.codec.dumps(data))
+
+    def publish(self, channel: str, data: Any) -> None:
+        self._portal.run(self.apublish(channel, data))
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[Any]]:
+        """``async with app.subscribe("news") as sub: async for data in sub: ...``"""
+        store = await self._store()
+        async with store.subscribe(channel) as raw:
+
+            async def decoded() -> AsyncIterator[Any]:
+                async for data in raw:
+                    yield self.codec.loads(data)
+
+            yield decoded()

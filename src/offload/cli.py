@@ -1,0 +1,269 @@
+"""The ``offload`` command. It parses, loads the app, and calls the library; nothing more.
+
+A user mistake (a bad APP, an unreachable broker, bad JSON) is one line on stderr and a
+non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from offload import admin
+from offload.app import Offload
+from offload.errors import BrokerUnavailable, OffloadError, TaskFailed
+from offload.loading import load_app
+
+# Exit codes (sysexits.h where one fits).
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+EXIT_SOFTWARE = 70
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"offload: error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(fn: F) -> F:
+    """Turn the errors a user can cause into one line and an exit code."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BrokerUnavailable as e:
+            _fail(str(e), EXIT_UNAVAILABLE)
+        except TaskFailed as e:
+            _fail(f"task failed: {e}", EXIT_TASK_FAILED)
+        except (OffloadError, LookupError) as e:
+            _fail(str(e).strip("'\""), EXIT_USAGE)
+        except ImportError as e:
+            _fail(f"cannot load the app: {e}", EXIT_USAGE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+APP_HELP = "APP is module:attribute (or a module holding `app`), e.g. myproject.tasks:app."
+
+
+@click.group(epilog=APP_HELP)
+@click.version_option(package_name="offload")
+def main() -> None:
+    """offload: background tasks for Python web applications."""
+
+
+@main.command(epilog="Examples:\n\n\b\n  offload worker photos.tasks:app\n  offload worker photos.tasks -q images,default -c 4 --pool process")
+@click.argument("app_spec", metavar="APP")
+@click.option("-q", "--queues", default="default", show_default=True, help="Comma-separated queues, in order of preference.")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Tasks at once (default: 8 threads, CPUs processes, 100 async).")
+@click.option("--pool", type=click.Choice(["thread", "process", "async"]), default="thread", show_default=True, help="Where sync tasks run; async tasks always run on the event loop.")
+@click.option("--prefetch", type=click.IntRange(min=0), help="Messages leased beyond the running ones (default: concurrency).")
+@click.option("--burst", is_flag=True, help="Exit once the queues are empty.")
+@click.option("--grace", type=float, default=30.0, show_default=True, help="Seconds running tasks get to finish on SIGTERM/SIGINT.")
+@click.option("--max-tasks-per-child", type=click.IntRange(min=1), help="Replace a process-pool child after this many tasks.")
+@click.option("--beat", "with_beat", is_flag=True, help="Also run the periodic scheduler in this worker (small sites).")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@user_errors
+def worker(app_spec: str, queues: str, concurrency: int | None, pool: str, prefetch: int | None, burst: bool,
+           grace: float, max_tasks_per_child: int | None, with_beat: bool, log_level: str) -> None:
+    """Run a worker: lease tasks from QUEUES and run them."""
+    from offload.worker import Worker
+
+    _setup_logging(log_level)
+    app = load_app(app_spec)
+    w = Worker(
+        app, queues=[q for q in queues.split(",") if q], concurrency=concurrency, pool=pool,  # type: ignore[arg-type]
+        prefetch=prefetch, burst=burst, grace_s=grace, max_tasks_per_child=max_tasks_per_child,
+    )
+
+    async def serve() -> int:
+        beat_task = None
+        if with_beat:
+            from offload.scheduler import Beat
+
+            beat_task = asyncio.create_task(Beat(app).run())
+        try:
+            return await w.run()
+        finally:
+            if beat_task is not None:
+                beat_task.cancel()
+            await app.aclose()
+
+    code = asyncio.run(serve())
+    logging.shutdown()
+    sys.stdout.flush()
+    # Threads abandoned at the end of the grace period (stuck in C code) must not hold the exit.
+    os._exit(code)
+
+
+@main.command(epilog="Example:\n\n\b\n  offload beat photos.tasks:app")
+@click.argument("app_spec", metavar="APP")
+@click.option("--catch-up", is_flag=True, help="Enqueue runs missed while no beat was running (default: skip them).")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@user_errors
+def beat(app_spec: str, catch_up: bool, log_level: str) -> None:
+    """Run the periodic scheduler. Several may run at once; each due run is enqueued once."""
+    from offload.scheduler import Beat
+
+    _setup_logging(log_level)
+    app = load_app(app_spec)
+    try:
+        asyncio.run(Beat(app, catch_up=catch_up).run(handle_signals=True))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command(epilog="Example:\n\n\b\n  offload gateway photos.tasks:app --port 8001")
+@click.argument("app_spec", metavar="APP")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@user_errors
+def gateway(app_spec: str, host: str, port: int, log_level: str) -> None:
+    """Serve the browser gateway (long polling, SSE, offload.js, metrics) with uvicorn."""
+    import uvicorn
+
+    _setup_logging(log_level)
+    app = load_app(app_spec)
+    uvicorn.run(app.asgi(), host=host, port=port, log_level=log_level, lifespan="on")
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"{what} is not valid JSON: {e}") from None
+
+
+@main.command(epilog="Examples:\n\n\b\n  offload send app pkg.tasks.add '[1, 2]' --wait\n  offload send app pkg.tasks.export '[]' --kwargs '{\"n\": 500000}' -q exports")
+@click.argument("app_spec", metavar="APP")
+@click.argument("name")
+@click.argument("args", default="[]")
+@click.option("--kwargs", "kwargs_json", default="{}", help="Keyword arguments as a JSON object.")
+@click.option("-q", "--queue", help="Queue (default: the task's own).")
+@click.option("--priority", type=click.IntRange(0, 9))
+@click.option("--countdown", type=float, help="Seconds before it may start.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the result, with a progress bar.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@user_errors
+def send(app_spec: str, name: str, args: str, kwargs_json: str, queue: str | None, priority: int | None,
+         countdown: float | None, wait_: bool, timeout: float | None) -> None:
+    """Enqueue task NAME with ARGS (a JSON list) and print its id."""
+    positional = _json_arg(args, "ARGS")
+    if not isinstance(positional, list):
+        positional = [positional]
+    keywords = _json_arg(kwargs_json, "--kwargs")
+    if not isinstance(keywords, dict):
+        raise click.BadParameter("--kwargs must be a JSON object")
+    app = load_app(app_spec)
+    opts = {k: v for k, v in (("queue", queue), ("priority", priority), ("countdown", countdown)) if v is not None}
+    result = app.ref(name).options(**opts).delay(*positional, **keywords)
+    click.echo(result.id)
+    if wait_:
+        value = app._portal.run(_wait_with_progress(app, result.id, timeout))
+        click.echo(json.dumps(value, default=str))
+
+
+async def _wait_with_progress(app: Offload, task_id: str, timeout: float | None) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), transient=True, console=_stderr_console()) as bar:
+        row = bar.add_task("queued", total=1.0)
+        async for state in admin.follow(app, task_id, timeout):
+            bar.update(row, completed=state.progress or 0.0, description=state.message or state.status.value)
+            if state.done:
+                return state.outcome()
+    return await app.result(task_id).wait(0.001)  # timed out: raises ResultTimeout
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@main.command(epilog="Examples:\n\n\b\n  offload status app\n  offload status app 3kTMd9o0Zr9Zl2x7VvXbQA")
+@click.argument("app_spec", metavar="APP")
+@click.argument("task_id", required=False)
+@user_errors
+def status(app_spec: str, task_id: str | None) -> None:
+    """Show queue depths, running, scheduled and dead tasks (or one task's state)."""
+    app = load_app(app_spec)
+    if task_id:
+        state = app.result(task_id).state()
+        for field in ("id", "name", "status", "progress", "message", "attempts", "queued_at", "started_at", "finished_at"):
+            click.echo(f"{field:12} {getattr(state, field)}")
+        if state.error:
+            click.echo(f"{'error':12} {state.error['type']}: {state.error['message']}")
+        if state.done and state.status.value == "succeeded":
+            click.echo(f"{'result':12} {json.dumps(state.result, default=str)}")
+        return
+    stats = app._portal.run(admin.status(app))
+    click.echo(f"namespace {app.namespace} on {app.url.masked}")
+    for queue, depth in sorted(stats.queued.items()) or [("(no queued tasks)", 0)]:
+        click.echo(f"  queue {queue:20} {depth:>8}")
+    click.echo(f"  {'running':26} {stats.running:>8}")
+    click.echo(f"  {'scheduled':26} {stats.scheduled:>8}")
+    click.echo(f"  {'dead (failed, expired, malformed)':26} {stats.dead:>8}")
+
+
+@main.command(epilog="Example:\n\n\b\n  offload purge app images --yes")
+@click.argument("app_spec", metavar="APP")
+@click.argument("queue")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@user_errors
+def purge(app_spec: str, queue: str, yes: bool) -> None:
+    """Remove every waiting task of QUEUE (running ones are not touched)."""
+    app = load_app(app_spec)
+    if not yes and sys.stdin.isatty():
+        click.confirm(f"remove every waiting task of queue {queue!r} in namespace {app.namespace!r}?", abort=True)
+    removed = app._portal.run(admin.purge(app, queue))
+    click.echo(f"removed {removed} task(s) from {queue}")
+
+
+@main.command(epilog="Examples:\n\n\b\n  offload dead app\n  offload dead app --replay 3kTMd9o0Zr9Zl2x7VvXbQA\n  offload dead app --replay all")
+@click.argument("app_spec", metavar="APP")
+@click.option("--replay", "replay_id", metavar="ID|all", help="Enqueue this dead letter (or all) again.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@user_errors
+def dead(app_spec: str, replay_id: str | None, limit: int) -> None:
+    """List dead letters (expired, malformed, tampered, finally failed) or replay them."""
+    app = load_app(app_spec)
+    if replay_id:
+        ids = app._portal.run(admin.replay(app, None if replay_id == "all" else [replay_id]))
+        if not ids and replay_id != "all":
+            _fail(f"no dead letter with id {replay_id!r}", EXIT_USAGE)
+        click.echo(f"replayed {len(ids)} task(s)")
+        return
+    letters = app._portal.run(admin.dead_letters(app, limit))
+    if not letters:
+        click.echo("no dead letters")
+    for d in letters:
+        import datetime as dt
+
+        when = dt.datetime.fromtimestamp(d.died_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{d.id}  {when}  {d.queue:12} {d.reason}")
+
+
+if __name__ == "__main__":
+    main()

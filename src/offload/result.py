@@ -1,0 +1,202 @@
+"""Task states and the `Result` handle returned by `delay()`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from offload.errors import (
+    MessageError,
+    ResultTimeout,
+    TaskCancelled,
+    TaskExpired,
+    TaskFailed,
+    TaskTimeLimit,
+)
+
+if TYPE_CHECKING:
+    from offload.app import Offload
+
+R = TypeVar("R")
+
+# Waiters re-read the state at least this often even without a change signal, so a lost
+# notification (a dropped datagram, a reconnecting pub/sub) costs latency, never a hang.
+SAFETY_POLL_S = 1.0
+
+
+class Status(enum.StrEnum):
+    QUEUED = "queued"
+    STARTED = "started"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+    @property
+    def done(self) -> bool:
+        return self in _FINAL
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.EXPIRED, Status.CANCELLED})
+
+
+def _utc(ts: float | None) -> dt.datetime | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+@dataclass(slots=True)
+class TaskState:
+    """What is known of a task. Stored as one record per task id in the result store."""
+
+    id: str
+    name: str
+    status: Status
+    progress: float | None = None
+    message: str | None = None
+    result: Any = None
+    error: dict[str, str] | None = None  # {"type", "message", "traceback"}
+    attempts: int = 0
+    queued_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # owner, workflow links
+
+    @property
+    def done(self) -> bool:
+        return self.status.done
+
+    def to_record(self) -> dict[str, Any]:
+        def ts(value: dt.datetime | None) -> float | None:
+            return None if value is None else value.timestamp()
+
+        return {
+            "id": self.id, "name": self.name, "status": self.status.value, "progress": self.progress,
+            "message": self.message, "result": self.result, "error": self.error, "attempts": self.attempts,
+            "queued_at": ts(self.queued_at), "started_at": ts(self.started_at),
+            "finished_at": ts(self.finished_at), "meta": self.meta,
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> TaskState:
+        try:
+            return cls(
+                id=rec["id"], name=rec["name"], status=Status(rec["status"]), progress=rec.get("progress"),
+                message=rec.get("message"), result=rec.get("result"), error=rec.get("error"),
+                attempts=rec.get("attempts", 0), queued_at=_utc(rec.get("queued_at")),
+                started_at=_utc(rec.get("started_at")), finished_at=_utc(rec.get("finished_at")),
+                meta=rec.get("meta") or {},
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise MessageError(f"corrupt task state: {e}") from None
+
+    def error_object(self) -> Exception:
+        """The exception that `get()` raises for this final state."""
+        if self.status is Status.EXPIRED:
+            return TaskExpired(f"task {self.id} expired before it started")
+        if self.status is Status.CANCELLED:
+            return TaskCancelled(f"task {self.id} was cancelled")
+        err = self.error or {}
+        cls = TaskTimeLimit if err.get("type") == "TaskTimeLimit" else TaskFailed
+        return cls(err.get("type", "Error"), err.get("message", ""), err.get("traceback", ""), task_id=self.id)
+
+    def outcome(self) -> Any:
+        """The value of a succeeded task; raises the matching error otherwise."""
+        if self.status is Status.SUCCEEDED:
+            return self.result
+        raise self.error_object()
+
+
+class Result(Generic[R]):
+    """A handle on one task: `r.get()`, `await r`, `r.state()`, `r.cancel()`, `r.token()`."""
+
+    __slots__ = ("app", "id")
+
+    def __init__(self, app: Offload, task_id: str) -> None:
+        self.app = app
+        self.id = task_id
+
+    def __repr__(self) -> str:
+        return f"<Result {self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Result) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    # -- async face (the implementation) --------------------------------------------------
+    async def astate(self) -> TaskState:
+        state = await self.app._read_state(self.id)
+        if state is None:
+            raise LookupError(f"unknown task id {self.id!r} (never enqueued here, or its result expired)")
+        return state
+
+    async def wait(self, timeout: float | None = None) -> R:
+        """Wait for the task to end without blocking the event loop; its value, or raise."""
+        [state] = await wait_states(self.app, [self.id], timeout, mode="all")
+        return state.outcome()  # type: ignore[no-any-return]
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self.wait().__await__()
+
+    async def acancel(self) -> None:
+        await self.app._cancel(self.id)
+
+    # -- sync face -------------------------------------------------------------------------
+    def state(self) -> TaskState:
+        return self.app._portal.run(self.astate())
+
+    def status(self) -> Status:
+        return self.state().status
+
+    def get(self, timeout: float | None = None) -> R:
+        """Block until the task ends; its value, or the error it ended with."""
+        return self.app._portal.run(self.wait(timeout))
+
+    def cancel(self) -> None:
+        self.app._portal.run(self.acancel())
+
+    def token(self, expires_in: float | None = None) -> str:
+        """A signed capability that lets a browser read this one task through the gateway."""
+        from offload.tokens import make_token
+
+        return make_token(self.app, self.id, expires_in)
+
+
+async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, mode: str = "all") -> list[TaskState]:
+    """Wait until all (or, with mode="any", one) of the tasks end, woken by the store's change
+    signals. Returns the states read last. Raises ResultTimeout when time runs out."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    store = await app._store()
+    async with store.watch(ids) as watch:
+        while True:
+            states = await app._read_states(ids)
+            missing = [i for i, s in zip(ids, states, strict=True) if s is None]
+            if missing:
+                raise LookupError(f"unknown task id {missing[0]!r} (never enqueued here, or its result expired)")
+            done = [s for s in states if s is not None and s.done]
+            if (mode == "any" and done) or len(done) == len(ids):
+                return states  # type: ignore[return-value]
+            left = SAFETY_POLL_S if deadline is None else min(deadline - time.monotonic(), SAFETY_POLL_S)
+            if deadline is not None and left <= 0:
+                raise ResultTimeout(f"task {ids[0] if len(ids) == 1 else ids} still running after {timeout} s")
+            await watch.wait(max(left, 0.0))
+
+
+async def gather_results(results: Sequence[Result[Any]], timeout: float | None) -> list[Any]:
+    """The values of several results, in order (used by group handles)."""
+    app = results[0].app
+    states = await wait_states(app, [r.id for r in results], timeout)
+    return [s.outcome() for s in states]
+
+
+def timestamp() -> float:
+    return time.time()

@@ -1,0 +1,204 @@
+"""Tasks, references by name, per-call options and signatures."""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from offload.errors import ConfigError
+
+if TYPE_CHECKING:
+    from offload.app import Offload
+    from offload.result import Result
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Options accepted by @app.task(...) and by .options(...).
+TASK_OPTIONS = frozenset(
+    {"queue", "priority", "retries", "retry_backoff", "time_limit", "soft_time_limit", "expires", "rate_limit"}
+)
+CALL_OPTIONS = TASK_OPTIONS - {"rate_limit"} | {"countdown", "eta", "key", "headers"}
+
+
+def _seconds(name: str, value: float | dt.timedelta | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.timedelta):
+        value = value.total_seconds()
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{name} must be a number of seconds >= 0 or a timedelta, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Resolved options for one enqueue. Durations are seconds; eta/expires are epoch seconds."""
+
+    queue: str = "default"
+    priority: int = 0
+    retries: int = 0
+    retry_backoff_s: float = 1.0
+    time_limit_s: float | None = None
+    soft_time_limit_s: float | None = None
+    expires: float | dt.datetime | dt.timedelta | None = None  # relative or absolute, resolved at send
+    rate_limit: str | None = None
+    countdown_s: float | None = None
+    eta: dt.datetime | None = None
+    key: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    def merge(self, **opts: Any) -> Options:
+        unknown = set(opts) - CALL_OPTIONS - TASK_OPTIONS
+        if unknown:
+            raise ConfigError(f"unknown task option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(CALL_OPTIONS | TASK_OPTIONS))}")
+        changes: dict[str, Any] = {}
+        for name, value in opts.items():
+            if name == "priority":
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 9:
+                    raise ConfigError(f"priority must be an int from 0 to 9 (higher runs first), got {value!r}")
+                changes["priority"] = value
+            elif name == "queue":
+                if not isinstance(value, str) or not value or any(c in value for c in ",: \t\n"):
+                    raise ConfigError(f"queue must be a non-empty name without ',', ':' or spaces, got {value!r}")
+                changes["queue"] = value
+            elif name == "retries":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ConfigError(f"retries must be an int >= 0, got {value!r}")
+                changes["retries"] = value
+            elif name in ("retry_backoff", "time_limit", "soft_time_limit", "countdown"):
+                changes[f"{name}_s"] = _seconds(name, value)
+            elif name == "eta":
+                if value is not None and (not isinstance(value, dt.datetime) or value.tzinfo is None):
+                    raise ConfigError(f"eta must be an aware datetime (with a tzinfo), got {value!r}")
+                changes["eta"] = value
+            elif name == "expires":
+                if isinstance(value, dt.datetime) and value.tzinfo is None:
+                    raise ConfigError("expires must be seconds, a timedelta or an aware datetime (with a tzinfo)")
+                if not isinstance(value, dt.datetime):
+                    _seconds("expires", value)
+                changes["expires"] = value
+            elif name == "key":
+                if value is not None and not isinstance(value, str):
+                    raise ConfigError(f"key must be a string, got {value!r}")
+                changes["key"] = value
+            elif name == "headers":
+                changes["headers"] = {**self.headers, **(value or {})}
+            else:
+                changes[name] = value
+        merged = replace(self, **changes)
+        if merged.countdown_s is not None and merged.eta is not None:
+            raise ConfigError("give countdown or eta, not both")
+        if (
+            merged.soft_time_limit_s is not None
+            and merged.time_limit_s is not None
+            and merged.soft_time_limit_s > merged.time_limit_s
+        ):
+            raise ConfigError("soft_time_limit must not be longer than time_limit")
+        return merged
+
+
+class _Sends:
+    """What tasks, references by name and option-bound calls share: delay, adelay, s."""
+
+    app: Offload
+    name: str
+    opts: Options
+
+    def options(self, **opts: Any) -> Call:
+        return Call(self.app, self.name, self.opts.merge(**opts))
+
+    def delay(self, *args: Any, **kwargs: Any) -> Result[Any]:
+        return self.app._portal.run(self.adelay(*args, **kwargs))
+
+    async def adelay(self, *args: Any, **kwargs: Any) -> Result[Any]:
+        return await self.app._enqueue(self.name, args, kwargs, self.opts)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature: this call, not yet sent (for group, chain, chord and race)."""
+        return Signature(self.app, self.name, args, kwargs, self.opts)
+
+
+class Call(_Sends):
+    """A task name with per-call options bound: ``task.options(priority=9).delay(...)``."""
+
+    def __init__(self, app: Offload, name: str, opts: Options) -> None:
+        self.app, self.name, self.opts = app, name, opts
+
+    def __repr__(self) -> str:
+        return f"<Call {self.name} {self.opts}>"
+
+
+class TaskRef(Call):
+    """`app.ref(name)`: a task known only by name, for code that does not import the task."""
+
+
+class Task(_Sends, Generic[P, R]):
+    """A function registered with ``@app.task``. Calling it runs it inline."""
+
+    def __init__(self, app: Offload, fn: Callable[P, R], name: str, opts: Options) -> None:
+        self.app, self.fn, self.name, self.opts = app, fn, name, opts
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", name)
+        self.__wrapped__ = fn
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    if TYPE_CHECKING:  # precise types for editors: delay() takes the task's parameters
+
+        def delay(self, *args: P.args, **kwargs: P.kwargs) -> Result[R]: ...  # type: ignore[override]
+        async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> Result[R]: ...  # type: ignore[override]
+
+
+@dataclass(slots=True)
+class Signature:
+    """A task call not yet sent: name, arguments and options."""
+
+    app: Offload
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    opts: Options = field(default_factory=Options)
+
+    def options(self, **opts: Any) -> Signature:
+        return replace(self, opts=self.opts.merge(**opts))
+
+    def delay(self) -> Result[Any]:
+        return self.app._portal.run(self.adelay())
+
+    async def adelay(self) -> Result[Any]:
+        return await self.app._enqueue(self.name, self.args, self.kwargs, self.opts)
+
+    def with_first_arg(self, value: Any) -> Signature:
+        return replace(self, args=(value, *self.args))
+
+    def to_dict(self) -> dict[str, Any]:
+        o = self.opts
+        return {
+            "name": self.name, "args": list(self.args), "kwargs": self.kwargs,
+            "options": {
+                "queue": o.queue, "priority": o.priority, "retries": o.retries, "retry_backoff": o.retry_backoff_s,
+                "time_limit": o.time_limit_s, "soft_time_limit": o.soft_time_limit_s,
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, app: Offload, data: dict[str, Any]) -> Signature:
+        return cls(app, data["name"], tuple(data.get("args", ())), data.get("kwargs", {}),
+                   app._default_options(data["name"]).merge(**data.get("options", {})))
+
+
+def task_name(fn: Callable[..., Any]) -> str:
+    module = getattr(fn, "__module__", None) or "__main__"
+    return f"{module}.{fn.__qualname__}"
+
+
+AnyTask = Task[Any, Any]

@@ -1,0 +1,455 @@
+"""The worker: lease messages, run them, store outcomes, acknowledge.
+
+Order of events for one message::
+
+    fetch (leased) -> decode -> [malformed/tampered: dead letter]
+                   -> [revoked: cancelled] -> [expired: expired + dead letter]
+                   -> STARTED -> run (async | thread | process) -> outcome stored -> ack
+                                                                 -> retry: RETRYING + requeue
+                                                                 -> final failure: FAILED + dead letter
+
+A heartbeat renews the leases of everything this worker holds, so a long task is never handed
+to a second worker while this one lives; when the worker dies, the leases run out and the
+messages are delivered again (at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import datetime as dt
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from offload.app import CONTROL_CHANNEL, Offload
+from offload.brokers.base import Broker, Delivery, Store
+from offload.context import TaskContext
+from offload.errors import ConfigError, MessageError, SerializationError, SignatureError
+from offload.message import Envelope
+from offload.result import Status, TaskState
+from offload.worker.executors import Job, ThreadRunner, cancel_async, run_async
+from offload.worker.hooks import run_start_hooks
+from offload.worker.outcome import Outcome, backoff_delay
+from offload.worker.process_pool import ProcessRunner
+from offload.worker.writer import StateWriter
+
+log = logging.getLogger("offload.worker")
+
+Pool = Literal["thread", "process", "async"]
+FETCH_WAIT_S = 1.0
+BURST_FETCH_WAIT_S = 0.25
+REVOKED_REMEMBERED = 10_000
+
+
+@dataclass(slots=True)
+class _Held:
+    """A message this worker holds a lease on."""
+
+    delivery: Delivery
+    env: Envelope | None = None
+    ctx: TaskContext | None = None
+    state: TaskState | None = None
+    task: asyncio.Task[None] | None = None
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Worker:
+    """Consumes ``queues`` with ``concurrency`` tasks at a time. ``run()`` does the side effects
+    (signal handlers, child processes); the constructor only checks its arguments."""
+
+    def __init__(
+        self,
+        app: Offload,
+        *,
+        queues: list[str] | tuple[str, ...] = ("default",),
+        concurrency: int | None = None,
+        pool: Pool = "thread",
+        prefetch: int | None = None,
+        burst: bool = False,
+        grace_s: float = 30.0,
+        max_tasks_per_child: int | None = None,
+        handle_signals: bool = True,
+    ) -> None:
+        if pool not in ("thread", "process", "async"):
+            raise ConfigError(f"pool must be thread, process or async, got {pool!r}")
+        if pool == "process" and app.spec is None:
+            raise ConfigError("the process pool needs the app's import path: start it with `offload worker module:app`")
+        if pool == "process" and app.url.scheme == "memory":
+            raise ConfigError("memory:// lives in one process; use the thread or async pool with it")
+        self.app = app
+        self.queues = list(queues)
+        self.pool: Pool = pool
+        default_concurrency = {"thread": 8, "process": max(1, _cpu_count()), "async": 100}[pool]
+        self.concurrency = concurrency or default_concurrency
+        if self.concurrency < 1:
+            raise ConfigError("concurrency must be at least 1")
+        # Bounded prefetch: a worker never leases more than it can start soon, so it cannot
+        # hoard a queue that other workers could be draining.
+        self.prefetch = self.concurrency if prefetch is None else prefetch
+        self.burst = burst
+        self.grace_s = grace_s
+        self.max_tasks_per_child = max_tasks_per_child
+        self.handle_signals = handle_signals
+        self.processed = 0
+        self._held: dict[str, _Held] = {}
+        self._revoked: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Events and the loop belong to run(): they are created on the worker's own loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._abandoned = False
+        self._signals_seen = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def stop(self, now: bool = False) -> None:
+        """Stop fetching; let running tasks finish within the grace period (or not, with now)."""
+        if self._loop is None:
+            raise RuntimeError("the worker is not running")
+        self._loop.call_soon_threadsafe(self._request_stop, now)
+
+    def _request_stop(self, now: bool = False) -> None:
+        self._signals_seen += 1
+        assert self._stopping is not None
+        if self._stopping.is_set() or now:
+            if not self._abandoned:
+                log.warning("stopping now: putting back %d running task(s)", len(self._held))
+            self._now.set()
+        else:
+            log.info("stopping: no new tasks; waiting up to %.0f s for %d running", self.grace_s, len(self._held))
+        self._stopping.set()
+
+    async def run(self) -> int:
+        """Serve until stopped (or, in burst mode, until the queues are empty). Returns an exit code."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._stopping = asyncio.Event()
+        self._now = asyncio.Event()
+        self._space = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        backends = await self.app._backends()
+        self.broker: Broker = backends.broker
+        self.store: Store = backends.store
+        self.writer = StateWriter(self.store, self.broker, self.app.result_ttl_s)
+        self.threads = ThreadRunner(self.concurrency) if self.pool == "thread" else None
+        self.procs = None
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self._request_stop)
+        await run_start_hooks(self.app)
+        if self.pool == "process":
+            assert self.app.spec is not None
+            self.procs = ProcessRunner(self.app.spec, self.concurrency, self.max_tasks_per_child)
+            await self.procs.start()
+        log.info(
+            "worker ready: %s namespace=%s queues=%s pool=%s concurrency=%d",
+            self.app.url.masked, self.app.namespace, ",".join(self.queues), self.pool, self.concurrency,
+        )
+        helpers = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._listen_control())]
+        try:
+            await self._fetch_loop()
+            await self._drain()
+        finally:
+            for h in helpers:
+                h.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            await self.writer.flush()
+            if self.threads is not None:
+                self.threads.close()
+            if self.procs is not None:
+                await self.procs.close()
+            if self.handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self._loop.remove_signal_handler(sig)
+        log.info("worker stopped after %d task(s)", self.processed)
+        return 0
+
+    async def _fetch_loop(self) -> None:
+        assert self._stopping is not None
+        capacity = self.concurrency + self.prefetch
+        failures = 0
+        while not self._stopping.is_set():
+            free = capacity - len(self._held)
+            if free <= 0:
+                self._space.clear()
+                await _first(self._space.wait(), self._stopping.wait())
+                continue
+            try:
+                deliveries = await self.broker.fetch(self.queues, free, BURST_FETCH_WAIT_S if self.burst else FETCH_WAIT_S)
+                failures = 0
+            except Exception as e:
+                failures += 1
+                pause = min(0.2 * 2**failures, 5.0)
+                log.warning("fetch failed (%s); retrying in %.1f s", e, pause)
+                await _first(asyncio.sleep(pause), self._stopping.wait())
+                continue
+            for d in deliveries:
+                held = self._held[d.id] = _Held(d)
+                held.task = asyncio.create_task(self._handle(held))
+            if self.burst and not deliveries and not self._held:
+                return
+
+    async def _drain(self) -> None:
+        """Shutdown: put back what has not started; give running tasks the grace period."""
+        for held in list(self._held.values()):
+            if held.state is None and held.task is not None:  # not started: put back at once
+                held.task.cancel()
+                await self._put_back(held)
+        running = [h.task for h in self._held.values() if h.task is not None]
+        if running:
+            all_done = asyncio.gather(*running, return_exceptions=True)
+            now_wait = asyncio.create_task(self._now.wait())
+            await asyncio.wait({all_done, now_wait}, timeout=self.grace_s, return_when=asyncio.FIRST_COMPLETED)
+            now_wait.cancel()
+        left = [h for h in self._held.values() if h.task is not None and not h.task.done()]
+        if left:
+            log.warning("grace period over: putting back %d unfinished task(s)", len(left))
+            self._abandoned = True
+            for held in left:
+                if held.ctx is not None:
+                    held.ctx.cancelled = True
+                    cancel_async(held.ctx)
+                if self.procs is not None and held.env is not None:
+                    self.procs.cancel(held.env.id, "shutdown")
+                assert held.task is not None
+                held.task.cancel()
+                await self._put_back(held)
+
+    async def _put_back(self, held: _Held) -> None:
+        try:
+            await self.broker.requeue(held.delivery)
+            if held.state is not None:
+                held.state.status = Status.QUEUED
+                held.state.started_at = None
+                await self.app._write_states([held.state])
+        except Exception as e:  # the lease runs out and the message comes back anyway
+            log.warning("could not put back %s (%s); it returns when its lease runs out", held.delivery.id, e)
+        self._held.pop(held.delivery.id, None)
+
+    # -- helpers running beside the fetch loop --------------------------------------------------
+    async def _heartbeat(self) -> None:
+        interval = max(min(self.broker.lease_s / 3, 10.0), 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            if self._held:
+                try:
+                    await self.broker.extend([h.delivery for h in self._held.values()])
+                except Exception as e:
+                    log.warning("lease heartbeat failed: %s", e)
+
+    async def _listen_control(self) -> None:
+        while True:
+            try:
+                async with self.store.subscribe(CONTROL_CHANNEL) as messages:
+                    async for raw in messages:
+                        self._on_control(raw)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("control channel lost (%s); resubscribing", e)
+                await asyncio.sleep(1)
+
+    def _on_control(self, raw: bytes) -> None:
+        try:
+            command = self.app.codec.loads(raw)
+        except Exception:
+            return
+        task_id = command.get("cancel") if isinstance(command, dict) else None
+        if not isinstance(task_id, str):
+            return
+        self._revoked[task_id] = None
+        while len(self._revoked) > REVOKED_REMEMBERED:
+            self._revoked.popitem(last=False)
+        held = self._held.get(task_id)
+        if held is not None and held.ctx is not None:
+            log.info("cancelling %s", task_id)
+            cancel_async(held.ctx)
+            if self.procs is not None:
+                self.procs.cancel(task_id)
+
+    # -- one message ----------------------------------------------------------------------------
+    async def _handle(self, held: _Held) -> None:
+        d = held.delivery
+        try:
+            await self._process(held)
+        except asyncio.CancelledError:
+            pass  # shutdown: _drain put the message back
+        except Exception:
+            log.exception("internal error while handling message %s; it will be delivered again", d.id)
+        finally:
+            if not self._abandoned:
+                self._held.pop(d.id, None)
+            self._space.set()
+
+    async def _process(self, held: _Held) -> None:
+        d = held.delivery
+        try:
+            env = self.app.codec.decode(d.body)
+        except SignatureError as e:
+            log.error("dead-lettered message %s: %s", d.id, e)
+            await self.broker.dead_letter(d, f"rejected: {e}")
+            return
+        except MessageError as e:
+            log.error("dead-lettered malformed message %s: %s", d.id, e)
+            await self.broker.dead_letter(d, f"malformed: {e}")
+            return
+        held.env = env
+        log.info("received %s[%s] attempt %d", env.name, env.id, env.attempt)
+        state = TaskState(
+            id=env.id, name=env.name, status=Status.STARTED, attempts=env.attempt,
+            queued_at=dt.datetime.fromtimestamp(env.queued_at, dt.UTC),
+            meta={k: v for k, v in env.headers.items() if k in ("owner", "parent")},
+        )
+        if env.id in self._revoked:
+            await self._finish(held, state, Status.CANCELLED)
+            return
+        if env.expires is not None and time.time() > env.expires:
+            log.warning("expired %s[%s]: not started before its expiry", env.name, env.id)
+            state.status, state.finished_at = Status.EXPIRED, _utcnow()
+            await self.app._write_states([state])
+            await self.broker.dead_letter(d, "expired: not started before its expiry time")
+            return
+        task = self.app.tasks.get(env.name)
+        if task is None:
+            message = f"task {env.name!r} is not registered in this worker"
+            log.error("dead-lettered %s: %s", env.id, message)
+            state.status, state.finished_at = Status.FAILED, _utcnow()
+            state.error = {"type": "NotRegistered", "message": message, "traceback": ""}
+            await self.app._write_states([state])
+            await self.broker.dead_letter(d, f"failed: NotRegistered: {message}")
+            return
+        for admit in self.app.admission_hooks:
+            wait_s = await admit(env, task)
+            if wait_s:
+                log.debug("held back %s[%s] for %.2f s", env.name, env.id, wait_s)
+                await self.broker.requeue(d, None, wait_s)
+                return
+        async with self._slots:
+            assert self._stopping is not None
+            if self._stopping.is_set():
+                return  # shutdown began while this waited for a slot: _drain puts it back
+            if env.id in self._revoked:
+                await self._finish(held, state, Status.CANCELLED)
+                return
+            state.started_at = _utcnow()
+            held.state = state
+            held.ctx = TaskContext(env.id, env.name, env.attempt, dict(env.headers), self._progress_reporter(held), self._publisher())
+            log.info("started %s[%s]", env.name, env.id)
+            started = time.perf_counter()
+            job = Job(task, env, held.ctx, state.to_record())
+            if task.is_async:
+                self.writer.put(env.id, self.app.encode_state(state))
+                outcome = await run_async(job)
+            elif self.procs is not None:
+                # The child writes progress itself; STARTED must be stored before it can.
+                await self.writer.put(env.id, self.app.encode_state(state))
+                outcome = await self.procs.run(job)
+            else:
+                assert self.threads is not None
+                self.writer.put(env.id, self.app.encode_state(state))
+                outcome = await self.threads.run(job)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+        if (held.ctx.cancelled and outcome.kind != "ok") or outcome.kind == "cancelled":
+            if self._abandoned:
+                return
+            log.info("cancelled %s[%s] after %.1f ms", env.name, env.id, elapsed_ms)
+            await self._finish(held, state, Status.CANCELLED)
+            return
+        await self._settle(held, env, state, outcome, elapsed_ms)
+
+    async def _finish(self, held: _Held, state: TaskState, status: Status) -> None:
+        state.status, state.finished_at = status, _utcnow()
+        await self.writer.put(state.id, self.app.encode_state(state), ack=held.delivery)
+
+    async def _settle(self, held: _Held, env: Envelope, state: TaskState, outcome: Outcome, elapsed_ms: float) -> None:
+        d = held.delivery
+        self.processed += 1
+        state.finished_at = _utcnow()
+        if outcome.kind == "ok":
+            state.status, state.result = Status.SUCCEEDED, outcome.value
+            try:
+                encoded = self.app.encode_state(state)
+            except SerializationError as e:
+                state.result = None
+                outcome = Outcome("error", exc_type="SerializationError", message=f"the task's return value cannot be stored: {e}")
+            else:
+                log.info("succeeded %s[%s] in %.1f ms", env.name, env.id, elapsed_ms)
+                if self.app.outcome_hooks and env.headers:
+                    await self.writer.put(env.id, encoded)
+                    await self._run_outcome_hooks(env, state)
+                    await self.broker.ack([d])
+                else:
+                    self.writer.put(env.id, encoded, ack=d)
+                return
+        state.error = outcome.error_record()
+        retry_allowed = env.attempt <= env.retries
+        if retry_allowed and outcome.kind in ("error", "timeout", "retry", "lost"):
+            delay = outcome.retry_countdown if outcome.retry_countdown is not None else backoff_delay(env.attempt, env.retry_backoff)
+            state.status, state.finished_at = Status.RETRYING, None
+            state.message = f"retrying in {delay:.1f} s"
+            log.info("retry %s[%s] in %.1f s (attempt %d of %d): %s: %s", env.name, env.id, delay, env.attempt,
+                     env.retries + 1, outcome.exc_type, outcome.message)
+            await self.writer.put(env.id, self.app.encode_state(state))
+            await self.broker.requeue(d, self.app.codec.encode(dataclasses.replace(env, attempt=env.attempt + 1)), delay)
+            return
+        if outcome.kind == "retry":
+            state.error = {"type": "Retry", "message": f"no retries left after {env.attempt} attempt(s)", "traceback": ""}
+        state.status = Status.FAILED
+        log.warning("failed %s[%s] in %.1f ms: %s: %s", env.name, env.id, elapsed_ms, state.error["type"], state.error["message"])
+        await self.writer.put(env.id, self.app.encode_state(state))
+        if self.app.outcome_hooks and env.headers:
+            await self._run_outcome_hooks(env, state)
+        await self.broker.dead_letter(d, f"failed: {state.error['type']}: {state.error['message']}")
+
+    async def _run_outcome_hooks(self, env: Envelope, state: TaskState) -> None:
+        for hook in self.app.outcome_hooks:
+            value = hook(env, state)
+            if asyncio.iscoroutine(value):
+                await value
+
+    # -- what `current` calls -------------------------------------------------------------------
+    def _progress_reporter(self, held: _Held) -> Any:
+        def report(fraction: float | None, message: str | None) -> None:
+            def put() -> None:
+                state = held.state
+                if state is None or state.status is not Status.STARTED:
+                    return
+                state.progress, state.message = fraction, message
+                self.writer.put(state.id, self.app.encode_state(state))
+
+            if threading.get_ident() == self._loop_thread:
+                put()
+            else:
+                self._loop.call_soon_threadsafe(put)
+
+        return report
+
+    def _publisher(self) -> Any:
+        def publish(channel: str, data: Any) -> None:
+            if threading.get_ident() == self._loop_thread:
+                self._loop.create_task(self.app.apublish(channel, data))
+            else:
+                asyncio.run_coroutine_threadsafe(self.app.apublish(channel, data), self._loop).result()
+
+        return publish
+
+
+async def _first(*aws: Any) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

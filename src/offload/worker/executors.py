@@ -1,0 +1,146 @@
+"""Where a task attempt runs: on the worker's event loop (async tasks) or in a thread.
+
+What each can guarantee for time limits and cancellation:
+
+* async: `time_limit` cancels the coroutine; `soft_time_limit` cancels it too (the task sees
+  `CancelledError` and may clean up until `time_limit`); cancel() cancels it at its next await.
+* thread: `soft_time_limit` raises `SoftTimeLimitExceeded` inside the thread and `time_limit`
+  raises `TaskTimeLimit` there, both at the next Python bytecode; a thread blocked inside C
+  code (a socket read without timeout) cannot be interrupted, so the worker reports the task as
+  timed out, stops waiting for it and leaves the thread to finish on its own. cancel() takes
+  effect at the task's next use of `current`.
+* process (see process_pool.py): the child is terminated at `time_limit`, always.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from offload.context import TaskContext, reset_context, set_context
+from offload.errors import SoftTimeLimitExceeded, TaskTimeLimit
+from offload.message import Envelope
+from offload.task import Task
+from offload.worker.outcome import Outcome
+
+
+@dataclass(slots=True)
+class Job:
+    task: Task[Any, Any]
+    env: Envelope
+    ctx: TaskContext
+    state_record: dict[str, Any] = field(default_factory=dict)
+
+
+def _limit_message(env: Envelope, seconds: float | None, soft: bool = False) -> str:
+    kind = "soft_time_limit" if soft else "time_limit"
+    return f"task {env.name}[{env.id}] ran past its {kind} of {seconds} s"
+
+
+async def run_async(job: Job) -> Outcome:
+    """Run an `async def` task on this loop, with its limits."""
+    env = job.env
+    token = set_context(job.ctx)
+    try:
+        coro = job.task.fn(*env.args, **env.kwargs)
+    finally:
+        reset_context(token)
+    task = asyncio.create_task(_with_context(coro, job.ctx))
+    job.ctx.headers.setdefault("__asyncio_task__", task)
+    soft, hard = env.soft_time_limit, env.time_limit
+    try:
+        if soft is not None:
+            done, _ = await asyncio.wait({task}, timeout=soft)
+            if not done:
+                task.cancel(msg="soft_time_limit")
+                remaining = None if hard is None else max(hard - soft, 0.0)
+                done, _ = await asyncio.wait({task}, timeout=remaining)
+                if not done:
+                    return Outcome("timeout", exc_type="TaskTimeLimit", message=_limit_message(env, hard))
+                if task.cancelled() and not job.ctx.cancelled:
+                    return Outcome("error", exc_type="SoftTimeLimitExceeded", message=_limit_message(env, soft, soft=True))
+        elif hard is not None:
+            done, _ = await asyncio.wait({task}, timeout=hard)
+            if not done:
+                task.cancel()
+                return Outcome("timeout", exc_type="TaskTimeLimit", message=_limit_message(env, hard))
+        else:
+            await asyncio.wait({task})
+    finally:
+        job.ctx.headers.pop("__asyncio_task__", None)
+    if task.cancelled():
+        return Outcome("cancelled", exc_type="TaskCancelled", message="cancelled")
+    exc = task.exception()
+    return Outcome("ok", value=task.result()) if exc is None else Outcome.from_exception(exc)
+
+
+async def _with_context(coro: Any, ctx: TaskContext) -> Any:
+    token = set_context(ctx)
+    try:
+        return await coro
+    finally:
+        reset_context(token)
+
+
+def cancel_async(ctx: TaskContext) -> None:
+    ctx.cancelled = True
+    task = ctx.headers.get("__asyncio_task__")
+    if task is not None:
+        task.cancel()
+
+
+def _raise_in_thread(ident: int, exc_type: type[BaseException]) -> None:
+    # CPython's documented hook for raising in another thread; it takes effect at the
+    # thread's next bytecode, which is the best a thread can offer.
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc_type))
+
+
+class ThreadRunner:
+    def __init__(self, concurrency: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="offload-task")
+
+    async def run(self, job: Job) -> Outcome:
+        env = job.env
+        ident: list[int] = []
+        finished = threading.Event()
+
+        def call() -> Any:
+            ident.append(threading.get_ident())
+            token = set_context(job.ctx)
+            try:
+                return job.task.fn(*env.args, **env.kwargs)
+            finally:
+                finished.set()
+                reset_context(token)
+
+        future = asyncio.get_running_loop().run_in_executor(self._pool, call)
+        soft, hard = env.soft_time_limit, env.time_limit
+        if soft is not None:
+            done, _ = await asyncio.wait({future}, timeout=soft)
+            if not done and ident and not finished.is_set():
+                _raise_in_thread(ident[0], SoftTimeLimitExceeded)
+            remaining = None if hard is None else max(hard - soft, 0.0)
+            done, _ = await asyncio.wait({future}, timeout=remaining)
+        else:
+            done, _ = await asyncio.wait({future}, timeout=hard)
+        if not done:
+            if ident and not finished.is_set():
+                _raise_in_thread(ident[0], TaskTimeLimit)
+            # The thread may be stuck in C code; report the limit and stop waiting for it.
+            future.add_done_callback(lambda f: f.exception())
+            return Outcome("timeout", exc_type="TaskTimeLimit", message=_limit_message(env, hard))
+        exc = future.exception()
+        if exc is None:
+            return Outcome("ok", value=future.result())
+        if isinstance(exc, TaskTimeLimit):
+            return Outcome("timeout", exc_type="TaskTimeLimit", message=_limit_message(env, hard))
+        if isinstance(exc, SoftTimeLimitExceeded):
+            return Outcome("error", exc_type="SoftTimeLimitExceeded", message=_limit_message(env, soft, soft=True))
+        return Outcome.from_exception(exc)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
