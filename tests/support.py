@@ -1,0 +1,117 @@
+"""Real worker processes for tests: start `python -m offload worker ...`, wait until it says it
+is ready, stop it with SIGTERM or kill it with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env_for(url: str, namespace: str, results: str | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_") or k == "OFFLOAD_REQUIRE_BROKERS"}
+    env.update({"OFFLOAD_URL": url, "OFFLOAD_NAMESPACE": namespace, "PYTHONPATH": str(ROOT), **extra})
+    if results:
+        env["OFFLOAD_TEST_RESULTS"] = results
+    return env
+
+
+class OffloadProcess:
+    """One `python -m offload ...` subprocess whose stderr is collected line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str], ready_line: str | None, cwd: Path = ROOT) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._eof = False
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "offload", *args], cwd=cwd, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        if ready_line is not None:
+            self.wait_for(ready_line, timeout=30)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def wait_for(self, text: str | Callable[[str], bool], timeout: float = 30, count: int = 1) -> str:
+        """Wait until ``count`` output lines contain ``text`` (or satisfy it); return the last."""
+        match = text if callable(text) else (lambda line: text in line)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                hits = [line for line in self.lines if match(line)]
+                if len(hits) >= count:
+                    return hits[-1]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"{text!r} not seen in {timeout} s (exit={self.proc.poll()}); output:\n" + "\n".join(self.lines[-40:]))
+                if self.proc.poll() is not None and self._eof:
+                    raise AssertionError(f"{text!r} not seen: the process exited with {self.proc.returncode}; output:\n" + "\n".join(self.lines[-40:]))
+                self._changed.wait(min(left, 0.5))
+
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def interrupt(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its children (its whole session): nothing gets to clean up."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def wait(self, timeout: float = 60) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.terminate()
+            try:
+                self.proc.wait(35)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_worker(url: str, namespace: str, *args: str, results: str | None = None, app: str = "tests.apps.basic:app",
+                 extra_env: dict[str, str] | None = None) -> OffloadProcess:
+    return OffloadProcess(["worker", app, *args], env_for(url, namespace, results, **(extra_env or {})), ready_line="worker ready")
+
+
+def run_cli(url: str, namespace: str, *args: str, results: str | None = None, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "offload", *args], cwd=ROOT, env=env_for(url, namespace, results),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30, message: str = "condition") -> None:
+    """Poll a cheap local condition (a file's contents) until true; for events with no notifier."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not reached within {timeout} s")
+        time.sleep(0.02)
