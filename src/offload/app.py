@@ -141,6 +141,13 @@ class Offload:
         self.worker_start_hooks.append(fn)
         return fn
 
+    def asgi(self, **options: Any) -> Any:
+        """The browser gateway (long polling, SSE, channels, offload.js, metrics) as an ASGI
+        app, mountable under any prefix. Options: see `offload.gateway.create_gateway`."""
+        from offload.gateway import create_gateway
+
+        return create_gateway(self, **options)
+
     # -- connections, one set per event loop ---------------------------------------------------
     async def _backends(self) -> _Backends:
         loop = asyncio.get_running_loop()
@@ -222,11 +229,19 @@ class Offload:
             expires = now + opts.expires.total_seconds()
         elif opts.expires is not None:
             expires = now + float(opts.expires)
+        # Send what this process knows: everything for a task registered here, only the options
+        # given explicitly for a task known by name. The worker fills in the rest.
+        known = name in self.tasks
+
+        def pick(option: str, value: Any) -> Any:
+            return value if known or option in opts.given else None
+
         return Envelope(
             id=task_id or new_task_id(), name=name, args=tuple(args), kwargs=dict(kwargs), queue=opts.queue,
-            priority=opts.priority, eta=eta, expires=expires, retries=opts.retries,
-            retry_backoff=opts.retry_backoff_s, time_limit=opts.time_limit_s,
-            soft_time_limit=opts.soft_time_limit_s, key=opts.key, queued_at=now, headers=dict(opts.headers),
+            priority=opts.priority, eta=eta, expires=pick("expires", expires), retries=pick("retries", opts.retries),
+            retry_backoff=pick("retry_backoff", opts.retry_backoff_s), time_limit=pick("time_limit", opts.time_limit_s),
+            soft_time_limit=pick("soft_time_limit", opts.soft_time_limit_s), key=opts.key, queued_at=now,
+            headers=dict(opts.headers),
         )
 
     async def _enqueue(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options, task_id: str | None = None) -> Result[Any]:

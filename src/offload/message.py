@@ -40,13 +40,28 @@ class Envelope:
     eta: float | None = None  # epoch seconds: not before
     expires: float | None = None  # epoch seconds: never start after
     attempt: int = 1  # counts from 1
-    retries: int = 0  # extra attempts allowed after the first
-    retry_backoff: float = 1.0  # seconds, doubled each attempt
+    # None below means "the task's own default", filled in by the worker (see with_defaults).
+    retries: int | None = None  # extra attempts allowed after the first
+    retry_backoff: float | None = None  # seconds, doubled each attempt
     time_limit: float | None = None
     soft_time_limit: float | None = None
     key: str | None = None  # deduplication key
     queued_at: float = field(default_factory=time.time)
     headers: dict[str, Any] = field(default_factory=dict)
+
+    def with_defaults(self, retries: int, retry_backoff: float, time_limit: float | None,
+                      soft_time_limit: float | None, expires_after: float | None) -> Envelope:
+        """Fill what the sender left to the task's own options (it may not have the code)."""
+        from dataclasses import replace
+
+        return replace(
+            self,
+            retries=retries if self.retries is None else self.retries,
+            retry_backoff=retry_backoff if self.retry_backoff is None else self.retry_backoff,
+            time_limit=time_limit if self.time_limit is None else self.time_limit,
+            soft_time_limit=soft_time_limit if self.soft_time_limit is None else self.soft_time_limit,
+            expires=self.queued_at + expires_after if self.expires is None and expires_after is not None else self.expires,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -50,6 +50,10 @@ class Options:
     eta: dt.datetime | None = None
     key: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)
+    #: Options set explicitly (by the decorator or a call), as opposed to library defaults. A
+    #: sender that knows a task only by name sends just these; the worker fills in the rest from
+    #: the task's own decorator.
+    given: frozenset[str] = frozenset()
 
     def merge(self, **opts: Any) -> Options:
         unknown = set(opts) - CALL_OPTIONS - TASK_OPTIONS
@@ -89,7 +93,7 @@ class Options:
                 changes["headers"] = {**self.headers, **(value or {})}
             else:
                 changes[name] = value
-        merged = replace(self, **changes)
+        merged = replace(self, **changes, given=self.given | set(opts))
         if merged.countdown_s is not None and merged.eta is not None:
             raise ConfigError("give countdown or eta, not both")
         if (

@@ -137,7 +137,8 @@ class Worker:
         self.broker: Broker = backends.broker
         self.store: Store = backends.store
         self.writer = StateWriter(self.store, self.broker, self.app.result_ttl_s)
-        self.threads = ThreadRunner(self.concurrency) if self.pool == "thread" else None
+        # With the async pool, a sync task still needs somewhere to run that is not the loop.
+        self.threads = ThreadRunner(self.concurrency if self.pool == "thread" else 8) if self.pool != "process" else None
         self.procs = None
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -281,7 +282,11 @@ class Worker:
         except asyncio.CancelledError:
             pass  # shutdown: _drain put the message back
         except Exception:
-            log.exception("internal error while handling message %s; it will be delivered again", d.id)
+            log.exception("internal error while handling message %s; putting it back", d.id)
+            try:
+                await self.broker.requeue(d, None, 1.0)
+            except Exception:
+                pass  # its lease runs out and it comes back anyway
         finally:
             if not self._abandoned:
                 self._held.pop(d.id, None)
@@ -299,6 +304,12 @@ class Worker:
             log.error("dead-lettered malformed message %s: %s", d.id, e)
             await self.broker.dead_letter(d, f"malformed: {e}")
             return
+        task = self.app.tasks.get(env.name)
+        if task is not None:
+            env = env.with_defaults(
+                task.opts.retries, task.opts.retry_backoff_s, task.opts.time_limit_s, task.opts.soft_time_limit_s,
+                _relative_seconds(task.opts.expires),
+            )
         held.env = env
         log.info("received %s[%s] attempt %d", env.name, env.id, env.attempt)
         state = TaskState(
@@ -315,7 +326,6 @@ class Worker:
             await self.app._write_states([state])
             await self.broker.dead_letter(d, "expired: not started before its expiry time")
             return
-        task = self.app.tasks.get(env.name)
         if task is None:
             message = f"task {env.name!r} is not registered in this worker"
             log.error("dead-lettered %s: %s", env.id, message)
@@ -388,13 +398,15 @@ class Worker:
                     self.writer.put(env.id, encoded, ack=d)
                 return
         state.error = outcome.error_record()
-        retry_allowed = env.attempt <= env.retries
+        retry_allowed = env.attempt <= (env.retries or 0)
         if retry_allowed and outcome.kind in ("error", "timeout", "retry", "lost"):
-            delay = outcome.retry_countdown if outcome.retry_countdown is not None else backoff_delay(env.attempt, env.retry_backoff)
+            delay = outcome.retry_countdown
+            if delay is None:
+                delay = backoff_delay(env.attempt, env.retry_backoff or 1.0)
             state.status, state.finished_at = Status.RETRYING, None
             state.message = f"retrying in {delay:.1f} s"
             log.info("retry %s[%s] in %.1f s (attempt %d of %d): %s: %s", env.name, env.id, delay, env.attempt,
-                     env.retries + 1, outcome.exc_type, outcome.message)
+                     (env.retries or 0) + 1, outcome.exc_type, outcome.message)
             await self.writer.put(env.id, self.app.encode_state(state))
             await self.broker.requeue(d, self.app.codec.encode(dataclasses.replace(env, attempt=env.attempt + 1)), delay)
             return
@@ -447,6 +459,15 @@ async def _first(*aws: Any) -> None:
     finally:
         for t in tasks:
             t.cancel()
+
+
+def _relative_seconds(expires: Any) -> float | None:
+    """A task's default `expires` if it is relative (seconds or timedelta), else None."""
+    if isinstance(expires, dt.timedelta):
+        return expires.total_seconds()
+    if isinstance(expires, (int, float)):
+        return float(expires)
+    return None
 
 
 def _cpu_count() -> int:
