@@ -48,8 +48,10 @@ def user_errors(fn: F) -> F:
             _fail(str(e), EXIT_UNAVAILABLE)
         except TaskFailed as e:
             _fail(f"task failed: {e}", EXIT_TASK_FAILED)
-        except (OffloadError, LookupError) as e:
-            _fail(str(e).strip("'\""), EXIT_USAGE)
+        except LookupError as e:  # KeyError's str() adds quotes; show the message itself
+            _fail(str(e.args[0]) if e.args else str(e), EXIT_USAGE)
+        except OffloadError as e:
+            _fail(str(e), EXIT_USAGE)
         except ImportError as e:
             _fail(f"cannot load the app: {e}", EXIT_USAGE)
 

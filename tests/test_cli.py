@@ -1,0 +1,93 @@
+"""The `offload` command, run as a user runs it: `python -m offload ...` in a subprocess."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support import run_cli, start_worker
+
+APP = "tests.apps.basic:app"
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'cli.db'}"
+
+
+@pytest.fixture
+def ns() -> str:
+    return f"cli{uuid.uuid4().hex[:8]}"
+
+
+def test_every_command_has_help() -> None:
+    for command in ("worker", "beat", "gateway", "send", "status", "purge", "dead"):
+        out = run_cli("memory://", "x", command, "--help")
+        assert out.returncode == 0 and "Usage:" in out.stdout, command
+        assert "Example" in out.stdout, f"{command} --help shows no example"
+
+
+def test_send_status_purge(url: str, ns: str) -> None:
+    sent = run_cli(url, ns, "send", APP, "tests.apps.basic.add", "[1, 2]", "-q", "images")
+    assert sent.returncode == 0, sent.stderr
+    task_id = sent.stdout.strip()
+    status = run_cli(url, ns, "status", APP)
+    assert "images" in status.stdout and "1" in status.stdout
+    one = run_cli(url, ns, "status", APP, task_id)
+    assert "queued" in one.stdout and "tests.apps.basic.add" in one.stdout
+    purged = run_cli(url, ns, "purge", APP, "images", "--yes")
+    assert purged.stdout.strip() == "removed 1 task(s) from images"
+
+
+def test_send_and_wait_prints_the_result(url: str, ns: str) -> None:
+    worker = start_worker(url, ns)
+    try:
+        out = run_cli(url, ns, "send", APP, "tests.apps.basic.progress_steps", "[3, 0.05]", "--wait", "--timeout", "30")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines()[-1] == "3"
+        failed = run_cli(url, ns, "send", APP, "tests.apps.basic.fail", '["no paper"]', "--wait", "--timeout", "30")
+        assert failed.returncode == 1
+        assert failed.stderr.strip() == "offload: error: task failed: ValueError: no paper"
+    finally:
+        worker.stop()
+
+
+def test_dead_letters_listed_and_replayed(url: str, ns: str) -> None:
+    worker = start_worker(url, ns)
+    try:
+        task_id = run_cli(url, ns, "send", APP, "tests.apps.basic.fail", '["boom"]', "--wait").stdout.split()[0]
+        listed = run_cli(url, ns, "dead", APP)
+        assert task_id in listed.stdout and "failed: ValueError: boom" in listed.stdout
+        replayed = run_cli(url, ns, "dead", APP, "--replay", task_id)
+        assert replayed.stdout.strip() == "replayed 1 task(s)"
+        worker.wait_for(f"failed tests.apps.basic.fail[{task_id}]", count=2)
+        assert run_cli(url, ns, "dead", APP, "--replay", "nope").returncode == 2
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["status", "no_such_module:app"], "cannot import 'no_such_module'"),
+        (["status", "tests.apps.basic:nothing"], "has no attribute 'nothing'"),
+        (["send", APP, "x.y", "[1,"], "not valid JSON"),
+        (["status", APP, "unknown-id"], "unknown task id"),
+    ],
+)
+def test_user_mistakes_are_one_line(url: str, ns: str, args: list[str], message: str) -> None:
+    out = run_cli(url, ns, *args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    # One line, or click's usage block ending in one "Error:" line for a malformed command line.
+    assert "Traceback" not in out.stderr
+    assert message in out.stderr.strip().splitlines()[-1]
+
+
+def test_unreachable_broker_is_one_line_with_masked_password(ns: str) -> None:
+    out = run_cli("redis://me:hunter2@127.0.0.1:1/0", ns, "status", APP)
+    assert out.returncode == 69
+    assert "broker unavailable" in out.stderr and "hunter2" not in out.stderr
+    assert "Traceback" not in out.stderr
