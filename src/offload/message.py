@@ -51,17 +51,19 @@ class Envelope:
 
     def with_defaults(self, retries: int, retry_backoff: float, time_limit: float | None,
                       soft_time_limit: float | None, expires_after: float | None) -> Envelope:
-        """Fill what the sender left to the task's own options (it may not have the code)."""
-        from dataclasses import replace
-
-        return replace(
-            self,
-            retries=retries if self.retries is None else self.retries,
-            retry_backoff=retry_backoff if self.retry_backoff is None else self.retry_backoff,
-            time_limit=time_limit if self.time_limit is None else self.time_limit,
-            soft_time_limit=soft_time_limit if self.soft_time_limit is None else self.soft_time_limit,
-            expires=self.queued_at + expires_after if self.expires is None and expires_after is not None else self.expires,
-        )
+        """Fill, in place, what the sender left to the task's own options (it may not have the
+        code). Returns the envelope itself."""
+        if self.retries is None:
+            self.retries = retries
+        if self.retry_backoff is None:
+            self.retry_backoff = retry_backoff
+        if self.time_limit is None:
+            self.time_limit = time_limit
+        if self.soft_time_limit is None:
+            self.soft_time_limit = soft_time_limit
+        if self.expires is None and expires_after is not None:
+            self.expires = self.queued_at + expires_after
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

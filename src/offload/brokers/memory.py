@@ -8,6 +8,7 @@ statement of the protocol's semantics.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -33,6 +34,33 @@ class _Message:
 
 
 @dataclass
+class _Lanes:
+    """One queue's indexes. Entries are checked against the message when popped, so a message
+    that was acked, cancelled or re-leased leaves stale entries behind instead of costing a scan."""
+
+    ready: list[tuple[int, int, str]] = field(default_factory=list)  # (-priority, seq, id)
+    # Not yet visible: delayed messages and leases, by the time they become visible.
+    waiting: list[tuple[float, int, str, int]] = field(default_factory=list)  # (visible_at, seq, id, deliveries)
+
+    def promote(self, messages: dict[tuple[str, str], _Message], ns: str, now: float) -> None:
+        while self.waiting and self.waiting[0][0] <= now:
+            visible_at, _, mid, deliveries = heapq.heappop(self.waiting)
+            m = messages.get((ns, mid))
+            if m is not None and m.visible_at == visible_at and m.deliveries == deliveries:
+                m.leased = False
+                heapq.heappush(self.ready, (-m.priority, m.seq, m.id))
+
+    def head(self, messages: dict[tuple[str, str], _Message], ns: str) -> tuple[int, int, str] | None:
+        while self.ready:
+            entry = self.ready[0]
+            m = messages.get((ns, entry[2]))
+            if m is not None and not m.leased and m.seq == entry[1]:
+                return entry
+            heapq.heappop(self.ready)
+        return None
+
+
+@dataclass
 class _Space:
     """Everything stored under one memory URL."""
 
@@ -44,6 +72,7 @@ class _Space:
     states: dict[tuple[str, str], tuple[bytes, float | None]] = field(default_factory=dict)
     values: dict[tuple[str, str], tuple[bytes, float | None]] = field(default_factory=dict)
     channels: dict[tuple[str, str], set[asyncio.Queue[bytes]]] = field(default_factory=dict)
+    lanes: dict[tuple[str, str], _Lanes] = field(default_factory=dict)
     seq: int = 0
 
 
@@ -81,32 +110,51 @@ class MemoryBroker(Broker):
                     return holder
                 s.keys[(ns, message.key)] = message.id
             s.seq += 1
-            s.messages[(ns, message.id)] = _Message(
+            m = s.messages[(ns, message.id)] = _Message(
                 message.id, message.queue, message.body, message.priority,
                 message.eta or 0.0, s.seq, message.key,
             )
+            self._index(m)
         s.signals.notify([self._topic(message.queue)])
         return message.id
 
+    def _index(self, m: _Message) -> None:
+        lane = self._lanes(m.queue)
+        if m.visible_at > time.time():
+            heapq.heappush(lane.waiting, (m.visible_at, m.seq, m.id, m.deliveries))
+        else:
+            heapq.heappush(lane.ready, (-m.priority, m.seq, m.id))
+
+    def _lanes(self, queue: str) -> _Lanes:
+        return self._s.lanes.setdefault((self.namespace, queue), _Lanes())
+
     def _claim(self, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
         now = time.time()
-        order = {q: i for i, q in enumerate(queues)}
-        ready: list[_Message] = []
+        out: list[Delivery] = []
         next_due: float | None = None
         with self._s.lock:
-            for (ns, _), m in self._s.messages.items():
-                if ns != self.namespace or m.queue not in order:
-                    continue
-                if m.visible_at <= now:
-                    ready.append(m)
-                elif next_due is None or m.visible_at < next_due:
-                    next_due = m.visible_at
-            ready.sort(key=lambda m: (-m.priority, order[m.queue], m.seq))
-            out = []
-            for m in ready[:limit]:
+            lanes = [self._lanes(q) for q in queues]
+            for lane in lanes:
+                lane.promote(self._s.messages, self.namespace, now)
+                if lane.waiting:
+                    due = lane.waiting[0][0]
+                    next_due = due if next_due is None else min(next_due, due)
+            while len(out) < limit:
+                # Highest priority first; for equal priority the queue named first, then FIFO.
+                best = None
+                for order, lane in enumerate(lanes):
+                    head = lane.head(self._s.messages, self.namespace)
+                    if head is not None and (best is None or (head[0], order, head[1]) < (best[0][0], best[1], best[0][1])):
+                        best = (head, order)
+                if best is None:
+                    break
+                (_, _, mid), order = best
+                heapq.heappop(lanes[order].ready)
+                m = self._s.messages[(self.namespace, mid)]
                 m.leased = True
                 m.deliveries += 1
                 m.visible_at = now + self.lease_s
+                heapq.heappush(lanes[order].waiting, (m.visible_at, m.seq, m.id, m.deliveries))
                 out.append(Delivery(m.id, m.queue, m.body, m.deliveries))
         return out, next_due
 
@@ -144,6 +192,9 @@ class MemoryBroker(Broker):
                 m.body = body
             m.leased = False
             m.visible_at = time.time() + delay_s
+            self._s.seq += 1
+            m.seq = self._s.seq
+            self._index(m)
         self._s.signals.notify([self._topic(delivery.queue)])
 
     async def extend(self, deliveries: Sequence[Delivery]) -> None:
@@ -153,6 +204,7 @@ class MemoryBroker(Broker):
                 m = self._s.messages.get((self.namespace, d.id))
                 if m is not None and m.leased:
                     m.visible_at = until
+                    heapq.heappush(self._lanes(m.queue).waiting, (until, m.seq, m.id, m.deliveries))
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         with self._s.lock:
@@ -204,7 +256,7 @@ class MemoryBroker(Broker):
 
     async def flush_namespace(self) -> None:
         with self._s.lock:
-            for table in (self._s.messages, self._s.keys, self._s.dead):
+            for table in (self._s.messages, self._s.keys, self._s.dead, self._s.lanes):
                 for k in [k for k in table if k[0] == self.namespace]:
                     del table[k]
 

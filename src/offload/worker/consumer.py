@@ -124,6 +124,7 @@ class Worker:
         else:
             log.info("stopping: no new tasks; waiting up to %.0f s for %d running", self.grace_s, len(self._held))
         self._stopping.set()
+        self._space.set()
 
     async def run(self) -> int:
         """Serve until stopped (or, in burst mode, until the queues are empty). Returns an exit code."""
@@ -179,7 +180,7 @@ class Worker:
             free = capacity - len(self._held)
             if free <= 0:
                 self._space.clear()
-                await _first(self._space.wait(), self._stopping.wait())
+                await self._space.wait()  # set when a message is let go, and on stop
                 continue
             try:
                 deliveries = await self.broker.fetch(self.queues, free, BURST_FETCH_WAIT_S if self.burst else FETCH_WAIT_S)
@@ -324,6 +325,7 @@ class Worker:
             log.warning("expired %s[%s]: not started before its expiry", env.name, env.id)
             state.status, state.finished_at = Status.EXPIRED, _utcnow()
             await self.app._write_states([state])
+            await self._run_outcome_hooks(env, state)
             await self.broker.dead_letter(d, "expired: not started before its expiry time")
             return
         if task is None:
@@ -332,6 +334,7 @@ class Worker:
             state.status, state.finished_at = Status.FAILED, _utcnow()
             state.error = {"type": "NotRegistered", "message": message, "traceback": ""}
             await self.app._write_states([state])
+            await self._run_outcome_hooks(env, state)
             await self.broker.dead_letter(d, f"failed: NotRegistered: {message}")
             return
         for admit in self.app.admission_hooks:
@@ -352,17 +355,22 @@ class Worker:
             held.ctx = TaskContext(env.id, env.name, env.attempt, dict(env.headers), self._progress_reporter(held), self._publisher())
             log.info("started %s[%s]", env.name, env.id)
             started = time.perf_counter()
-            job = Job(task, env, held.ctx, state.to_record())
+            job = Job(task, env, held.ctx)
+            started_record = job.state_record = state.to_record()  # a snapshot: `state` changes later
+
+            def started_bytes() -> bytes:
+                return self.app.codec.dumps(started_record)
+
             if task.is_async:
-                self.writer.put(env.id, self.app.encode_state(state))
+                self.writer.put(env.id, started_bytes)
                 outcome = await run_async(job)
             elif self.procs is not None:
                 # The child writes progress itself; STARTED must be stored before it can.
-                await self.writer.put(env.id, self.app.encode_state(state))
+                await self.writer.put(env.id, started_bytes())
                 outcome = await self.procs.run(job)
             else:
                 assert self.threads is not None
-                self.writer.put(env.id, self.app.encode_state(state))
+                self.writer.put(env.id, started_bytes)
                 outcome = await self.threads.run(job)
             elapsed_ms = (time.perf_counter() - started) * 1000
         if (held.ctx.cancelled and outcome.kind != "ok") or outcome.kind == "cancelled":
@@ -375,6 +383,11 @@ class Worker:
 
     async def _finish(self, held: _Held, state: TaskState, status: Status) -> None:
         state.status, state.finished_at = status, _utcnow()
+        if held.env is not None and self.app.outcome_hooks and held.env.headers:
+            await self.writer.put(state.id, self.app.encode_state(state))
+            await self._run_outcome_hooks(held.env, state)
+            await self.broker.ack([held.delivery])
+            return
         await self.writer.put(state.id, self.app.encode_state(state), ack=held.delivery)
 
     async def _settle(self, held: _Held, env: Envelope, state: TaskState, outcome: Outcome, elapsed_ms: float) -> None:
@@ -420,6 +433,10 @@ class Worker:
         await self.broker.dead_letter(d, f"failed: {state.error['type']}: {state.error['message']}")
 
     async def _run_outcome_hooks(self, env: Envelope, state: TaskState) -> None:
+        """Every final outcome of a message with headers (succeeded, failed, cancelled, expired,
+        not registered) reaches the hooks: a workflow waits on each of its members."""
+        if not env.headers:
+            return
         for hook in self.app.outcome_hooks:
             value = hook(env, state)
             if asyncio.iscoroutine(value):

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from offload.brokers.base import Broker, Delivery, Store
+
+#: A state to write: its bytes, or a function that encodes it at write time. The lazy form lets a
+#: state that is superseded before the batch is written (STARTED of a 1 ms task) cost nothing.
+Pending = bytes | Callable[[], bytes]
 
 log = logging.getLogger("offload.worker")
 
@@ -22,12 +26,12 @@ RETRY_PAUSE_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 class StateWriter:
     def __init__(self, store: Store, broker: Broker, ttl_s: float | None) -> None:
         self._store, self._broker, self._ttl_s = store, broker, ttl_s
-        self._states: dict[str, bytes] = {}
+        self._states: dict[str, Pending] = {}
         self._acks: list[Delivery] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
 
-    def put(self, task_id: str, state: bytes, ack: Delivery | None = None) -> asyncio.Future[None]:
+    def put(self, task_id: str, state: Pending, ack: Delivery | None = None) -> asyncio.Future[None]:
         """Queue a state (and the ack that must follow it); the future resolves once written."""
         self._states[task_id] = state
         if ack is not None:
@@ -39,8 +43,11 @@ class StateWriter:
         return done
 
     async def _drain(self) -> None:
+        # Yield once first, so that outcomes finishing in the same loop iteration share a batch.
+        await asyncio.sleep(0)
         while self._states or self._acks:
-            states, acks, waiters = list(self._states.items()), self._acks, self._waiters
+            states = [(k, v if isinstance(v, bytes) else v()) for k, v in self._states.items()]
+            acks, waiters = self._acks, self._waiters
             self._states, self._acks, self._waiters = {}, [], []
             await self._write(states, acks)
             for w in waiters:
