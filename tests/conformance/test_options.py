@@ -57,6 +57,8 @@ def test_expired_task_never_runs_and_is_dead_lettered(harness: Harness) -> None:
         r.get(timeout=20)
     assert r.status() is Status.EXPIRED
     assert not log.exists()
+    # The state is stored before the message is dead-lettered (a crash in between redelivers it).
+    wait_until(lambda: bool(harness.app._portal.run(_dead(harness))), 10, "the dead letter")
     dead = harness.app._portal.run(_dead(harness))
     assert [(d.id, d.reason.split(":")[0]) for d in dead] == [(r.id, "expired")]
 
@@ -81,6 +83,7 @@ def test_retries_exhausted_fail_and_dead_letter(harness: Harness) -> None:
     with pytest.raises(TaskFailed, match="attempt 2 failed"):
         r.get(timeout=30)
     assert len(lines(log)) == 2
+    wait_until(lambda: bool(harness.app._portal.run(_dead(harness))), 10, "the dead letter")
     dead = harness.app._portal.run(_dead(harness))
     assert dead and dead[0].reason.startswith("failed: ConnectionError")
 
