@@ -1,0 +1,1227 @@
+"""``redis://[user:password@]host:port/db`` (and ``rediss://``): queues, results and events in Redis.
+
+Every key lives under ``offload:<namespace>:``::
+
+    m:<id>        hash: q (queue), b (body), s (ready score), d (deliveries), k (dedup key)
+    q:<queue>     sorted set of ready ids, scored (9 - priority) * 1e12 + sequence
+    queues        set of queue names ever used (for stats)
+    sched         sorted set of ids waiting for their eta, scored by eta
+    lease         sorted set of leased ids, scored by lease deadline
+    key:<key>     dedup key -> id of the message holding it
+    dead          sorted set of dead-letter ids, scored by time of death
+    x:<id>        hash of a dead letter: q, b, r (reason), t (time)
+    claim:<token> a fetch's result for a few seconds, so a retried fetch gets the same leases
+    waiters:<q>   sorted set of fetch calls blocked on a queue, scored by when they stop waiting
+    state:<id>    a task's encoded state (Store)
+    kv:<key>      the Store's key-value space
+    wake:<queue>  pub/sub channel: the queue got ready messages while a fetch was waiting on it
+    task:<id>     pub/sub channel: the state of that task changed
+    chan:<name>   pub/sub channel of `Store.publish`
+
+A message is in exactly one of ``q:<queue>``, ``sched`` and ``lease`` at a time, and every move
+between them happens inside one Lua script, so claiming and leasing are one atomic step and a
+delayed message never sits inside a lease. Scripts read the server's clock (``TIME``) so that
+lease deadlines do not depend on the clocks of the machines running workers.
+
+Every operation is one round trip. Commands reconnect with exponential backoff, and every script
+is safe to run twice (a fetch retried after its reply was lost hands out the same leases again),
+so a connection dropped mid-call loses nothing.
+
+A fetch that finds nothing registers itself in ``waiters:<queue>`` within the same script, and
+sleeps until a message on ``wake:<queue>``, the time the next scheduled message or lease is due,
+or its timeout. Producers publish a wake-up only while someone waits, so a busy system carries
+no pub/sub traffic per task. Pub/sub (wake-ups, task watches, channels) shares one connection
+per broker or store object; when it drops it is rebuilt, resubscribed, and every waiter is woken
+once to re-read what it waits on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Protocol, TypeVar, cast
+
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection, SSLConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store, Watch
+from offload.config import BrokerURL
+from offload.errors import BrokerError, BrokerUnavailable, ConfigError
+
+log = logging.getLogger("offload.brokers.redis")
+T = TypeVar("T")
+
+# connect(): give up after this long, so an unreachable server is an error, never a hang.
+_CONNECT_BUDGET_S = 3.0
+# Commands: a dropped connection is retried with backoff 0.1, 0.2, 0.4, 0.8, then 1 s (about
+# 5.5 s in all) before the caller sees BrokerUnavailable; enough to ride out a server restart
+# or a failover without hiding a real outage for long.
+_RETRIES = 8
+# No operation waits longer than this for the server, retries included. It replaces redis-py's
+# socket_timeout, which wraps every write in a new task and costs a third of a command's time.
+_OPERATION_TIMEOUT_S = 30.0
+# A peer that vanished without closing the connection is noticed by the kernel: unacknowledged
+# writes give up after TCP_USER_TIMEOUT, idle connections are probed by keepalives.
+_KEEPALIVE = {
+    name: value
+    for name, value in (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", 15000))
+    if hasattr(socket, name)
+}
+# The pub/sub connection is idle most of the time; ping it after this much silence and
+# rebuild it when the ping goes unanswered, so a half-open connection is noticed.
+_PUBSUB_IDLE_S = 10.0
+_PURGE_CHUNK = 1000
+_MAX_CONNECTIONS = 64
+
+# --- Lua -------------------------------------------------------------------------------------
+# KEYS[1] is always the namespace prefix. Scores and times are formatted explicitly because
+# Lua turns numbers into strings with only 14 significant digits.
+
+_LUA_COMMON = r"""
+local P = KEYS[1]
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function fmt(x) return string.format('%.6f', x) end
+local function release_key(id, key)
+  if key then
+    local kk = P .. 'key:' .. key
+    if redis.call('GET', kk) == id then redis.call('DEL', kk) end
+  end
+end
+-- Forget a message that is no longer in any of q:<queue>, sched, lease.
+local function drop(id)
+  local mk = P .. 'm:' .. id
+  release_key(id, redis.call('HGET', mk, 'k'))
+  redis.call('DEL', mk)
+end
+-- Tell fetches blocked on the queue that it has ready messages; nobody listens otherwise.
+local function wake(q, t)
+  if redis.call('ZCOUNT', P .. 'waiters:' .. q, fmt(t), '+inf') > 0 then
+    redis.call('PUBLISH', P .. 'wake:' .. q, '')
+  end
+end
+-- Move due scheduled messages and expired leases into their ready queues (a bounded batch per
+-- call; the rest follow on the next call), and wake the consumers of those queues.
+local function surface(t)
+  local woke = {}
+  for _, src in ipairs({'sched', 'lease'}) do
+    local zk = P .. src
+    local ids = redis.call('ZRANGEBYSCORE', zk, '-inf', fmt(t), 'LIMIT', 0, 500)
+    for _, id in ipairs(ids) do
+      redis.call('ZREM', zk, id)
+      local v = redis.call('HMGET', P .. 'm:' .. id, 'q', 's')
+      if v[1] then
+        redis.call('ZADD', P .. 'q:' .. v[1], v[2], id)
+        woke[v[1]] = true
+      end
+    end
+  end
+  for q in pairs(woke) do wake(q, t) end
+end
+"""
+
+# ARGV: id, queue, body, priority, eta ('' = now), has_key ('1'/'0'), key
+_LUA_ENQUEUE = r"""
+local id, q = ARGV[1], ARGV[2]
+local mk = P .. 'm:' .. id
+-- Enqueueing an id twice (a producer retrying) stores it once.
+if redis.call('EXISTS', mk) == 1 then return id end
+local key = false
+if ARGV[6] == '1' then
+  key = ARGV[7]
+  local holder = redis.call('GET', P .. 'key:' .. key)
+  if holder and redis.call('EXISTS', P .. 'm:' .. holder) == 1 then return holder end
+  redis.call('SET', P .. 'key:' .. key, id)
+end
+local score = string.format('%.0f', (9 - tonumber(ARGV[4])) * 1e12 + redis.call('INCR', P .. 'seq'))
+redis.call('HSET', mk, 'q', q, 'b', ARGV[3], 's', score, 'd', '0')
+if key then redis.call('HSET', mk, 'k', key) end
+redis.call('SADD', P .. 'queues', q)
+local eta = tonumber(ARGV[5])
+local t = now()
+if eta and eta > t then
+  redis.call('ZADD', P .. 'sched', fmt(eta), id)
+else
+  redis.call('ZADD', P .. 'q:' .. q, score, id)
+  wake(q, t)
+end
+return id
+"""
+
+# ARGV: token, lease_s, limit, waiter id, wait_s (how long the caller will wait if nothing is
+# ready; 0 = not at all), queue...
+# Returns {'1', id, queue, body, deliveries, ...} or {'0', seconds until something may become
+# ready ('' when nothing is scheduled or leased)}.
+_LUA_CLAIM = r"""
+local token, lease, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local waiter, wait_s = ARGV[4], tonumber(ARGV[5])
+local Q = 6
+local memo_key = P .. 'claim:' .. token
+local out = {'1'}
+local memo = redis.call('GET', memo_key)
+if memo then
+  -- The same call again: its reply was lost on a dropped connection. Hand out the same leases
+  -- rather than leaving them stranded until they run out.
+  for _, e in ipairs(cjson.decode(memo)) do
+    local v = redis.call('HMGET', P .. 'm:' .. e[1], 'q', 'b', 'd')
+    if v[1] and v[3] == e[2] and redis.call('ZSCORE', P .. 'lease', e[1]) then
+      out[#out + 1] = e[1]; out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = v[3]
+    end
+  end
+  return out
+end
+local t = now()
+surface(t)
+local picked = {}
+local nq = #ARGV - Q + 1
+if nq == 1 then
+  local r = redis.call('ZPOPMIN', P .. 'q:' .. ARGV[Q], limit)
+  for i = 1, #r, 2 do picked[#picked + 1] = r[i] end
+else
+  -- Merge the heads of the queues: priority first, then the order the queues were given in,
+  -- then arrival.
+  local cands = {}
+  for qi = 1, nq do
+    local q = ARGV[Q + qi - 1]
+    local r = redis.call('ZRANGE', P .. 'q:' .. q, 0, limit - 1, 'WITHSCORES')
+    for i = 1, #r, 2 do
+      local s = tonumber(r[i + 1])
+      cands[#cands + 1] = {math.floor(s / 1e12), qi, s, r[i], q}
+    end
+  end
+  table.sort(cands, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    if a[2] ~= b[2] then return a[2] < b[2] end
+    return a[3] < b[3]
+  end)
+  for i = 1, math.min(limit, #cands) do
+    redis.call('ZREM', P .. 'q:' .. cands[i][5], cands[i][4])
+    picked[#picked + 1] = cands[i][4]
+  end
+end
+local deadline = fmt(t + lease)
+local leased = {}
+for _, id in ipairs(picked) do
+  local mk = P .. 'm:' .. id
+  local v = redis.call('HMGET', mk, 'q', 'b')
+  if v[1] then
+    local d = tostring(redis.call('HINCRBY', mk, 'd', 1))
+    redis.call('ZADD', P .. 'lease', deadline, id)
+    out[#out + 1] = id; out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = d
+    leased[#leased + 1] = {id, d}
+  end
+end
+if #leased > 0 then
+  redis.call('SET', memo_key, cjson.encode(leased), 'PX', 30000)
+  for i = Q, #ARGV do redis.call('ZREM', P .. 'waiters:' .. ARGV[i], waiter) end
+  return out
+end
+if wait_s > 0 then
+  -- Registered in the same step that found the queues empty, so no enqueue can slip between.
+  -- The second of slack covers a caller that wakes a little after its own deadline.
+  for i = Q, #ARGV do
+    local wk = P .. 'waiters:' .. ARGV[i]
+    redis.call('ZREMRANGEBYSCORE', wk, '-inf', fmt(t))
+    redis.call('ZADD', wk, fmt(t + wait_s + 1), waiter)
+  end
+end
+local next_at = nil
+for _, src in ipairs({'sched', 'lease'}) do
+  local r = redis.call('ZRANGE', P .. src, 0, 0, 'WITHSCORES')
+  if r[2] then
+    local s = tonumber(r[2])
+    if next_at == nil or s < next_at then next_at = s end
+  end
+end
+if next_at == nil then return {'0', ''} end
+return {'0', fmt(math.max(0, next_at - t))}
+"""
+
+# ARGV: id...
+_LUA_ACK = r"""
+for i = 1, #ARGV do
+  local id = ARGV[i]
+  local mk = P .. 'm:' .. id
+  local v = redis.call('HMGET', mk, 'q', 'k')
+  -- A message whose lease ran out may be back in its queue; the outcome is stored all the same.
+  if redis.call('ZREM', P .. 'lease', id) == 0 and v[1] then
+    redis.call('ZREM', P .. 'q:' .. v[1], id)
+    redis.call('ZREM', P .. 'sched', id)
+  end
+  if v[1] then
+    release_key(id, v[2])
+    redis.call('DEL', mk)
+  end
+end
+return #ARGV
+"""
+
+# ARGV: lease_s, then (id, receipt) pairs; an empty receipt skips the holder check.
+_LUA_EXTEND = r"""
+local deadline = fmt(now() + tonumber(ARGV[1]))
+for i = 2, #ARGV, 2 do
+  local id, tok = ARGV[i], ARGV[i + 1]
+  local v = redis.call('HMGET', P .. 'm:' .. id, 'q', 'd')
+  if v[1] and (tok == '' or v[2] == tok) then
+    if redis.call('ZSCORE', P .. 'lease', id) then
+      redis.call('ZADD', P .. 'lease', deadline, id)
+    elseif redis.call('ZREM', P .. 'q:' .. v[1], id) == 1 then
+      -- The heartbeat came late: the lease ran out and the message went back to its queue, but
+      -- nobody has taken it since (same delivery count). The worker still runs it; keep it.
+      redis.call('ZADD', P .. 'lease', deadline, id)
+    end
+  end
+end
+return 1
+"""
+
+# ARGV: id, receipt, has_body, body, delay_s
+_LUA_REQUEUE = r"""
+local id, tok = ARGV[1], ARGV[2]
+local mk = P .. 'm:' .. id
+local v = redis.call('HMGET', mk, 'q', 's', 'd')
+-- Only the current holder may requeue: a worker whose lease ran out and was handed to another
+-- must not pull the message from under it.
+if not v[1] or (tok ~= '' and v[3] ~= tok) then return 0 end
+if ARGV[3] == '1' then redis.call('HSET', mk, 'b', ARGV[4]) end
+redis.call('ZREM', P .. 'lease', id)
+redis.call('ZREM', P .. 'q:' .. v[1], id)
+redis.call('ZREM', P .. 'sched', id)
+local delay = tonumber(ARGV[5])
+local t = now()
+if delay > 0 then
+  redis.call('ZADD', P .. 'sched', fmt(t + delay), id)
+else
+  redis.call('ZADD', P .. 'q:' .. v[1], v[2], id)
+  wake(v[1], t)
+end
+return 1
+"""
+
+# ARGV: id, queue, body, reason
+_LUA_DEAD = r"""
+local id = ARGV[1]
+local q = redis.call('HGET', P .. 'm:' .. id, 'q')
+if redis.call('ZREM', P .. 'lease', id) == 0 and q then
+  redis.call('ZREM', P .. 'q:' .. q, id)
+  redis.call('ZREM', P .. 'sched', id)
+end
+drop(id)
+local t = fmt(now())
+redis.call('HSET', P .. 'x:' .. id, 'q', ARGV[2], 'b', ARGV[3], 'r', ARGV[4], 't', t)
+redis.call('ZADD', P .. 'dead', t, id)
+return 1
+"""
+
+# ARGV: limit. Returns id, queue, body, reason, time per dead letter, newest first.
+_LUA_DEAD_LIST = r"""
+local out = {}
+for _, id in ipairs(redis.call('ZREVRANGE', P .. 'dead', 0, tonumber(ARGV[1]) - 1)) do
+  local v = redis.call('HMGET', P .. 'x:' .. id, 'q', 'b', 'r', 't')
+  if v[1] then
+    out[#out + 1] = id; out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = v[3]; out[#out + 1] = v[4]
+  end
+end
+return out
+"""
+
+# ARGV: all ('1'/'0'), id... Same reply shape as _LUA_DEAD_LIST, oldest first.
+_LUA_REPLAY = r"""
+local ids
+if ARGV[1] == '1' then
+  ids = redis.call('ZRANGE', P .. 'dead', 0, -1)
+else
+  ids = {}
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
+local out = {}
+for _, id in ipairs(ids) do
+  local xk = P .. 'x:' .. id
+  local v = redis.call('HMGET', xk, 'q', 'b', 'r', 't')
+  if v[1] then
+    out[#out + 1] = id; out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = v[3]; out[#out + 1] = v[4]
+    redis.call('DEL', xk)
+    redis.call('ZREM', P .. 'dead', id)
+  end
+end
+return out
+"""
+
+# ARGV: id
+_LUA_CANCEL = r"""
+local id = ARGV[1]
+local q = redis.call('HGET', P .. 'm:' .. id, 'q')
+if not q then return 0 end
+-- A leased message is in neither set: it is running and cannot be cancelled here.
+if redis.call('ZREM', P .. 'q:' .. q, id) + redis.call('ZREM', P .. 'sched', id) == 0 then return 0 end
+drop(id)
+return 1
+"""
+
+# ARGV: queue, chunk. Removes up to `chunk` ready messages; the caller loops, so a huge queue
+# never blocks the server for long.
+_LUA_PURGE_READY = r"""
+local zk = P .. 'q:' .. ARGV[1]
+local ids = redis.call('ZRANGE', zk, 0, tonumber(ARGV[2]) - 1)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', zk, id)
+  drop(id)
+end
+return #ids
+"""
+
+# ARGV: queue. The schedule is shared by all queues, so this walks it once.
+_LUA_PURGE_SCHEDULED = r"""
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', P .. 'sched', 0, -1)) do
+  if redis.call('HGET', P .. 'm:' .. id, 'q') == ARGV[1] then
+    redis.call('ZREM', P .. 'sched', id)
+    drop(id)
+    n = n + 1
+  end
+end
+return n
+"""
+
+# Returns scheduled, running, dead, then (queue, ready count) for non-empty queues.
+_LUA_STATS = r"""
+surface(now())
+local out = {redis.call('ZCARD', P .. 'sched'), redis.call('ZCARD', P .. 'lease'), redis.call('ZCARD', P .. 'dead')}
+for _, q in ipairs(redis.call('SMEMBERS', P .. 'queues')) do
+  local n = redis.call('ZCARD', P .. 'q:' .. q)
+  if n > 0 then out[#out + 1] = q; out[#out + 1] = n end
+end
+return out
+"""
+
+# ARGV: ttl in ms (0 = none), then (task id, state) pairs.
+_LUA_PUT_STATES = r"""
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  local k = P .. 'state:' .. ARGV[i]
+  if ttl > 0 then
+    redis.call('SET', k, ARGV[i + 1], 'PX', ttl)
+  else
+    redis.call('SET', k, ARGV[i + 1])
+  end
+  redis.call('PUBLISH', P .. 'task:' .. ARGV[i], '')
+end
+return 1
+"""
+
+# KEYS[1]: the counter. ARGV: amount, ttl in ms (0 = none).
+_LUA_INCR = r"""
+local existed = redis.call('EXISTS', KEYS[1])
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+if existed == 0 and tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return v
+"""
+
+
+# --- connections and errors ------------------------------------------------------------------
+
+# Errors that retrying cannot fix: the server answered, and said no.
+_FINAL_CONNECT_ERRORS = (
+    AuthenticationError,
+    AuthorizationError,
+    AuthenticationWrongNumberOfArgsError,
+    NoPermissionError,
+    ResponseError,
+)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def _translate(masked: str, e: Exception) -> Exception:
+    """The offload error for a redis-py error, naming the masked URL. Callers raise it from e."""
+    if isinstance(e, RedisConnectionError | RedisTimeoutError | TimeoutError):
+        return BrokerUnavailable(masked, _reason(e))
+    return BrokerError(f"redis at {masked}: {_reason(e)}")
+
+
+def _connection_kwargs(url: BrokerURL, namespace: str) -> dict[str, Any]:
+    db_text = url.path.strip("/") or "0"
+    try:
+        db = int(db_text)
+    except ValueError:
+        raise ConfigError(f"{url.masked}: the path must be a database number, like /0") from None
+    kwargs: dict[str, Any] = {
+        "host": url.host or "localhost",
+        "port": url.port or 6379,
+        "db": db,
+        "username": url.username,
+        "password": url.password,
+        "socket_connect_timeout": _CONNECT_BUDGET_S,
+        "socket_keepalive": True,
+        "socket_keepalive_options": {getattr(socket, name): value for name, value in _KEEPALIVE.items()},
+        "client_name": f"offload:{namespace}",
+        "connection_class": Connection,
+    }
+    if url.scheme == "rediss":
+        kwargs["connection_class"] = SSLConnection
+        cert_reqs = url.params.get("ssl_cert_reqs", "required")
+        if cert_reqs not in ("none", "optional", "required"):
+            raise ConfigError(f"{url.masked}: ssl_cert_reqs must be none, optional or required")
+        kwargs["ssl_cert_reqs"] = cert_reqs
+        if "ssl_ca_certs" in url.params:
+            kwargs["ssl_ca_certs"] = url.params["ssl_ca_certs"]
+    return kwargs
+
+
+class _Commands:
+    """Runs operations on one dedicated connection while it is free, on a pool when it is not.
+
+    A worker or a web request usually has one operation in flight; a dedicated connection
+    skips the pool's bookkeeping on each of them. Bursts (many concurrent enqueues) overflow
+    into a bounded pool instead of queueing behind one connection. Both reconnect with backoff.
+    """
+
+    def __init__(self, url: BrokerURL, namespace: str) -> None:
+        self.masked = url.masked
+        common = _connection_kwargs(url, namespace)
+        common["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.05), _RETRIES)
+        max_connections = int(url.param_float("max_connections", _MAX_CONNECTIONS))
+        self.fast = Redis(connection_pool=ConnectionPool(max_connections=1, **common), single_connection_client=True)
+        self.pool = Redis.from_pool(BlockingConnectionPool(max_connections=max_connections, timeout=None, **common))
+        self._busy = False
+
+    async def run(self, op: Callable[[Redis], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(_OPERATION_TIMEOUT_S):
+                if self._busy:
+                    return await op(self.pool)
+                self._busy = True
+                try:
+                    return await op(self.fast)
+                finally:
+                    self._busy = False
+        except (RedisError, TimeoutError) as e:
+            raise _translate(self.masked, e) from e
+
+    async def script(self, script: AsyncScript, keys: list[str], args: Sequence[Any]) -> Any:
+        return await self.run(lambda c: script(keys=keys, args=args, client=c))
+
+    async def load(self, scripts: Iterable[AsyncScript]) -> None:
+        async def load_all(c: Redis) -> None:
+            for script in scripts:
+                await c.script_load(script.script)
+
+        await self.run(load_all)
+
+    async def close(self) -> None:
+        await self.fast.aclose(close_connection_pool=True)
+        await self.pool.aclose()
+
+
+def _pubsub_client(url: BrokerURL, namespace: str) -> Redis:
+    # No retries inside redis-py: the hub notices a drop itself, rebuilds the connection and
+    # resubscribes, which redis-py's own reconnect would not do for raw SUBSCRIBE commands.
+    # Its reads carry their own timeouts, so no socket_timeout (see _OPERATION_TIMEOUT_S).
+    pool = ConnectionPool(
+        max_connections=8,
+        socket_timeout=None,
+        retry=Retry(NoBackoff(), 0),
+        **_connection_kwargs(url, namespace),
+    )
+    return Redis.from_pool(pool)
+
+
+async def _connect_bounded(url: BrokerURL, attempt: Callable[[], Awaitable[None]]) -> None:
+    """Run ``attempt`` until it succeeds, for at most _CONNECT_BUDGET_S; then BrokerUnavailable."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _CONNECT_BUDGET_S
+    delay = 0.1
+    while True:
+        left = deadline - loop.time()
+        try:
+            await asyncio.wait_for(attempt(), max(left, 0.05))
+            return
+        except _FINAL_CONNECT_ERRORS as e:
+            raise BrokerUnavailable(url.masked, _reason(e)) from e
+        except (RedisError, OSError, TimeoutError) as e:
+            last: BaseException = e
+        if loop.time() + delay >= deadline:
+            raise BrokerUnavailable(url.masked, f"{_reason(last)} (gave up after {_CONNECT_BUDGET_S:g} s)") from last
+        await asyncio.sleep(delay)
+        delay *= 2
+
+
+def _s(value: bytes) -> str:
+    return value.decode()
+
+
+# --- pub/sub ---------------------------------------------------------------------------------
+
+
+class _Sink(Protocol):
+    def deliver(self, channel: bytes, data: bytes) -> None:
+        """A message arrived on a channel this sink is registered for."""
+
+    def reset(self) -> None:
+        """The connection was rebuilt; messages may have been missed."""
+
+
+class _Flag:
+    """An event with "was it set since I last looked" semantics, for one waiter at a time."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout_s: float) -> bool:
+        if not self._event.is_set():
+            if timeout_s <= 0:
+                return False
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._event.wait()
+            except TimeoutError:
+                return False
+        self._event.clear()
+        return True
+
+
+class _Hub:
+    """One pub/sub connection shared by every waiter of one broker or store object.
+
+    Thousands of watchers cost one connection and one SUBSCRIBE per distinct channel. `add`
+    returns once the server has processed the SUBSCRIBE (a PING sent behind it has come back),
+    so a message published afterwards reaches the sink. When the connection drops, the reader
+    rebuilds it, resubscribes every channel still wanted and resets every sink.
+    """
+
+    def __init__(self, client: Redis, masked: str) -> None:
+        self._client = client
+        self._masked = masked
+        self._sinks: dict[bytes, set[_Sink]] = {}
+        self._unsub: set[bytes] = set()  # no sinks left; UNSUBSCRIBE not sent yet
+        self._ps: PubSub | None = None  # the live connection; None while reconnecting
+        self._wlock = asyncio.Lock()  # keeps SUBSCRIBE/UNSUBSCRIBE/PING in the order decided
+        self._barriers: dict[bytes, asyncio.Future[None]] = {}
+        self._resync: bytes | None = None  # the PING closing a resubscription after a drop
+        self._seq = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._start_lock = asyncio.Lock()
+        self._closed = False
+
+    @property
+    def started(self) -> bool:
+        return self._reader is not None
+
+    async def start(self) -> None:
+        """Open the connection (redis errors propagate) and start reading."""
+        async with self._start_lock:
+            if self._reader is not None:
+                return
+            ps = self._client.pubsub()
+            try:
+                await ps.connect()  # type: ignore[no-untyped-call]
+                await _send(ps, [("PING", b"start")])
+                reply = await ps.parse_response(block=False, timeout=_CONNECT_BUDGET_S)
+                if reply is None:
+                    raise RedisTimeoutError("no reply to PING")
+            except BaseException:
+                await _close_pubsub(ps)
+                raise
+            self._ps = ps
+            self._reader = asyncio.create_task(self._run(), name=f"offload-redis-pubsub {self._masked}")
+
+    async def add(self, channels: Sequence[bytes], sink: _Sink) -> None:
+        fresh: list[bytes] = []
+        for c in channels:
+            group = self._sinks.get(c)
+            if group is None:
+                group = self._sinks[c] = set()
+                if c in self._unsub:
+                    self._unsub.discard(c)  # still subscribed on the server
+                else:
+                    fresh.append(c)
+            group.add(sink)
+        try:
+            await self._sync(fresh)
+        except BaseException:
+            self.remove(channels, sink)
+            raise
+
+    def remove(self, channels: Iterable[bytes], sink: _Sink) -> None:
+        for c in channels:
+            group = self._sinks.get(c)
+            if group is None:
+                continue
+            group.discard(sink)
+            if not group:
+                del self._sinks[c]
+                self._unsub.add(c)
+        if self._unsub and not self._closed and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_unsubscribes())
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in (self._reader, self._flusher):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._reader = self._flusher = None
+        self._release_barriers()
+        if self._ps is not None:
+            await _close_pubsub(self._ps)
+            self._ps = None
+
+    def _token(self) -> bytes:
+        self._seq += 1
+        return b"sync-%d" % self._seq
+
+    def _release_barriers(self) -> None:
+        for fut in self._barriers.values():
+            if not fut.done():
+                fut.set_result(None)
+        self._barriers.clear()
+
+    async def _sync(self, fresh: list[bytes]) -> None:
+        async with self._wlock:
+            ps = self._ps
+            if ps is None:
+                return  # reconnecting: the resubscription covers these channels and resets sinks
+            if not fresh and not self._barriers and self._resync is None:
+                return  # every SUBSCRIBE sent so far has been confirmed
+            token = self._token()
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._barriers[token] = fut
+            try:
+                commands: list[tuple[bytes | str, ...]] = [("SUBSCRIBE", *fresh)] if fresh else []
+                await _send(ps, [*commands, ("PING", token)])
+            except (RedisError, OSError):
+                # The reader sees the broken connection too; it resubscribes and resets sinks.
+                self._barriers.pop(token, None)
+                return
+        await fut
+
+    async def _flush_unsubscribes(self) -> None:
+        while self._unsub:
+            async with self._wlock:
+                gone = [c for c in self._unsub if c not in self._sinks]
+                self._unsub.clear()
+                ps = self._ps
+                if ps is None or not gone:
+                    continue
+                try:
+                    await _send(ps, [("UNSUBSCRIBE", *gone[i : i + 500]) for i in range(0, len(gone), 500)])
+                except (RedisError, OSError):
+                    return  # the new connection subscribes only the channels still wanted
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_rx = loop.time()
+        pinged = False
+        while not self._closed:
+            ps = self._ps
+            try:
+                if ps is None:
+                    ps = await self._reconnect()
+                    last_rx, pinged = loop.time(), False
+                reply = await ps.parse_response(block=False, timeout=_PUBSUB_IDLE_S)
+                if reply is None:
+                    if pinged and loop.time() - last_rx > 2 * _PUBSUB_IDLE_S:
+                        raise RedisConnectionError("no reply to PING on the pub/sub connection")
+                    async with self._wlock:
+                        await _send(ps, [("PING", b"idle")])
+                    pinged = True
+                    continue
+                last_rx, pinged = loop.time(), False
+                self._dispatch(reply)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a reader that dies silently would strand every waiter
+                if self._closed:
+                    return
+                log.warning("redis pub/sub connection to %s lost (%s); reconnecting", self._masked, _reason(e))
+                await self._drop(ps)
+
+    def _dispatch(self, reply: Any) -> None:
+        # Raw replies: [b"message", channel, data], [b"pong", token], [b"subscribe", channel, n]...
+        # and a bare token for a PING answered while subscribed to nothing.
+        if isinstance(reply, bytes):
+            kind, token = b"pong", reply
+        else:
+            kind, token = reply[0], reply[1]
+        if kind == b"message":
+            channel, data = reply[1], reply[2]
+            for sink in tuple(self._sinks.get(channel, ())):
+                try:
+                    sink.deliver(channel, data)
+                except Exception:
+                    log.exception("pub/sub handler failed on %r", channel)
+        elif kind == b"pong":
+            if token == self._resync:
+                self._resync = None
+                self._reset_sinks()
+            fut = self._barriers.pop(token, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _reset_sinks(self) -> None:
+        for sink in {s for group in self._sinks.values() for s in group}:
+            try:
+                sink.reset()
+            except Exception:
+                log.exception("pub/sub reset handler failed")
+
+    async def _drop(self, ps: PubSub | None) -> None:
+        async with self._wlock:
+            if self._ps is ps:
+                self._ps = None
+            self._resync = None
+            self._unsub.clear()
+            # Waiters return now; their sinks are reset once the new connection is subscribed.
+            self._release_barriers()
+        if ps is not None:
+            await _close_pubsub(ps)
+
+    async def _reconnect(self) -> PubSub:
+        delay = 0.05
+        while True:
+            ps = self._client.pubsub()
+            try:
+                await ps.connect()  # type: ignore[no-untyped-call]
+                async with self._wlock:
+                    channels = list(self._sinks)
+                    # The PING's reply tells the reader when every channel is subscribed again.
+                    self._resync = token = self._token()
+                    commands: list[tuple[bytes | str, ...]] = [
+                        ("SUBSCRIBE", *channels[i : i + 500]) for i in range(0, len(channels), 500)
+                    ]
+                    await _send(ps, [*commands, ("PING", token)])
+                    self._ps = ps
+                log.info("redis pub/sub connection to %s restored", self._masked)
+                return ps
+            except (RedisError, OSError) as e:
+                await _close_pubsub(ps)
+                log.debug("redis pub/sub reconnect to %s failed: %s", self._masked, _reason(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+async def _send(ps: PubSub, commands: Sequence[tuple[bytes | str, ...]]) -> None:
+    """Write commands on the pub/sub connection in one go; the reader task reads the replies."""
+    conn = ps.connection
+    if conn is None:
+        raise RedisConnectionError("pub/sub connection closed")
+    await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+
+
+async def _close_pubsub(ps: PubSub) -> None:
+    with contextlib.suppress(Exception):
+        await ps.aclose()  # type: ignore[no-untyped-call]
+
+
+class _Wakeups:
+    """The broker's sink on its queues' wake channels: wakes the fetches waiting on a queue."""
+
+    def __init__(self) -> None:
+        self._by_channel: dict[bytes, set[_Flag]] = {}
+
+    def listen(self, channels: Sequence[bytes]) -> _Flag:
+        flag = _Flag()
+        for c in channels:
+            self._by_channel.setdefault(c, set()).add(flag)
+        return flag
+
+    def forget(self, channels: Sequence[bytes], flag: _Flag) -> None:
+        for c in channels:
+            group = self._by_channel.get(c)
+            if group is not None:
+                group.discard(flag)
+                if not group:
+                    del self._by_channel[c]
+
+    def deliver(self, channel: bytes, data: bytes) -> None:
+        for flag in self._by_channel.get(channel, ()):
+            flag.set()
+
+    def reset(self) -> None:
+        for group in self._by_channel.values():
+            for flag in group:
+                flag.set()
+
+
+# --- broker ----------------------------------------------------------------------------------
+
+
+class RedisBroker(Broker):
+    stores_results = True
+
+    def __init__(self, url: BrokerURL, namespace: str) -> None:
+        super().__init__(url, namespace)
+        self._prefix = f"offload:{namespace}:"
+        self._keys = [self._prefix]
+        self._cmds = _Commands(url, namespace)
+        self._ps_client = _pubsub_client(url, namespace)
+        self._hub = _Hub(self._ps_client, url.masked)
+        self._wakeups = _Wakeups()
+        self._wake_subscribed: set[bytes] = set()
+        register = self._cmds.pool.register_script
+        self._enqueue = register(_LUA_COMMON + _LUA_ENQUEUE)
+        self._claim = register(_LUA_COMMON + _LUA_CLAIM)
+        self._ack = register(_LUA_COMMON + _LUA_ACK)
+        self._extend = register(_LUA_COMMON + _LUA_EXTEND)
+        self._requeue = register(_LUA_COMMON + _LUA_REQUEUE)
+        self._dead = register(_LUA_COMMON + _LUA_DEAD)
+        self._dead_list = register(_LUA_COMMON + _LUA_DEAD_LIST)
+        self._replay = register(_LUA_COMMON + _LUA_REPLAY)
+        self._cancel = register(_LUA_COMMON + _LUA_CANCEL)
+        self._purge_ready = register(_LUA_COMMON + _LUA_PURGE_READY)
+        self._purge_scheduled = register(_LUA_COMMON + _LUA_PURGE_SCHEDULED)
+        self._stats = register(_LUA_COMMON + _LUA_STATS)
+        self._scripts = [
+            self._enqueue, self._claim, self._ack, self._extend, self._requeue, self._dead,
+            self._dead_list, self._replay, self._cancel, self._purge_ready, self._purge_scheduled,
+            self._stats,
+        ]  # fmt: skip
+
+    async def connect(self) -> None:
+        # Probe with the non-retrying client so the budget holds; the pub/sub connection opens
+        # on the first waiting fetch, so a process that only enqueues never holds one.
+        async def probe() -> None:
+            await self._ps_client.ping()
+
+        await _connect_bounded(self.url, probe)
+        await self._cmds.load(self._scripts)
+
+    async def close(self) -> None:
+        await self._hub.close()
+        await self._ps_client.aclose()
+        await self._cmds.close()
+
+    async def enqueue(self, message: OutgoingMessage) -> str:
+        priority = min(max(int(message.priority), 0), 9)
+        args: list[str | bytes | int] = [
+            message.id, message.queue, message.body, priority,
+            "" if message.eta is None else repr(float(message.eta)),
+            "0" if message.key is None else "1", message.key or "",
+        ]  # fmt: skip
+        return _s(await self._cmds.script(self._enqueue, self._keys, args))
+
+    async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
+        if limit <= 0 or not queues:
+            return []
+        names = list(dict.fromkeys(queues))  # a queue named twice would be claimed from twice
+        channels = [f"{self._prefix}wake:{q}".encode() for q in names]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout_s, 0.0)
+        waiter = uuid.uuid4().hex
+        # Listen, and be subscribed, before the first claim registers us as waiting: an enqueue
+        # landing right after that claim publishes, and the message must reach us.
+        flag = self._wakeups.listen(channels)
+        try:
+            if timeout_s > 0:
+                await self._subscribe_wakeups(channels)
+            while True:
+                left = deadline - loop.time()
+                got, next_in = await self._claim_once(names, limit, uuid.uuid4().hex, waiter, max(left, 0.0))
+                if got:
+                    return got
+                left = deadline - loop.time()
+                if left <= 0:
+                    return []
+                if next_in is not None:
+                    left = min(left, max(next_in, 0.001))
+                await flag.wait(left)
+        finally:
+            self._wakeups.forget(channels, flag)
+
+    async def _subscribe_wakeups(self, channels: list[bytes]) -> None:
+        missing = [c for c in channels if c not in self._wake_subscribed]
+        if not missing:
+            return
+        if not self._hub.started:
+            await _connect_bounded(self.url, self._hub.start)
+        await self._hub.add(missing, self._wakeups)
+        # Stay subscribed: a worker fetches from the same queues all its life.
+        self._wake_subscribed.update(missing)
+
+    async def _claim_once(
+        self, queues: list[str], limit: int, token: str, waiter: str = "", wait_s: float = 0.0
+    ) -> tuple[list[Delivery], float | None]:
+        """One claim script call. ``token`` names the call: the same token returns the same leases.
+        With ``wait_s`` > 0 and nothing ready, ``waiter`` is registered as waiting on the queues."""
+        args = [token, repr(float(self.lease_s)), limit, waiter, repr(wait_s), *queues]
+        reply = await self._cmds.script(self._claim, self._keys, args)
+        if reply[0] == b"0":
+            return [], float(reply[1]) if reply[1] else None
+        return [
+            Delivery(
+                id=_s(reply[i]),
+                queue=_s(reply[i + 1]),
+                body=reply[i + 2],
+                deliveries=int(reply[i + 3]),
+                receipt=_s(reply[i + 3]),
+            )
+            for i in range(1, len(reply), 4)
+        ], None
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        if deliveries:
+            await self._cmds.script(self._ack, self._keys, [d.id for d in deliveries])
+
+    async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
+        args = [
+            delivery.id, _receipt(delivery), "0" if body is None else "1", body or b"", repr(max(float(delay_s), 0.0)),
+        ]  # fmt: skip
+        await self._cmds.script(self._requeue, self._keys, args)
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        args: list[str] = [repr(float(self.lease_s))]
+        for d in deliveries:
+            args += [d.id, _receipt(d)]
+        await self._cmds.script(self._extend, self._keys, args)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        await self._cmds.script(self._dead, self._keys, [delivery.id, delivery.queue, delivery.body, reason])
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        return _dead_letters(await self._cmds.script(self._dead_list, self._keys, [limit]))
+
+    async def replay(self, ids: Sequence[str] | None = None) -> list[DeadLetter]:
+        args = ["1"] if ids is None else ["0", *ids]
+        return _dead_letters(await self._cmds.script(self._replay, self._keys, args))
+
+    async def cancel(self, message_id: str) -> bool:
+        return bool(await self._cmds.script(self._cancel, self._keys, [message_id]))
+
+    async def purge(self, queue: str) -> int:
+        total = 0
+        while True:
+            n = int(await self._cmds.script(self._purge_ready, self._keys, [queue, _PURGE_CHUNK]))
+            total += n
+            if n < _PURGE_CHUNK:
+                break
+        return total + int(await self._cmds.script(self._purge_scheduled, self._keys, [queue]))
+
+    async def stats(self) -> QueueStats:
+        reply = await self._cmds.script(self._stats, self._keys, [])
+        queued = {_s(reply[i]): int(reply[i + 1]) for i in range(3, len(reply), 2)}
+        return QueueStats(queued=queued, scheduled=int(reply[0]), running=int(reply[1]), dead=int(reply[2]))
+
+    async def flush_namespace(self) -> None:
+        await self._cmds.run(lambda c: _unlink_prefix(c, self._prefix))
+
+
+def _receipt(delivery: Delivery) -> str:
+    return "" if delivery.receipt is None else str(delivery.receipt)
+
+
+def _dead_letters(reply: list[bytes]) -> list[DeadLetter]:
+    return [
+        DeadLetter(
+            id=_s(reply[i]),
+            queue=_s(reply[i + 1]),
+            body=reply[i + 2],
+            reason=_s(reply[i + 3]),
+            died_at=float(reply[i + 4]),
+        )
+        for i in range(0, len(reply), 5)
+    ]
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+async def _unlink_prefix(client: Redis, prefix: str) -> None:
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=_glob_escape(prefix) + "*", count=1000):
+        batch.append(key)
+        if len(batch) >= 500:
+            await client.unlink(*batch)
+            batch.clear()
+    if batch:
+        await client.unlink(*batch)
+
+
+# --- store -----------------------------------------------------------------------------------
+
+
+class _RedisWatch(Watch):
+    """A watch is its own sink: any message on its tasks' channels, or a reconnect, wakes it."""
+
+    __slots__ = ("_flag",)
+
+    def __init__(self) -> None:
+        self._flag = _Flag()
+
+    def deliver(self, channel: bytes, data: bytes) -> None:
+        self._flag.set()
+
+    def reset(self) -> None:
+        self._flag.set()
+
+    async def wait(self, timeout_s: float) -> bool:
+        return await self._flag.wait(timeout_s)
+
+
+class _ChannelSink:
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def deliver(self, channel: bytes, data: bytes) -> None:
+        self.queue.put_nowait(data)
+
+    def reset(self) -> None:
+        """Pub/sub keeps no history: what was published while disconnected is gone."""
+
+
+def _ttl_ms(ttl_s: float | None) -> int | None:
+    if ttl_s is None or ttl_s <= 0:
+        return None
+    return max(1, math.ceil(ttl_s * 1000))
+
+
+class RedisStore(Store):
+    def __init__(self, url: BrokerURL, namespace: str) -> None:
+        super().__init__(url, namespace)
+        self._prefix = f"offload:{namespace}:"
+        self._keys = [self._prefix]
+        self._cmds = _Commands(url, namespace)
+        self._ps_client = _pubsub_client(url, namespace)
+        self._hub = _Hub(self._ps_client, url.masked)
+        self._put_states = self._cmds.pool.register_script(_LUA_COMMON + _LUA_PUT_STATES)
+        self._incr = self._cmds.pool.register_script(_LUA_INCR)
+
+    async def connect(self) -> None:
+        # Workers only write states, so the pub/sub connection opens on the first watch or
+        # subscribe; the probe uses the same non-retrying client to stay within its budget.
+        async def probe() -> None:
+            await self._ps_client.ping()
+
+        await _connect_bounded(self.url, probe)
+        await self._cmds.load([self._put_states, self._incr])
+
+    async def close(self) -> None:
+        await self._hub.close()
+        await self._ps_client.aclose()
+        await self._cmds.close()
+
+    def _state_key(self, task_id: str) -> str:
+        return f"{self._prefix}state:{task_id}"
+
+    def _kv(self, key: str) -> str:
+        return f"{self._prefix}kv:{key}"
+
+    async def put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+        if not states:
+            return
+        # One script rather than a pipeline: the same single round trip, and the states and
+        # their change signals are written together.
+        args: list[str | bytes | int] = [_ttl_ms(ttl_s) or 0]
+        for task_id, data in states:
+            args += [task_id, data]
+        await self._cmds.script(self._put_states, self._keys, args)
+
+    async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
+        if not task_ids:
+            return []
+        keys = [self._state_key(t) for t in task_ids]
+        values = await self._cmds.run(lambda c: c.mget(keys))
+        return cast("list[bytes | None]", values)
+
+    async def _start_hub(self) -> None:
+        if not self._hub.started:
+            await _connect_bounded(self.url, self._hub.start)
+
+    @asynccontextmanager
+    async def watch(self, task_ids: Sequence[str]) -> AsyncIterator[Watch]:
+        await self._start_hub()
+        watch = _RedisWatch()
+        channels = [f"{self._prefix}task:{t}".encode() for t in dict.fromkeys(task_ids)]
+        await self._hub.add(channels, watch)
+        try:
+            yield watch
+        finally:
+            self._hub.remove(channels, watch)
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        name = f"{self._prefix}chan:{channel}"
+        await self._cmds.run(lambda c: c.publish(name, data))
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
+        await self._start_hub()
+        sink = _ChannelSink()
+        channels = [f"{self._prefix}chan:{channel}".encode()]
+        await self._hub.add(channels, sink)
+
+        async def messages() -> AsyncIterator[bytes]:
+            while True:
+                yield await sink.queue.get()
+
+        try:
+            yield messages()
+        finally:
+            self._hub.remove(channels, sink)
+
+    async def set_if_absent(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
+        k, px = self._kv(key), _ttl_ms(ttl_s)
+        return bool(await self._cmds.run(lambda c: c.set(k, value, nx=True, px=px)))
+
+    async def get_value(self, key: str) -> bytes | None:
+        k = self._kv(key)
+        value = await self._cmds.run(lambda c: c.get(k))
+        return cast("bytes | None", value)
+
+    async def delete_value(self, key: str) -> None:
+        k = self._kv(key)
+        await self._cmds.run(lambda c: c.delete(k))
+
+    async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
+        args = [int(amount), _ttl_ms(ttl_s) or 0]
+        return int(await self._cmds.script(self._incr, [self._kv(key)], args))
+
+    async def flush_namespace(self) -> None:
+        await self._cmds.run(lambda c: _unlink_prefix(c, self._prefix))
+
+
+def make_broker(url: BrokerURL, namespace: str) -> Broker:
+    return RedisBroker(url, namespace)
+
+
+def make_store(url: BrokerURL, namespace: str) -> Store:
+    return RedisStore(url, namespace)

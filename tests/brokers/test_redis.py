@@ -1,0 +1,336 @@
+"""Redis-specific behaviour, against the real server: dropped connections, unreachable servers,
+racing consumers, and watches shared over one pub/sub connection.
+
+The behaviour every broker shares is in test_protocol.py; these tests cover what only a
+networked, multi-client backend can get wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import redis.asyncio as aioredis  # only to act on the server from outside, like an operator would
+
+from offload.brokers import make_broker, make_store
+from offload.brokers.base import Broker, Delivery, OutgoingMessage, Store
+from offload.config import parse_url
+from offload.errors import BrokerUnavailable
+from tests.conftest import REDIS_URL, require_server
+
+
+@pytest.fixture
+def url() -> str:
+    require_server("redis")
+    return f"{REDIS_URL}?visibility_timeout=3"
+
+
+@pytest.fixture
+async def admin(url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def opened_broker(url: str, namespace: str) -> AsyncIterator[Broker]:
+    broker = make_broker(parse_url(url), namespace)
+    await broker.connect()
+    try:
+        yield broker
+    finally:
+        await broker.flush_namespace()
+        await broker.close()
+
+
+@asynccontextmanager
+async def opened_store(url: str, namespace: str) -> AsyncIterator[Store]:
+    store = make_store(parse_url(url), namespace)
+    await store.connect()
+    try:
+        yield store
+    finally:
+        await store.flush_namespace()
+        await store.close()
+
+
+def msg(queue: str = "default", priority: int = 0) -> OutgoingMessage:
+    mid = uuid.uuid4().hex
+    return OutgoingMessage(id=mid, queue=queue, body=b"body-" + mid.encode(), priority=priority)
+
+
+async def kill(admin: aioredis.Redis, namespace: str, kind: str) -> int:
+    """CLIENT KILL TYPE <kind>, narrowed to this test's connections (named after the namespace),
+    so other clients of a shared server are left alone. Returns how many were cut."""
+    clients = await admin.client_list(_type=kind)
+    ids = [c["id"] for c in clients if c.get("name") == f"offload:{namespace}"]
+    async with admin.pipeline(transaction=True) as pipe:  # all at once, like one CLIENT KILL
+        for client_id in ids:
+            pipe.execute_command("CLIENT", "KILL", "ID", client_id)
+        await pipe.execute()
+    return len(ids)
+
+
+async def test_killed_connections_lose_nothing(url: str, namespace: str, admin: aioredis.Redis) -> None:
+    total = 300
+    sent: list[str] = []
+    received: collections.Counter[str] = collections.Counter()
+    reached = [asyncio.Event(), asyncio.Event()]
+    killed = [asyncio.Event(), asyncio.Event()]
+    kills: list[int] = []
+
+    async with opened_broker(url, namespace) as producer, opened_broker(url, namespace) as consumer:
+
+        async def produce() -> None:
+            for i in range(total):
+                m = msg()
+                await producer.enqueue(m)
+                sent.append(m.id)
+                for step, at in enumerate((total // 3, 2 * total // 3)):
+                    if i == at:
+                        reached[step].set()
+                        await killed[step].wait()  # continue only on connections that were cut
+
+        async def consume() -> None:
+            while len(received) < total:
+                got = await consumer.fetch(["default"], 10, timeout_s=0.5)
+                received.update(d.id for d in got)
+                await consumer.ack(got)
+
+        async def cut() -> None:
+            for step in range(2):
+                await reached[step].wait()
+                kills.append(await kill(admin, namespace, "normal"))
+                killed[step].set()
+
+        # When the producer and the consumer are working, every normal connection is cut twice.
+        await asyncio.wait_for(asyncio.gather(produce(), consume(), cut()), 30)
+
+    # Then both carried on, every message arrived, and none was handed out twice.
+    assert all(k > 0 for k in kills), kills
+    assert len(sent) == total
+    assert set(received) == set(sent)
+    assert max(received.values()) == 1
+
+
+async def test_dropped_pubsub_connection_resubscribes(url: str, namespace: str, admin: aioredis.Redis) -> None:
+    loop = asyncio.get_running_loop()
+    async with (
+        opened_broker(url, namespace) as broker,
+        opened_store(url, namespace) as store,
+        store.subscribe("news") as news,
+    ):
+        # Given both pub/sub connections open (a fetch that waits opens the broker's)
+        assert await broker.fetch(["default"], 1, timeout_s=0.01) == []
+        fetching = asyncio.create_task(broker.fetch(["default"], 1, timeout_s=20))
+        assert await kill(admin, namespace, "pubsub") == 2
+
+        # A waiting fetch still wakes up (long before its 20 s timeout)...
+        m = msg()
+        await broker.enqueue(m)
+        got = await asyncio.wait_for(fetching, 5)
+        assert [d.id for d in got] == [m.id]
+
+        # ...and the channel is subscribed again: a message published now arrives. Pub/sub
+        # keeps no history, so publish until the new subscription is in place.
+        deadline = loop.time() + 5
+        while True:
+            await store.publish("news", b"after")
+            try:
+                assert await asyncio.wait_for(news.__anext__(), 0.2) == b"after"
+                break
+            except TimeoutError:
+                assert loop.time() < deadline, "the subscription was not restored"
+
+
+async def test_unreachable_port_fails_fast_with_the_password_masked(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = parse_url("redis://admin:s3cret-pw@127.0.0.1:1/0")
+    for backend in (make_broker(url, "unreachable"), make_store(url, "unreachable")):
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable) as info:
+            await backend.connect()
+        assert time.monotonic() - started < 5
+        shown = "".join(traceback.format_exception(info.value))
+        assert "s3cret-pw" not in shown
+        assert "redis://admin:***@127.0.0.1:1/0" in str(info.value)
+        await backend.close()
+    assert "s3cret-pw" not in caplog.text
+
+
+async def test_a_server_that_never_answers_is_an_error_not_a_hang() -> None:
+    # Given a socket that accepts connections and never replies
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        broker = make_broker(parse_url(f"redis://u:pw-never-shown@127.0.0.1:{port}/0"), "mute")
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable) as info:
+            await broker.connect()
+        assert time.monotonic() - started < 6
+        assert "pw-never-shown" not in "".join(traceback.format_exception(info.value))
+        await broker.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_racing_consumers_never_share_a_message(url: str, namespace: str) -> None:
+    total = 500
+    async with (
+        opened_broker(url, namespace) as producer,
+        opened_broker(url, namespace) as first,
+        opened_broker(url, namespace) as second,
+    ):
+        ids = set()
+        for _ in range(total):
+            m = msg(priority=len(ids) % 3)
+            ids.add(m.id)
+            await producer.enqueue(m)
+        seen: collections.Counter[str] = collections.Counter()
+        per_consumer: dict[str, int] = {"first": 0, "second": 0}
+
+        async def drain(name: str, broker: Broker, limit: int) -> None:
+            while sum(seen.values()) < total:
+                got = await broker.fetch(["default"], limit, timeout_s=0.2)
+                seen.update(d.id for d in got)
+                per_consumer[name] += len(got)
+                await broker.ack(got)
+
+        await asyncio.wait_for(asyncio.gather(drain("first", first, 7), drain("second", second, 3)), 30)
+
+    assert set(seen) == ids
+    assert max(seen.values()) == 1
+    assert per_consumer["first"] > 0 and per_consumer["second"] > 0
+
+
+async def test_watch_is_woken_by_another_store_object(url: str, namespace: str) -> None:
+    async with opened_store(url, namespace) as web, opened_store(url, namespace) as worker:
+        async with web.watch(["t1"]) as watch:
+            assert await watch.wait(0.05) is False
+            await worker.put_states([("t1", b"done")])
+            assert await watch.wait(2) is True
+        assert await web.get_state("t1") == b"done"
+
+
+async def test_many_watchers_share_one_connection(url: str, namespace: str, admin: aioredis.Redis) -> None:
+    ids = [f"task-{i}" for i in range(1000)]
+    async with opened_store(url, namespace) as web, opened_store(url, namespace) as worker:
+
+        async def wait_for_one(task_id: str, entered: asyncio.Event, all_entered: asyncio.Event) -> bool:
+            async with web.watch([task_id]) as watch:
+                entered.set()
+                await all_entered.wait()
+                return await watch.wait(5)
+
+        entered = [asyncio.Event() for _ in ids]
+        all_entered = asyncio.Event()
+        waiters = [asyncio.create_task(wait_for_one(t, e, all_entered)) for t, e in zip(ids, entered, strict=True)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in entered)), 10)
+
+        clients = await admin.client_list(_type="pubsub")
+        mine = [c for c in clients if c.get("name") == f"offload:{namespace}"]
+        assert len(mine) == 1
+
+        all_entered.set()
+        await worker.put_states([(t, b"done") for t in ids], ttl_s=30)
+        assert await asyncio.wait_for(asyncio.gather(*waiters), 10) == [True] * len(ids)
+
+
+async def test_watches_coming_and_going_never_miss_a_change(url: str, namespace: str) -> None:
+    # Each watcher re-enters a watch on its own task many times (its channel is unsubscribed and
+    # subscribed again in quick succession) while all share one "shared" channel; a change made
+    # after entering must wake the watch every time.
+    async with opened_store(url, namespace) as web, opened_store(url, namespace) as worker:
+
+        async def watcher(i: int) -> None:
+            for j in range(20):
+                async with web.watch(["shared", f"task-{i}"]) as watch:
+                    await worker.put_states([(f"task-{i}", b"%d" % j)])
+                    assert await watch.wait(2), f"watcher {i} missed change {j}"
+
+        await asyncio.wait_for(asyncio.gather(*(watcher(i) for i in range(50))), 30)
+
+
+async def test_an_idle_fetch_does_not_poll(url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with opened_broker(url, namespace) as broker:
+        claims = 0
+        claim_once = broker._claim_once  # type: ignore[attr-defined]
+
+        async def counting(*args: object, **kwargs: object) -> object:
+            nonlocal claims
+            claims += 1
+            return await claim_once(*args, **kwargs)
+
+        monkeypatch.setattr(broker, "_claim_once", counting)
+        assert await broker.fetch(["default"], 1, timeout_s=1.0) == []
+        assert claims <= 2  # one on entry, one when the wait ends
+
+
+async def test_equal_priorities_follow_the_order_of_the_queues(url: str, namespace: str) -> None:
+    async with opened_broker(url, namespace) as broker:
+        b1, a1, b_high = msg("b"), msg("a"), msg("b", priority=5)
+        for m in (b1, a1, b_high):
+            await broker.enqueue(m)
+        got = await broker.fetch(["a", "b"], 3, timeout_s=2)
+        assert [d.id for d in got] == [b_high.id, a1.id, b1.id]
+
+
+async def test_a_retried_claim_returns_the_same_leases(url: str, namespace: str) -> None:
+    # A fetch whose reply is lost on a dropped connection is sent again by the client's retry,
+    # with the same token; it must not strand the leases the first call took.
+    async with opened_broker(url, namespace) as broker:
+        for _ in range(3):
+            await broker.enqueue(msg())
+        claim = broker._claim_once  # type: ignore[attr-defined]
+        first, _ = await claim(["default"], 2, "token-1")
+        again, _ = await claim(["default"], 2, "token-1")
+        assert [(d.id, d.deliveries) for d in again] == [(d.id, d.deliveries) for d in first]
+        rest, _ = await claim(["default"], 2, "token-2")
+        assert len(rest) == 1 and rest[0].id not in {d.id for d in first}
+
+
+async def test_a_worker_whose_lease_ran_out_cannot_requeue_the_new_holders_message(url: str, namespace: str) -> None:
+    async with opened_broker(url, namespace) as slow, opened_broker(url, namespace) as other:
+        slow.lease_s = 0.3
+        await slow.enqueue(msg())
+        [stale] = await slow.fetch(["default"], 1, timeout_s=2)
+        [current] = await other.fetch(["default"], 1, timeout_s=3)  # after the lease runs out
+        assert (current.id, current.deliveries) == (stale.id, stale.deliveries + 1)
+
+        await slow.requeue(stale, b"from the stale holder")
+        await slow.extend([stale])
+        assert await other.fetch(["default"], 1, timeout_s=0.2) == []
+        await other.requeue(current, b"attempt-2")
+        [again] = await other.fetch(["default"], 1, timeout_s=2)
+        assert again.body == b"attempt-2"
+        await other.ack([again])
+
+
+async def test_delayed_messages_wait_outside_any_lease(url: str, namespace: str) -> None:
+    async with opened_broker(url, namespace) as broker:
+        later = OutgoingMessage(id=uuid.uuid4().hex, queue="default", body=b"x", eta=time.time() + 0.5)
+        await broker.enqueue(later)
+        stats = await broker.stats()
+        assert (stats.scheduled, stats.running, stats.queued) == (1, 0, {})
+        assert await broker.cancel(later.id) is True
+        assert (await broker.stats()).scheduled == 0
+
+
+async def test_ack_of_unknown_deliveries_is_harmless(url: str, namespace: str) -> None:
+    async with opened_broker(url, namespace) as broker:
+        await broker.ack([Delivery(id="never-enqueued", queue="default", body=b"")])
+        assert (await broker.stats()).running == 0
