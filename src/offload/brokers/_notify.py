@@ -141,37 +141,54 @@ class Notifier:
                 raise OSError(errno.ENAMETOOLONG, f"{self.directory} is too long for a unix socket address")
         return self._prefix
 
+    def _check_dirfd(self) -> None:
+        # Called with the lock held. A descriptor-based address keeps naming the directory it
+        # was opened on; if the directory was removed and made again, open the new one.
+        if self._dirfd is None:
+            return
+        try:
+            same = os.stat(self.directory).st_ino == os.fstat(self._dirfd).st_ino
+        except OSError:
+            same = False
+        if not same:
+            os.close(self._dirfd)
+            self._dirfd = self._prefix = None
+            os.makedirs(self.directory, exist_ok=True)
+            self._address_prefix()
+
     def _read(self, sock: socket.socket) -> None:
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        while True:
-            if not poller.poll(_CHECK_BOUND_S * 1000):
-                new = self._rebind_if_removed(sock)
-                if new is None:
-                    break
-                if new is not sock:
-                    poller.unregister(sock)
-                    sock.close()
-                    sock = new
-                    poller.register(sock, select.POLLIN)
-                continue
-            if self._recv is not sock:
-                break  # closed (a wake-up datagram told us so)
-            topics: set[str] = set()
-            # Drain everything queued so a burst becomes one round of wake-ups, and the
-            # senders' small queue (net.unix.max_dgram_qlen) empties quickly.
+        try:
             while True:
-                try:
-                    data = sock.recv(_RECV_BUFFER)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    return
-                if data:
-                    topics.update(data.decode("utf-8", "replace").split("\n"))
-            if topics:
-                self.signals.notify(topics)
-        sock.close()
+                if not poller.poll(_CHECK_BOUND_S * 1000):
+                    new = self._rebind_if_removed(sock)
+                    if new is None:
+                        return
+                    if new is not sock:
+                        poller.unregister(sock)
+                        sock.close()
+                        sock = new
+                        poller.register(sock, select.POLLIN)
+                    continue
+                if self._recv is not sock:
+                    return  # closed (a wake-up datagram told us so)
+                topics: set[str] = set()
+                # Drain everything queued so a burst becomes one round of wake-ups, and the
+                # senders' small queue (net.unix.max_dgram_qlen) empties quickly.
+                while True:
+                    try:
+                        data = sock.recv(_RECV_BUFFER)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    if data:
+                        topics.update(data.decode("utf-8", "replace").split("\n"))
+                if topics:
+                    self.signals.notify(topics)
+        except OSError as e:
+            log.warning("stopped listening for changes in %s (%s); waiters fall back to polling", self.directory, e)
+        finally:
+            sock.close()
 
     def _rebind_if_removed(self, sock: socket.socket) -> socket.socket | None:
         """Someone removed our socket file (a cleanup script, a test): bind a new one, or
@@ -186,6 +203,7 @@ class Notifier:
             except OSError:
                 pass
             try:
+                self._check_dirfd()
                 return self._bind_socket()
             except OSError as e:
                 log.warning("cannot listen for changes in %s again (%s); waiters fall back to polling", self.directory, e)
@@ -217,7 +235,7 @@ class Notifier:
         with self._lock:
             if self._send is None and not self._closed and not self._send_failed:
                 try:
-                    prefix = self._address_prefix()
+                    self._address_prefix()
                     self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                     self._send.setblocking(False)
                 except OSError as e:
@@ -309,6 +327,7 @@ class Notifier:
         with self._lock:
             listed_at = time.time_ns()
             try:
+                self._check_dirfd()
                 names = os.listdir(self.directory)
             except OSError:
                 return ()
