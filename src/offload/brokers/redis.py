@@ -507,6 +507,7 @@ class _Commands:
         self.masked = url.masked
         common = _connection_kwargs(url, namespace)
         common["retry"] = Retry(ExponentialBackoff(cap=1.0, base=0.05), _RETRIES)
+        common["socket_timeout"] = None  # bounded by _OPERATION_TIMEOUT_S instead
         max_connections = int(url.param_float("max_connections", _MAX_CONNECTIONS))
         self.fast = Redis(connection_pool=ConnectionPool(max_connections=1, **common), single_connection_client=True)
         self.pool = Redis.from_pool(BlockingConnectionPool(max_connections=max_connections, timeout=None, **common))
