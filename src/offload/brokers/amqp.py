@@ -1,0 +1,1110 @@
+"""``amqp://user:password@host:port/vhost`` (and ``amqps://``): RabbitMQ, through aio-pika.
+
+The virtual host is the URL's path, %-encoded (``/%2F`` or an empty path is ``/``). URL
+parameters: ``connect_timeout`` (seconds of retrying before `BrokerUnavailable`, default 5),
+``publish_timeout`` (how long an enqueue waits for a lost connection to come back, default 30),
+``prefetch`` (unacknowledged deliveries per consumed queue; default: the first `fetch`'s limit),
+and for ``amqps://`` ``cafile``, ``certfile``, ``keyfile``.
+
+Topology, everything durable and named after the namespace (``P`` is ``offload.{namespace}``)::
+
+    P.{queue}                 one classic queue per offload queue: x-max-priority=10, expired
+                              messages dead-lettered to P:dead
+    P:delay (headers)   --->  P:delay:{ms}  one queue per delay level, 64 ms to ~4.7 h in powers
+                              of two: x-message-ttl=ms, then dead-lettered to the default
+                              exchange, which routes the message back to P.{queue} by the
+                              routing key it was published with
+    P:dead (fanout)     --->  P:dead  dead letters, with their reason in a header
+
+Delays need no plugin: a message due in ``d`` seconds enters the largest level not longer than
+``d``; when it comes back to its queue and its eta (a header) is still ahead, the consumer sends
+it through the next level, so a long delay hops down the levels and arrives at most 64 ms late.
+Hops happen while a consumer is running; until then a message whose level ran out waits in its
+queue, and `stats` counts it as queued. A delayed message carries a per-message ``expiration``
+when it has ``expires``: expiring in a delay level sends it to its queue at once. In its queue
+it has none, because RabbitMQ would then dead-letter it unseen and its task state would stay
+"queued"; workers check ``expires`` on receipt and record it as expired.
+
+Fetching: a consumer per fetched queue, on a second connection (so that RabbitMQ's flow control
+on publishers never holds back acks), pushes deliveries into a local buffer; `fetch` hands out
+the buffered ones by priority, then queue order, then arrival. The prefetch bounds how many
+deliveries per queue this process holds unacknowledged, handed out or not; RabbitMQ orders by
+priority only what it has not pushed yet. A fetch for other queues than the last one cancels the
+consumers it no longer needs and puts back what they had buffered.
+
+What RabbitMQ cannot do is done with the key-value primitives of the bound `Store`
+(`bind_store`, called before `connect`):
+
+* dedup keys: ``set_if_absent`` at enqueue, deleted at ack or dead letter;
+* cancellation: each message has a claim key; `fetch` writes "leased", `cancel` writes
+  "revoked", and whoever writes first wins. `cancel` is True only when it won, so only when the
+  message was never handed out (or was put back by `requeue`); a revoked message is dropped
+  when it reaches a consumer. An id this broker never saw also gives True. Claims expire after
+  7 days;
+* a registry of the namespace's queue names, so `stats`, `purge` and `flush_namespace` in
+  another process know them.
+
+Without a store, a keyed enqueue raises `ConfigError` and `cancel` returns False.
+
+Leases: RabbitMQ keeps a delivery unacknowledged until the consumer acks it or its channel
+closes, then delivers it again (with the redelivered flag, counted in ``deliveries``). So there
+is no lease to renew: `extend` does nothing and ``lease_s`` is unused. But RabbitMQ's
+``consumer_timeout`` (30 minutes by default) closes the channel of a consumer that holds a
+delivery longer, and the message runs again elsewhere: raise it in rabbitmq.conf (or with the
+``x-consumer-timeout`` queue argument on RabbitMQ 3.12+) for tasks that run longer.
+
+`stats().running` counts the deliveries this broker object holds: AMQP itself does not report
+unacknowledged counts (the management API does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import ssl
+import time
+import urllib.parse
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, TypeVar
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
+from aio_pika.connection import make_url
+
+from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
+from offload.config import BrokerURL
+from offload.errors import BrokerError, BrokerUnavailable, ConfigError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_PRIORITY = 10
+# Delay levels in milliseconds. Powers of two keep a delay's hop count at the number of 1 bits
+# in it; the smallest level bounds how late a delayed message may arrive.
+DELAY_LEVELS_MS: tuple[int, ...] = tuple(2**k for k in range(6, 25))
+_DUE_SLACK_S = 0.002  # closer than this to its eta, a message is due
+_CLAIM_TTL_S = 7 * 86400.0
+# A message that expires in RabbitMQ is dead-lettered there without reaching us, so its dedup
+# key cannot be released at ack: the key of a message with ``expires`` lapses this long after.
+_KEY_GRACE_S = 3600.0
+_RECONNECT_INTERVAL_S = 1.0
+_LOST_ACKS_KEPT = 10_000
+
+_instances = itertools.count(1)
+
+_LEASED = b"leased"
+_REVOKED = b"revoked"
+
+# Message headers. Not "x-" prefixed: headers exchanges ignore x- headers when matching.
+_H_ID = "offload-id"
+_H_QUEUE = "offload-queue"
+_H_COPY = "offload-copy"  # unique per publish: tells a redelivered copy from a republished one
+_H_DELIVERIES = "offload-deliveries"  # hand-outs before this copy was published
+_H_ETA = "offload-eta"
+_H_EXPIRES = "offload-expires"
+_H_KEY = "offload-key"
+_H_DELAY = "offload-delay-ms"
+_H_REASON = "offload-reason"
+_H_DIED_AT = "offload-died-at"
+
+# Errors after which the same call can succeed once the connection is back.
+_TRANSIENT = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+@dataclass(slots=True)
+class _Buffered:
+    """A delivery pushed by RabbitMQ that no `fetch` has handed out yet."""
+
+    queue: str
+    seq: int
+    message: AbstractIncomingMessage
+
+    @property
+    def priority(self) -> int:
+        return int(self.message.priority or 0)
+
+
+def _vhost(path: str) -> str:
+    name = urllib.parse.unquote(path[1:] if path.startswith("/") else path)
+    return name or "/"
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _number(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("ascii", "replace")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _timestamp(epoch_s: float) -> str:
+    # As text: pamqp sends a Python float as a 32-bit float, which rounds epoch seconds
+    # to minutes.
+    return f"{epoch_s:.6f}"
+
+
+def _priority(priority: int) -> int:
+    return min(max(int(priority), 0), MAX_PRIORITY - 1)
+
+
+def _level_ms(remaining_s: float) -> int:
+    """The longest delay level that does not overshoot, or the shortest one."""
+    remaining_ms = remaining_s * 1000.0
+    fitting = [ms for ms in DELAY_LEVELS_MS if ms <= remaining_ms]
+    return fitting[-1] if fitting else DELAY_LEVELS_MS[0]
+
+
+def _is_stale(message: AbstractIncomingMessage) -> bool:
+    """True when the channel the message came on has closed: its delivery tag is void."""
+    try:
+        message.channel  # noqa: B018 - raises once the channel is closed
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return True
+    return False
+
+
+async def _delete_queue(name: str, channel: aiormq.abc.AbstractChannel) -> None:
+    await channel.queue_delete(name)
+
+
+async def _delete_exchange(name: str, channel: aiormq.abc.AbstractChannel) -> None:
+    await channel.exchange_delete(name)
+
+
+def _cancelled_from_outside() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class AmqpBroker(Broker):
+    """RabbitMQ broker; see the module docstring for the topology and the guarantees."""
+
+    stores_results = False
+
+    def __init__(self, url: BrokerURL, namespace: str) -> None:
+        super().__init__(url, namespace)
+        if url.scheme not in ("amqp", "amqps"):
+            raise ConfigError(f"not an AMQP URL: {url.masked}")
+        self._tls = url.scheme == "amqps"
+        self._connect_timeout_s = url.param_float("connect_timeout", 5.0)
+        self._publish_timeout_s = url.param_float("publish_timeout", 30.0)
+        self._prefetch = int(url.param_float("prefetch", 0))
+        self._prefix = f"offload.{namespace}"
+        #: names this broker's connections in RabbitMQ ("{client_name} producer" and
+        #: "{client_name} consumer"), to find them with rabbitmqctl list_connections
+        self.client_name = f"offload {namespace} {os.getpid()}.{next(_instances)}"
+        self._queue_args: dict[str, Any] = {
+            "x-max-priority": MAX_PRIORITY,
+            "x-dead-letter-exchange": self._dead_name,
+            "x-queue-type": "classic",
+        }
+        self._store: Store | None = None
+
+        self._conn: AbstractRobustConnection | None = None  # enqueue, admin
+        self._consumer_conn: AbstractRobustConnection | None = None  # fetch, ack
+        self._publisher: AbstractRobustChannel | None = None
+        self._admin: aiormq.abc.AbstractChannel | None = None
+        self._admin_lock = asyncio.Lock()  # basic.get browsing and acking on the admin channel
+        self._consumer_lock = asyncio.Lock()
+        self._consumer_channel: AbstractRobustChannel | None = None
+
+        self._topology_ready = False
+        self._declared: set[str] = set()
+        self._consumers: dict[str, tuple[AbstractRobustQueue, str]] = {}
+        # Queues whose deliveries are wanted; set before basic.consume, whose first deliveries
+        # may run before the consumer tag is known.
+        self._active: set[str] = set()
+        self._buffer: list[_Buffered] = []
+        self._arrived = asyncio.Event()
+        self._seq = itertools.count()
+        self._fetching = 0
+        self._hops: set[asyncio.Task[None]] = set()
+        self._leased: dict[str, Delivery] = {}  # by copy token
+        # Copies whose ack was lost with their channel: when RabbitMQ hands them back to this
+        # process, they are acked instead of run a second time.
+        self._lost_acks: OrderedDict[str, None] = OrderedDict()
+
+    # -- names --------------------------------------------------------------------------
+    def _queue_name(self, queue: str) -> str:
+        return f"{self._prefix}.{queue}"
+
+    @property
+    def _dead_name(self) -> str:
+        return f"{self._prefix}:dead"
+
+    @property
+    def _delay_exchange(self) -> str:
+        return f"{self._prefix}:delay"
+
+    def _level_name(self, ms: int) -> str:
+        return f"{self._prefix}:delay:{ms}"
+
+    # -- store --------------------------------------------------------------------------
+    def bind_store(self, store: Store) -> None:
+        """Give the broker the key-value space it keeps dedup keys, claims and its queue
+        registry in. Call it before `connect`."""
+        self._store = store
+
+    @staticmethod
+    def _claim_key(message_id: str) -> str:
+        return f"amqp:claim:{message_id}"
+
+    @staticmethod
+    def _dedup_key(key: str) -> str:
+        return f"amqp:key:{key}"
+
+    @staticmethod
+    def _key_of(message_id: str) -> str:
+        return f"amqp:key-of:{message_id}"
+
+    @staticmethod
+    def _registry_slot(i: int) -> str:
+        return f"amqp:queues:{i}"
+
+    async def _release_key(self, key: str | None, message_id: str) -> None:
+        if key is None or self._store is None:
+            return
+        holder = await self._store.get_value(self._dedup_key(key))
+        if holder is not None and holder.decode() == message_id:
+            await self._store.delete_value(self._dedup_key(key))
+        await self._store.delete_value(self._key_of(message_id))
+
+    async def _register(self, queue: str) -> None:
+        """Add the queue name to the namespace's registry: slots 0, 1, 2... each taken once
+        with set_if_absent, so concurrent processes never overwrite each other."""
+        if self._store is None:
+            return
+        for i in itertools.count():
+            slot = self._registry_slot(i)
+            held = await self._store.get_value(slot)
+            if held is None and await self._store.set_if_absent(slot, queue.encode()):
+                return
+            held = held if held is not None else await self._store.get_value(slot)
+            if held is not None and held.decode() == queue:
+                return
+
+    async def _registered(self) -> list[str]:
+        names: list[str] = []
+        if self._store is not None:
+            for i in itertools.count():
+                held = await self._store.get_value(self._registry_slot(i))
+                if held is None:
+                    break
+                names.append(held.decode())
+        return names
+
+    async def _known_queues(self) -> list[str]:
+        names = dict.fromkeys([*sorted(self._declared), *self._consumers, *await self._registered()])
+        return list(names)
+
+    # -- connections --------------------------------------------------------------------
+    def _scrub(self, text: str) -> str:
+        password = self.url.password
+        if password:
+            for form in {password, urllib.parse.quote(password, safe="")}:
+                text = text.replace(form, "***")
+        return text
+
+    def _reason(self, error: BaseException) -> str:
+        text = str(error) or type(error).__name__
+        return self._scrub(f"{type(error).__name__}: {text}" if text != type(error).__name__ else text)
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self._tls:
+            return None
+        params = self.url.params
+        context = ssl.create_default_context(cafile=params.get("cafile"))
+        if params.get("certfile"):
+            context.load_cert_chain(params["certfile"], params.get("keyfile"))
+        return context
+
+    async def _open_connection(self, role: str) -> AbstractRobustConnection:
+        """A robust connection, or `BrokerUnavailable` after ``connect_timeout`` of retries."""
+        amqp_url = make_url(
+            host=self.url.host or "localhost",
+            port=self.url.port or (5671 if self._tls else 5672),
+            login=self.url.username or "guest",
+            password=self.url.password or "guest",
+            virtualhost=_vhost(self.url.path),
+            ssl=self._tls,
+        )
+        deadline = time.monotonic() + self._connect_timeout_s
+        pause = 0.1
+        while True:
+            left = max(deadline - time.monotonic(), 0.05)
+            # What aio_pika.connect_robust does, but holding the connection object: a first
+            # attempt cut short by the timeout must be closed, or its reconnection task lives on.
+            conn = aio_pika.RobustConnection(
+                amqp_url,
+                ssl_context=self._ssl_context(),
+                client_properties={"connection_name": f"{self.client_name} {role}"},
+                reconnect_interval=_RECONNECT_INTERVAL_S,
+                fail_fast="1",
+            )
+            try:
+                await asyncio.wait_for(conn.connect(timeout=left), left)
+                return conn
+            except (aiormq.exceptions.AuthenticationError, aiormq.exceptions.ProbableAuthenticationError) as e:
+                await self._discard(conn)
+                raise BrokerUnavailable(self.url.masked, f"login refused: {self._reason(e)}") from None
+            except aiormq.exceptions.InvalidFrameError as e:
+                await self._discard(conn)
+                if "Connection.OpenOk" not in str(e):
+                    raise BrokerUnavailable(self.url.masked, self._reason(e)) from None
+                # RabbitMQ answers connection.open with a close; aiormq drops its reply text.
+                raise BrokerUnavailable(
+                    self.url.masked,
+                    f"RabbitMQ refused to open virtual host {_vhost(self.url.path)!r} "
+                    "(does it exist, and may this user use it?)",
+                ) from None
+            except (*_TRANSIENT, aiormq.exceptions.AMQPError, RuntimeError) as e:
+                await self._discard(conn)
+                reason = self._reason(e)
+            if time.monotonic() + pause >= deadline:
+                # `from None`: the chained client error would repeat what `reason` says.
+                raise BrokerUnavailable(
+                    self.url.masked, f"{reason} (gave up after {self._connect_timeout_s:g} s)"
+                ) from None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    @staticmethod
+    async def _discard(conn: AbstractRobustConnection) -> None:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    async def connect(self) -> None:
+        if self._conn is not None:
+            return
+        self._conn = await self._open_connection("producer")
+        try:
+            # Returned (unroutable) messages raise, so an enqueue never vanishes into a
+            # queue that was deleted behind this process's back.
+            self._publisher = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+            await self._ensure_topology()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        for task in list(self._hops):
+            task.cancel()
+        await asyncio.gather(*self._hops, return_exceptions=True)
+        conns = [self._consumer_conn, self._conn]
+        self._consumer_conn = self._conn = None
+        self._consumer_channel = self._publisher = self._admin = None
+        self._consumers.clear()
+        self._active.clear()
+        self._buffer.clear()
+        self._leased.clear()
+        self._topology_ready = False
+        for conn in conns:
+            if conn is not None:
+                await self._discard(conn)
+
+    def _require_conn(self) -> AbstractRobustConnection:
+        if self._conn is None:
+            raise BrokerError(f"the amqp broker for {self.url.masked} is not connected; call connect() first")
+        return self._conn
+
+    async def _admin_channel(self, deadline: float) -> aiormq.abc.AbstractChannel:
+        """A plain (not robust) channel for declarations, reads and deletions. A failed
+        declaration closes its channel; this one is simply opened again, with nothing to restore."""
+        if self._admin is not None and not self._admin.is_closed:
+            return self._admin
+        conn = self._require_conn()
+        await asyncio.wait_for(conn.ready(), max(deadline - time.monotonic(), 0.01))
+        transport = conn.transport
+        if transport is None:
+            raise aiormq.exceptions.ChannelInvalidStateError("connection is reconnecting")
+        self._admin = await transport.connection.channel(publisher_confirms=False)
+        return self._admin
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run ``call``, waiting through a lost connection for up to ``publish_timeout``.
+        May run ``call`` twice when a reply was lost: every caller is at-least-once safe."""
+        deadline = time.monotonic() + self._publish_timeout_s
+        pause = 0.05
+        while True:
+            try:
+                return await call()
+            except aiormq.exceptions.ChannelClosed:
+                raise  # the server refused this call (404, 406...): retrying would not help
+            except _TRANSIENT as e:
+                reason = self._reason(e)
+            except asyncio.CancelledError:
+                # aiormq cancels the futures of a connection that dropped; only a
+                # cancellation of this task itself must propagate.
+                if _cancelled_from_outside():
+                    raise
+                reason = "connection lost"
+            if time.monotonic() + pause >= deadline:
+                raise BrokerUnavailable(
+                    self.url.masked, f"cannot {what} within {self._publish_timeout_s:g} s: {reason}"
+                ) from None
+            log.info("%s: waiting for RabbitMQ (%s)", what, reason)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    async def _admin_call(self, what: str, call: Callable[[aiormq.abc.AbstractChannel], Awaitable[T]]) -> T:
+        async def attempt() -> T:
+            return await call(await self._admin_channel(time.monotonic() + self._publish_timeout_s))
+
+        return await self._retrying(what, attempt)
+
+    # -- declarations -------------------------------------------------------------------
+    async def _ensure_topology(self) -> None:
+        if self._topology_ready:
+            return
+
+        async def declare(ch: aiormq.abc.AbstractChannel) -> None:
+            await ch.exchange_declare(self._dead_name, exchange_type="fanout", durable=True)
+            await ch.queue_declare(self._dead_name, durable=True, arguments={"x-queue-type": "classic"})
+            await ch.queue_bind(self._dead_name, self._dead_name, routing_key="")
+            await ch.exchange_declare(self._delay_exchange, exchange_type="headers", durable=True)
+            for ms in DELAY_LEVELS_MS:
+                # No priority here: with equal TTLs, a priority would let later messages
+                # overtake earlier ones and hold them past their due time.
+                name = self._level_name(ms)
+                args: dict[str, Any] = {"x-message-ttl": ms, "x-dead-letter-exchange": "", "x-queue-type": "classic"}
+                await ch.queue_declare(name, durable=True, arguments=args)
+                await ch.queue_bind(name, self._delay_exchange, arguments={"x-match": "all", _H_DELAY: str(ms)})
+
+        try:
+            await self._admin_call("declare the namespace's exchanges", declare)
+        except aiormq.exceptions.ChannelPreconditionFailed as e:
+            raise BrokerError(
+                f"RabbitMQ at {self.url.masked} holds {self._prefix}:* exchanges or queues declared "
+                f"otherwise than offload declares them ({self._scrub(str(e))}); delete them or use another namespace"
+            ) from None
+        self._topology_ready = True
+
+    async def _declare(self, queue: str) -> None:
+        if queue in self._declared:
+            return
+        name = self._queue_name(queue)
+        try:
+            await self._admin_call(
+                f"declare queue {name}",
+                lambda ch: ch.queue_declare(name, durable=True, arguments=self._queue_args),
+            )
+        except aiormq.exceptions.ChannelPreconditionFailed as e:
+            raise BrokerError(
+                f"queue {name!r} on {self.url.masked} already exists, declared otherwise than offload "
+                f"needs (x-max-priority={MAX_PRIORITY}, x-dead-letter-exchange={self._dead_name}, classic); "
+                f"RabbitMQ says: {self._scrub(str(e))}. Priorities would be ignored on it: delete it "
+                f"(rabbitmqctl delete_queue {name}) or use another queue name"
+            ) from None
+        self._declared.add(queue)
+        await self._register(queue)
+
+    # -- publishing ---------------------------------------------------------------------
+    async def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        build: Callable[[], aio_pika.Message],
+        redeclare: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Publish with a broker confirm; wait through reconnections. A message RabbitMQ
+        cannot route (its queue or exchange was deleted elsewhere) is declared again, once."""
+        redeclared = False
+        while True:
+            try:
+                await self._retrying(
+                    f"publish to {routing_key}", partial(self._publish_once, exchange, routing_key, build)
+                )
+                return
+            except (aiormq.exceptions.PublishError, aiormq.exceptions.ChannelNotFoundEntity) as e:
+                if redeclared:
+                    raise BrokerError(
+                        f"RabbitMQ at {self.url.masked} cannot route to {routing_key!r}: {self._reason(e)}"
+                    ) from None
+                redeclared = True
+                await redeclare()
+            except aiormq.exceptions.DeliveryError as e:
+                raise BrokerError(
+                    f"RabbitMQ at {self.url.masked} refused a message for {routing_key!r}: {self._reason(e)}"
+                ) from None
+
+    async def _publish_once(self, exchange: str, routing_key: str, build: Callable[[], aio_pika.Message]) -> None:
+        self._require_conn()
+        channel = self._publisher
+        if channel is None:
+            raise aiormq.exceptions.ChannelInvalidStateError("no publisher channel")
+        if channel.is_closed:  # reopening after a lost connection or a channel error
+            await asyncio.wait_for(channel.ready(), self._publish_timeout_s)
+        target = channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
+        await target.publish(build(), routing_key, mandatory=True, timeout=self._publish_timeout_s)
+
+    async def _send(
+        self,
+        *,
+        message_id: str,
+        queue: str,
+        body: bytes,
+        priority: int,
+        eta: float | None,
+        expires: float | None,
+        key: str | None,
+        deliveries: int,
+    ) -> None:
+        """Publish one copy of a message, to its queue or, when it is not due, to a delay level."""
+        await self._declare(queue)
+        headers: dict[str, Any] = {_H_ID: message_id, _H_QUEUE: queue, _H_DELIVERIES: deliveries}
+        if key is not None:
+            headers[_H_KEY] = key
+        if expires is not None:
+            headers[_H_EXPIRES] = _timestamp(expires)
+        exchange = ""
+        expiration = None
+        now = time.time()
+        if eta is not None and eta > now + _DUE_SLACK_S:
+            await self._ensure_topology()
+            headers[_H_ETA] = _timestamp(eta)
+            headers[_H_DELAY] = str(_level_ms(eta - now))
+            exchange = self._delay_exchange
+            # Expiring in a delay level sends the message on to its queue early, where a worker
+            # records it as expired. Not in the queue itself: RabbitMQ would dead-letter it
+            # without any worker recording its state.
+            expiration = max(expires - now, 0.001) if expires is not None else None
+
+        def build() -> aio_pika.Message:
+            return aio_pika.Message(
+                body,
+                headers={**headers, _H_COPY: uuid.uuid4().hex},
+                priority=_priority(priority),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=message_id,
+                expiration=expiration,
+            )
+
+        async def redeclare() -> None:
+            self._declared.discard(queue)
+            self._topology_ready = False
+            await self._ensure_topology()
+            await self._declare(queue)
+
+        await self._publish(exchange, self._queue_name(queue), build, redeclare)
+
+    async def _hold_key(self, message: OutgoingMessage) -> str | None:
+        """Take the message's dedup key; the id of the message holding it when taken."""
+        assert message.key is not None
+        if self._store is None:
+            raise ConfigError(
+                f"dedup keys on {self.url.masked} need a result store: pass results='redis://...' to Offload()"
+            )
+        ttl = message.expires - time.time() + _KEY_GRACE_S if message.expires is not None else None
+        slot = self._dedup_key(message.key)
+        for _ in range(5):
+            if await self._store.set_if_absent(slot, message.id.encode(), ttl_s=ttl):
+                await self._store.set_if_absent(self._key_of(message.id), message.key.encode(), ttl_s=_CLAIM_TTL_S)
+                return None
+            holder = await self._store.get_value(slot)
+            if holder is not None:
+                return holder.decode()
+        raise BrokerError(f"dedup key {message.key!r} keeps changing hands; try again")
+
+    async def enqueue(self, message: OutgoingMessage) -> str:
+        self._require_conn()
+        if message.key is not None:
+            holder = await self._hold_key(message)
+            if holder is not None:
+                return holder
+        try:
+            await self._send(
+                message_id=message.id,
+                queue=message.queue,
+                body=message.body,
+                priority=message.priority,
+                eta=message.eta,
+                expires=message.expires,
+                key=message.key,
+                deliveries=0,
+            )
+        except BaseException:
+            if message.key is not None:
+                with contextlib.suppress(Exception):
+                    await self._release_key(message.key, message.id)
+            raise
+        return message.id
+
+    # -- consuming ----------------------------------------------------------------------
+    async def _start_consuming(self, queues: Sequence[str], limit: int) -> None:
+        async with self._consumer_lock:
+            if self._consumer_conn is None:
+                self._require_conn()
+                self._consumer_conn = await self._open_connection("consumer")
+                channel = await self._consumer_conn.channel(publisher_confirms=False)
+                # The prefetch bounds what this process holds unacknowledged per queue, so
+                # it should match the worker's concurrency: the first fetch asks for all of it.
+                await channel.set_qos(prefetch_count=self._prefetch or max(limit, 1))
+                self._consumer_channel = channel
+            consumer_channel = self._consumer_channel
+            assert consumer_channel is not None
+            for queue in queues:
+                if queue in self._consumers:
+                    continue
+                await self._declare(queue)
+                # Declared again on the robust channel so that, after a reconnection, aio-pika
+                # declares it and starts the consumer again by itself.
+                robust_queue = await consumer_channel.declare_queue(
+                    self._queue_name(queue), durable=True, arguments=self._queue_args
+                )
+                self._active.add(queue)
+                try:
+                    tag = await robust_queue.consume(partial(self._on_message, queue))
+                except BaseException:
+                    self._active.discard(queue)
+                    raise
+                self._consumers[queue] = (robust_queue, tag)
+
+    async def _stop_consuming(self, keep: Sequence[str] = ()) -> None:
+        """Cancel the consumers of queues not in ``keep`` and give back what they buffered."""
+        async with self._consumer_lock:
+            for queue in [q for q in self._consumers if q not in keep]:
+                robust_queue, tag = self._consumers.pop(queue)
+                self._active.discard(queue)
+                with contextlib.suppress(*_TRANSIENT, aiormq.exceptions.AMQPError):
+                    await robust_queue.cancel(tag)
+            returned = [b for b in self._buffer if b.queue not in keep]
+            self._buffer = [b for b in self._buffer if b.queue in keep]
+        for item in returned:
+            await self._give_back(item.message)
+
+    @staticmethod
+    async def _give_back(message: AbstractIncomingMessage) -> None:
+        if _is_stale(message):
+            return  # its channel closed: RabbitMQ has put it back already
+        with contextlib.suppress(*_TRANSIENT, aio_pika.exceptions.MessageProcessError):
+            await message.nack(requeue=True)
+
+    async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
+        if queue not in self._active:
+            await self._give_back(message)  # raced with the consumer's cancellation
+            return
+        headers = message.headers or {}
+        eta = _number(headers.get(_H_ETA))
+        expires = _number(headers.get(_H_EXPIRES))
+        now = time.time()
+        if eta is not None and eta > now + _DUE_SLACK_S and not (expires is not None and expires <= now):
+            # Back from a delay level too early: send it down the next one right away, so the
+            # hops go on whether or not a fetch is waiting.
+            task = asyncio.create_task(self._hop(queue, message))
+            self._hops.add(task)
+            task.add_done_callback(self._hops.discard)
+            return
+        self._buffer.append(_Buffered(queue, next(self._seq), message))
+        self._arrived.set()
+
+    async def _hop(self, queue: str, message: AbstractIncomingMessage) -> None:
+        headers = message.headers or {}
+        try:
+            await self._send(
+                message_id=_text(headers.get(_H_ID)) or message.message_id or "",
+                queue=queue,
+                body=message.body,
+                priority=message.priority or 0,
+                eta=_number(headers.get(_H_ETA)),
+                expires=_number(headers.get(_H_EXPIRES)),
+                key=_text(headers.get(_H_KEY)),
+                deliveries=int(_number(headers.get(_H_DELIVERIES)) or 0),
+            )
+            await message.ack()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            # Sending failed after its own retries: back to the queue, to hop on its next delivery.
+            log.warning("could not delay message %s further: %s", message.message_id, self._reason(e))
+            await self._give_back(message)
+
+    def _take(self, order: dict[str, int], limit: int) -> list[_Buffered]:
+        live = [b for b in self._buffer if not _is_stale(b.message)]
+        mine = sorted((b for b in live if b.queue in order), key=lambda b: (-b.priority, order[b.queue], b.seq))
+        taken = mine[:limit]
+        chosen = {id(b) for b in taken}
+        self._buffer = [b for b in live if id(b) not in chosen]
+        return taken
+
+    async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
+        self._require_conn()
+        if limit <= 0 or not queues:
+            return []
+        deadline = time.monotonic() + timeout_s
+        self._fetching += 1
+        try:
+            if self._fetching == 1 and set(self._consumers) - set(queues):
+                await self._stop_consuming(keep=queues)
+            await self._start_consuming(queues, limit)
+            order = {q: i for i, q in enumerate(queues)}
+            while True:
+                taken = self._take(order, limit)
+                if taken:
+                    handed = await self._admit(taken)
+                    if handed:
+                        return handed
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), left)
+        finally:
+            self._fetching -= 1
+
+    async def _admit(self, taken: list[_Buffered]) -> list[Delivery]:
+        """Turn buffered messages into deliveries, dropping revoked and already-acked copies."""
+        settled: set[int] = set()  # id() of the buffered items acked or merged here
+        handed: list[Delivery] = []
+        try:
+            candidates: list[tuple[_Buffered, str, str]] = []
+            for item in taken:
+                headers = item.message.headers or {}
+                copy = _text(headers.get(_H_COPY)) or f"?{id(item.message)}"
+                message_id = _text(headers.get(_H_ID)) or item.message.message_id or copy
+                running = self._leased.get(copy)
+                if running is not None and _is_stale(running.receipt):
+                    # Redelivered after this process's channel closed, while its task still
+                    # runs here: the running delivery's ack now settles this delivery.
+                    running.receipt = item.message
+                    settled.add(id(item))
+                elif copy in self._lost_acks:
+                    del self._lost_acks[copy]
+                    await item.message.ack()
+                    settled.add(id(item))
+                    await self._release_key(_text(headers.get(_H_KEY)), message_id)
+                else:
+                    candidates.append((item, copy, message_id))
+            verdicts = await self._claim([message_id for _, _, message_id in candidates])
+            for (item, copy, message_id), revoked in zip(candidates, verdicts, strict=True):
+                headers = item.message.headers or {}
+                if revoked:
+                    log.info("dropping cancelled message %s", message_id)
+                    await item.message.ack()
+                    settled.add(id(item))
+                    await self._release_key(_text(headers.get(_H_KEY)), message_id)
+                    continue
+                deliveries = int(_number(headers.get(_H_DELIVERIES)) or 0) + 1 + int(bool(item.message.redelivered))
+                delivery = Delivery(message_id, item.queue, item.message.body, deliveries, receipt=item.message)
+                self._leased[copy] = delivery
+                handed.append(delivery)
+        except BaseException:
+            # Nothing is handed out: keep every message not settled here in the buffer,
+            # still unacknowledged, for the next fetch.
+            for delivery in handed:
+                self._forget(delivery)
+            self._buffer.extend(item for item in taken if id(item) not in settled)
+            raise
+        return handed
+
+    async def _claim(self, message_ids: list[str]) -> list[bool]:
+        """Mark messages as handed out; True for each one a cancel got to first."""
+        store = self._store
+        if store is None or not message_ids:
+            return [False] * len(message_ids)
+
+        async def one(message_id: str) -> bool:
+            claim = self._claim_key(message_id)
+            if await store.set_if_absent(claim, _LEASED, ttl_s=_CLAIM_TTL_S):
+                return False
+            return await store.get_value(claim) == _REVOKED
+
+        return list(await asyncio.gather(*(one(m) for m in message_ids)))
+
+    # -- settling -----------------------------------------------------------------------
+    def _forget(self, delivery: Delivery) -> None:
+        if delivery.receipt is None:
+            return
+        copy = _text((delivery.receipt.headers or {}).get(_H_COPY))
+        if copy is not None and self._leased.get(copy) is delivery:
+            del self._leased[copy]
+
+    async def _settle(self, delivery: Delivery, *, release_key: bool) -> None:
+        message = delivery.receipt
+        if message is None:
+            raise BrokerError(f"delivery {delivery.id} did not come from this amqp broker")
+        self._forget(delivery)
+        headers = message.headers or {}
+        try:
+            await message.ack()
+        except aio_pika.exceptions.MessageProcessError:
+            return  # settled before
+        except (*_TRANSIENT, aiormq.exceptions.AMQPError):
+            copy = _text(headers.get(_H_COPY))
+            if copy is not None:
+                self._lost_acks[copy] = None
+                while len(self._lost_acks) > _LOST_ACKS_KEPT:
+                    self._lost_acks.popitem(last=False)
+            log.warning(
+                "ack of %s lost with its channel: RabbitMQ will deliver it again (a copy coming back "
+                "to this process is acked on arrival)",
+                delivery.id,
+            )
+            return
+        if release_key:
+            await self._release_key(_text(headers.get(_H_KEY)), delivery.id)
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            await self._settle(delivery, release_key=True)
+
+    async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
+        message = delivery.receipt
+        if message is None:
+            raise BrokerError(f"delivery {delivery.id} did not come from this amqp broker")
+        headers = message.headers or {}
+        if self._store is not None:
+            # Waiting for its next attempt, the message may be cancelled again.
+            await self._store.delete_value(self._claim_key(delivery.id))
+        # The new copy is confirmed before the old one is acked: a crash in between runs the
+        # task twice rather than never.
+        await self._send(
+            message_id=delivery.id,
+            queue=delivery.queue,
+            body=delivery.body if body is None else body,
+            priority=message.priority or 0,
+            eta=time.time() + delay_s if delay_s > 0 else None,
+            expires=_number(headers.get(_H_EXPIRES)),
+            key=_text(headers.get(_H_KEY)),
+            deliveries=delivery.deliveries,
+        )
+        await self._settle(delivery, release_key=False)
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        """Nothing to do: RabbitMQ holds a delivery until its ack or until its channel closes
+        (mind ``consumer_timeout``, see the module docstring)."""
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        message = delivery.receipt
+        if message is None:
+            raise BrokerError(f"delivery {delivery.id} did not come from this amqp broker")
+        headers = message.headers or {}
+        await self._ensure_topology()
+        dead_headers: dict[str, Any] = {
+            _H_ID: delivery.id,
+            _H_QUEUE: delivery.queue,
+            _H_REASON: reason,
+            _H_DIED_AT: _timestamp(time.time()),
+            _H_DELIVERIES: delivery.deliveries,
+        }
+        key = _text(headers.get(_H_KEY))
+        if key is not None:
+            dead_headers[_H_KEY] = key
+
+        def build() -> aio_pika.Message:
+            return aio_pika.Message(
+                delivery.body,
+                headers={**dead_headers, _H_COPY: uuid.uuid4().hex},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=delivery.id,
+            )
+
+        async def redeclare() -> None:
+            self._topology_ready = False
+            await self._ensure_topology()
+
+        await self._publish(self._dead_name, self._queue_name(delivery.queue), build, redeclare)
+        await self._settle(delivery, release_key=True)
+
+    # -- reading queues with basic.get --------------------------------------------------
+    async def _get(self, queue_name: str, *, no_ack: bool) -> AbstractIncomingMessage | None:
+        """One message from a queue, None when empty (or when the queue does not exist)."""
+
+        async def call(ch: aiormq.abc.AbstractChannel) -> AbstractIncomingMessage | None:
+            got = await ch.basic_get(queue_name, no_ack=no_ack)
+            if isinstance(got.delivery, aiormq.spec.Basic.GetEmpty):
+                return None
+            return aio_pika.IncomingMessage(got, no_ack=no_ack)
+
+        try:
+            # Not retried: a browse cannot resume on a new channel, where what it held
+            # unacknowledged has gone back to the queue.
+            return await call(await self._admin_channel(time.monotonic() + self._publish_timeout_s))
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+
+    async def _browse(
+        self, queue_name: str, take: Callable[[AbstractIncomingMessage], bool]
+    ) -> list[AbstractIncomingMessage]:
+        """Read a whole queue; remove and return the messages ``take`` accepts, put the others
+        back in their places (RabbitMQ requeues to the original position)."""
+        taken: list[AbstractIncomingMessage] = []
+        kept: list[AbstractIncomingMessage] = []
+        try:
+            while (message := await self._get(queue_name, no_ack=False)) is not None:
+                (taken if take(message) else kept).append(message)
+        finally:
+            for message in kept:
+                await self._give_back(message)
+        for message in taken:
+            await message.ack()
+        return taken
+
+    def _as_dead_letter(self, message: AbstractIncomingMessage) -> DeadLetter:
+        headers = message.headers or {}
+        reason = _text(headers.get(_H_REASON))
+        died_at = _number(headers.get(_H_DIED_AT))
+        deaths = headers.get("x-death")
+        if reason is None and isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+            # Dead-lettered by RabbitMQ itself (an expired message).
+            cause = _text(deaths[0].get("reason")) or "dead-lettered"
+            reason = "expired before it started" if cause == "expired" else f"dead-lettered by RabbitMQ: {cause}"
+            when = deaths[0].get("time")
+            died_at = when.timestamp() if isinstance(when, datetime) else died_at
+        queue = _text(headers.get(_H_QUEUE))
+        if queue is None:
+            routing_key = message.routing_key or ""
+            queue = routing_key.removeprefix(f"{self._prefix}.")
+        return DeadLetter(
+            id=_text(headers.get(_H_ID)) or message.message_id or "",
+            queue=queue,
+            body=message.body,
+            reason=reason or "unknown",
+            died_at=died_at if died_at is not None else 0.0,
+        )
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        self._require_conn()
+        async with self._admin_lock:
+            browsed: list[DeadLetter] = []
+
+            def look(message: AbstractIncomingMessage) -> bool:
+                browsed.append(self._as_dead_letter(message))
+                return False
+
+            await self._browse(self._dead_name, look)
+        return sorted(browsed, key=lambda d: d.died_at, reverse=True)[:limit]
+
+    async def replay(self, ids: Sequence[str] | None = None) -> list[DeadLetter]:
+        self._require_conn()
+        wanted = None if ids is None else set(ids)
+        async with self._admin_lock:
+            taken = await self._browse(
+                self._dead_name, lambda m: wanted is None or self._as_dead_letter(m).id in wanted
+            )
+        letters = [self._as_dead_letter(m) for m in taken]
+        for message, letter in zip(taken, letters, strict=True):
+            # A message RabbitMQ expired still holds its dedup key.
+            await self._release_key(_text((message.headers or {}).get(_H_KEY)), letter.id)
+        return letters
+
+    # -- cancel, purge, stats, flush ----------------------------------------------------
+    async def cancel(self, message_id: str) -> bool:
+        self._require_conn()
+        if self._store is None:
+            return False
+        if not await self._store.set_if_absent(self._claim_key(message_id), _REVOKED, ttl_s=_CLAIM_TTL_S):
+            return False  # handed out already (or cancelled before)
+        key = await self._store.get_value(self._key_of(message_id))
+        if key is not None:
+            await self._release_key(key.decode(), message_id)
+        return True
+
+    async def purge(self, queue: str) -> int:
+        """Removes the queue's ready messages, its scheduled ones in the delay levels and the
+        ones this process buffered, one by one so that their dedup keys are released."""
+        self._require_conn()
+        name = self._queue_name(queue)
+        removed: list[AbstractIncomingMessage] = []
+        async with self._admin_lock:
+            while (message := await self._get(name, no_ack=True)) is not None:
+                removed.append(message)
+            for ms in DELAY_LEVELS_MS:
+                removed += await self._browse(self._level_name(ms), lambda m: m.routing_key == name)
+        buffered = [b.message for b in self._buffer if b.queue == queue and not _is_stale(b.message)]
+        self._buffer = [b for b in self._buffer if b.queue != queue]
+        for message in buffered:
+            with contextlib.suppress(*_TRANSIENT, aio_pika.exceptions.MessageProcessError):
+                await message.ack()
+        removed += buffered
+        for message in removed:
+            headers = message.headers or {}
+            await self._release_key(_text(headers.get(_H_KEY)), _text(headers.get(_H_ID)) or "")
+        return len(removed)
+
+    async def _depth(self, queue_name: str) -> int:
+        async def call(ch: aiormq.abc.AbstractChannel) -> int:
+            ok = await ch.queue_declare(queue_name, passive=True)
+            return int(ok.message_count or 0)
+
+        try:
+            return await self._admin_call(f"read the depth of {queue_name}", call)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return 0
+
+    async def stats(self) -> QueueStats:
+        self._require_conn()
+        out = QueueStats()
+        for queue in await self._known_queues():
+            depth = await self._depth(self._queue_name(queue))
+            depth += sum(1 for b in self._buffer if b.queue == queue)
+            if depth:
+                out.queued[queue] = depth
+        for ms in DELAY_LEVELS_MS:
+            out.scheduled += await self._depth(self._level_name(ms))
+        out.running = len(self._leased)
+        out.dead = await self._depth(self._dead_name)
+        return out
+
+    async def flush_namespace(self) -> None:
+        """Delete the namespace's queues (those this process declared and those in the
+        registry) and exchanges. Other processes' consumers should be stopped first: aio-pika
+        declares the queue of a consumer again when its queue is deleted under it."""
+        self._require_conn()
+        queues = await self._known_queues()
+        # The consumer connection goes first, so that no reconnection declares its queues again.
+        async with self._consumer_lock:
+            consumer_conn, self._consumer_conn, self._consumer_channel = self._consumer_conn, None, None
+            self._consumers.clear()
+            self._active.clear()
+            self._buffer.clear()
+        if consumer_conn is not None:
+            await self._discard(consumer_conn)
+        names = [
+            *(self._queue_name(q) for q in queues),
+            *(self._level_name(ms) for ms in DELAY_LEVELS_MS),
+            self._dead_name,
+        ]
+        for name in names:
+            await self._admin_call(f"delete queue {name}", partial(_delete_queue, name))
+        for exchange in (self._delay_exchange, self._dead_name):
+            await self._admin_call(f"delete exchange {exchange}", partial(_delete_exchange, exchange))
+        if self._store is not None:
+            for i in range(len(await self._registered())):
+                await self._store.delete_value(self._registry_slot(i))
+        self._declared.clear()
+        self._topology_ready = False
+        self._leased.clear()
+        self._lost_acks.clear()
+
+
+def make_broker(url: BrokerURL, namespace: str) -> Broker:
+    return AmqpBroker(url, namespace)

@@ -1,0 +1,422 @@
+"""RabbitMQ-specific behaviour of the amqp broker, against the real server.
+
+A memory:// store stands in for the results store: the broker only uses its key-value
+primitives, and these tests are about RabbitMQ. Connections are closed from the server side with
+``rabbitmqctl close_connection``, which is what ``close_all_connections`` does to each
+connection, but only to this test's own connections, so other suites sharing the server are left
+alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from offload.brokers import make_broker, make_store
+from offload.brokers.amqp import AmqpBroker
+from offload.brokers.base import OutgoingMessage
+from offload.config import parse_url
+from offload.errors import BrokerError, BrokerUnavailable, ConfigError
+from tests.conftest import AMQP_URL, require_server
+
+MakeBroker = Callable[..., Awaitable[AmqpBroker]]
+
+
+def msg(
+    queue: str = "default", priority: int = 0, eta: float | None = None, expires: float | None = None
+) -> OutgoingMessage:
+    mid = uuid.uuid4().hex
+    return OutgoingMessage(
+        id=mid, queue=queue, body=b"body-" + mid.encode(), priority=priority, eta=eta, expires=expires
+    )
+
+
+@pytest.fixture
+async def amqp(namespace: str) -> AsyncIterator[MakeBroker]:
+    """Connected brokers on one namespace and one store; the namespace is flushed afterwards."""
+    require_server("amqp")
+    store = make_store(parse_url(f"memory://{namespace}"), namespace)
+    await store.connect()
+    made: list[AmqpBroker] = []
+
+    async def make(url: str = AMQP_URL) -> AmqpBroker:
+        broker = make_broker(parse_url(url), namespace)
+        assert isinstance(broker, AmqpBroker)
+        broker.bind_store(store)
+        await broker.connect()
+        made.append(broker)
+        return broker
+
+    try:
+        yield make
+    finally:
+        # The others close first: a consumer still attached when its queue is deleted would
+        # have aio-pika declare the queue again.
+        for broker in made[1:]:
+            await broker.close()
+        if made:
+            await made[0].flush_namespace()
+            await made[0].close()
+        await store.close()
+
+
+async def rabbitmqctl(*args: str) -> str:
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed here")
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    if proc.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} failed: {err.decode()[-500:]}")
+    return out.decode()
+
+
+async def close_connections(prefix: str) -> int:
+    """Have RabbitMQ force-close (CONNECTION_FORCED) every connection whose name starts with
+    ``prefix``; returns how many it closed."""
+    listing = await rabbitmqctl("list_connections", "pid", "client_properties", "-q")
+    pids = [line.split("\t", 1)[0] for line in listing.splitlines() if f'{{"connection_name","{prefix}' in line]
+    for pid in pids:
+        await rabbitmqctl("close_connection", pid, "offload test: forced close")
+    return len(pids)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_forced_close_of_every_connection_loses_nothing(amqp: MakeBroker, namespace: str) -> None:
+    producer, consumer = await amqp(), await amqp()
+    sent: list[str] = []
+    seen: set[str] = set()
+    underway, closed = asyncio.Event(), asyncio.Event()
+
+    async def produce() -> None:
+        after_close = 0
+        while after_close < 100:
+            m = msg()
+            await producer.enqueue(m)  # returns once RabbitMQ confirmed it
+            sent.append(m.id)
+            if len(sent) == 50:
+                underway.set()
+            if closed.is_set():
+                after_close += 1
+            await asyncio.sleep(0.002)  # a steady trickle, so the close lands mid-stream
+
+    async def consume() -> None:
+        while not producing.done() or not set(sent) <= seen:
+            got = await consumer.fetch(["default"], 10, timeout_s=0.5)
+            seen.update(d.id for d in got)
+            await consumer.ack(got)
+
+    # Given a producer and a consumer at work
+    producing = asyncio.create_task(produce())
+    consuming = asyncio.create_task(consume())
+    await asyncio.wait_for(underway.wait(), 10)
+    # When RabbitMQ closes all their connections
+    assert await close_connections(f"offload {namespace} ") >= 2
+    closed.set()
+    # Then both carry on, and every confirmed message is consumed
+    await asyncio.wait_for(producing, 60)
+    await asyncio.wait_for(consuming, 60)
+    assert set(sent) <= seen
+    assert len(sent) >= 150
+
+
+async def test_unacked_messages_go_to_another_consumer_when_the_connection_closes(
+    amqp: MakeBroker,
+) -> None:
+    first, second = await amqp(), await amqp()
+    m1, m2 = msg(), msg()
+    await first.enqueue(m1)
+    await first.enqueue(m2)
+    taken = await first.fetch(["default"], 10, timeout_s=2)
+    while len(taken) < 2:
+        more = await first.fetch(["default"], 10, timeout_s=2)
+        assert more, "message missing"
+        taken += more
+    assert {d.id for d in taken} == {m1.id, m2.id}
+    assert await second.fetch(["default"], 10, timeout_s=0.1) == []  # consuming, nothing to get
+
+    # When the first consumer's connection dies before it acks
+    assert await close_connections(f"{first.client_name} consumer") == 1
+
+    # Then RabbitMQ hands both messages to the second consumer, marked as delivered again
+    again = await second.fetch(["default"], 10, timeout_s=10)
+    while len(again) < 2:
+        more = await second.fetch(["default"], 10, timeout_s=10)
+        assert more, "message not redelivered"
+        again += more
+    assert {d.id for d in again} == {m1.id, m2.id}
+    assert all(d.deliveries >= 2 for d in again)
+    await first.ack(taken)  # too late: logged, not raised
+    await second.ack(again)
+    assert await second.fetch(["default"], 10, timeout_s=0.3) == []
+
+
+async def test_a_redelivery_to_the_same_process_joins_the_running_task(amqp: MakeBroker) -> None:
+    worker, other = await amqp(), await amqp()
+    m = msg()
+    await worker.enqueue(m)
+    [running] = await worker.fetch(["default"], 1, timeout_s=2)
+    old_receipt = running.receipt
+
+    # When its connection is closed while the task runs, and the consumer reconnects alone
+    assert await close_connections(f"{worker.client_name} consumer") == 1
+    deadline = time.monotonic() + 15
+    while running.receipt is old_receipt:
+        assert time.monotonic() < deadline, "the message did not come back"
+        # Then the redelivered copy is not handed out a second time
+        assert await worker.fetch(["default"], 1, timeout_s=0.2) == []
+
+    # And the running task's ack settles it for good
+    await worker.ack([running])
+    assert await other.fetch(["default"], 1, timeout_s=0.5) == []
+
+
+async def test_an_unreachable_broker_fails_fast_without_showing_the_password(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    broker = make_broker(parse_url(f"amqp://guest:s3cret-pw@127.0.0.1:{free_port()}/?connect_timeout=1"), namespace)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as info:
+        await broker.connect()
+    assert time.monotonic() - started < 4
+    assert "guest:***@127.0.0.1" in str(info.value)
+    assert "s3cret-pw" not in str(info.value)
+    assert "s3cret-pw" not in caplog.text
+
+
+async def test_a_wrong_password_is_refused_at_once(namespace: str) -> None:
+    require_server("amqp")
+    url = AMQP_URL.replace("guest:guest@", "guest:wr0ng-pw@")
+    broker = make_broker(parse_url(url), namespace)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as info:
+        await broker.connect()
+    assert time.monotonic() - started < 4
+    assert "login refused" in str(info.value)
+    assert "wr0ng-pw" not in str(info.value)
+
+
+async def test_the_vhost_comes_from_the_path(amqp: MakeBroker, namespace: str) -> None:
+    broker = await amqp(AMQP_URL.rstrip("/") + "/%2F")  # "/" spelled out
+    await broker.enqueue(msg())
+    assert len(await broker.fetch(["default"], 1, timeout_s=2)) == 1
+    missing = make_broker(parse_url(AMQP_URL.rstrip("/") + f"/no-such-vhost-{namespace}?connect_timeout=1"), namespace)
+    with pytest.raises(BrokerUnavailable, match="virtual host 'no-such-vhost-"):
+        await missing.connect()
+
+
+async def test_a_queue_declared_without_priorities_is_refused(amqp: MakeBroker, namespace: str) -> None:
+    # aio-pika stands in for another application that declared the queue its own way.
+    import aio_pika
+
+    broker = await amqp()
+    name = f"offload.{namespace}.legacy"
+    conn = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await conn.channel()
+        await channel.declare_queue(name, durable=True)
+        with pytest.raises(BrokerError, match="x-max-priority") as info:
+            await broker.enqueue(msg(queue="legacy"))
+        assert name in str(info.value)
+        with pytest.raises(BrokerError, match="x-max-priority"):
+            await broker.fetch(["legacy"], 1, timeout_s=0.1)
+        # The broker keeps working for its other queues
+        m = msg()
+        await broker.enqueue(m)
+        assert [d.id for d in await broker.fetch(["default"], 1, timeout_s=2)] == [m.id]
+    finally:
+        await channel.queue_delete(name)
+        await conn.close()
+
+
+async def test_priorities_are_honoured(amqp: MakeBroker) -> None:
+    broker = await amqp()
+    # Given a backlog enqueued in mixed priority order
+    backlog = [msg(priority=p) for p in (3, 0, 9, 5, 3, 7, 0, 9, 1, 5)]
+    for m in backlog:
+        await broker.enqueue(m)
+    # When a worker takes them one at a time
+    order = []
+    for _ in backlog:
+        got = await broker.fetch(["default"], 1, timeout_s=2)
+        assert got, "message missing"
+        order.append(got[0].id)
+        await broker.ack(got)
+    # Then the highest priority comes first, first in first out within a priority
+    assert order == [m.id for m in sorted(backlog, key=lambda m: -m.priority)]
+
+
+async def test_a_fetch_for_other_queues_gives_back_what_was_buffered(amqp: MakeBroker) -> None:
+    worker, other = await amqp(AMQP_URL + "?prefetch=10"), await amqp()
+    backlog = [msg(queue="a") for _ in range(3)]
+    for m in backlog:
+        await worker.enqueue(m)
+    [running] = await worker.fetch(["a"], 1, timeout_s=2)  # the rest may sit in its buffer
+    # When the worker turns to another queue
+    assert await worker.fetch(["b"], 1, timeout_s=0.1) == []
+    # Then what it held of "a" but had not handed out is free for others
+    rest: list[str] = []
+    while len(rest) < 2:
+        got = await other.fetch(["a"], 10, timeout_s=5)
+        assert got, "buffered messages were not given back"
+        rest += [d.id for d in got]
+        await other.ack(got)
+    assert {running.id, *rest} == {m.id for m in backlog}
+    await worker.ack([running])
+
+
+async def test_a_delayed_message_is_not_visible_before_its_eta(amqp: MakeBroker) -> None:
+    broker = await amqp()
+    eta = time.time() + 1.5
+    m = msg(eta=eta)
+    await broker.enqueue(m)
+    assert await broker.fetch(["default"], 1, timeout_s=eta - time.time() - 0.05) == []
+    assert (await broker.stats()).scheduled == 1
+    got = await broker.fetch(["default"], 1, timeout_s=5)
+    arrived = time.time()
+    assert [d.id for d in got] == [m.id]
+    assert eta <= arrived < eta + 0.5  # the smallest delay level is 64 ms
+
+
+async def test_a_retry_delay_holds_the_message_back(amqp: MakeBroker) -> None:
+    broker = await amqp()
+    await broker.enqueue(msg())
+    [first] = await broker.fetch(["default"], 1, timeout_s=2)
+    due = time.time() + 1.0
+    await broker.requeue(first, b"attempt-2", delay_s=1.0)
+    assert await broker.fetch(["default"], 1, timeout_s=due - time.time() - 0.05) == []
+    [again] = await broker.fetch(["default"], 1, timeout_s=5)
+    assert time.time() >= due
+    assert (again.id, again.body, again.deliveries) == (first.id, b"attempt-2", 2)
+
+
+async def test_cancel_is_true_only_before_the_message_is_handed_out(amqp: MakeBroker) -> None:
+    broker = await amqp()
+    scheduled, queued = msg(eta=time.time() + 0.5), msg()
+    await broker.enqueue(scheduled)
+    await broker.enqueue(queued)
+    [running] = await broker.fetch(["default"], 1, timeout_s=2)
+    assert running.id == queued.id
+    assert await broker.cancel(queued.id) is False  # already running
+    assert await broker.cancel(scheduled.id) is True
+    # The cancelled message is dropped when it comes due
+    assert await broker.fetch(["default"], 1, timeout_s=1.5) == []
+    await broker.ack([running])
+    assert (await broker.stats()).scheduled == 0
+
+
+async def test_expiring_during_a_delay_ends_the_delay(amqp: MakeBroker) -> None:
+    broker = await amqp()
+    # Given a message due in a minute that expires much sooner
+    expires = time.time() + 0.3
+    m = msg(eta=time.time() + 60, expires=expires)
+    await broker.enqueue(m)
+    # Then it reaches a worker once expired, which records it as expired, not after a minute
+    [d] = await broker.fetch(["default"], 1, timeout_s=5)
+    assert d.id == m.id and time.time() >= expires
+    await broker.ack([d])
+    assert (await broker.stats()).scheduled == 0
+
+
+async def test_another_process_sees_the_queues_and_purges_them(amqp: MakeBroker) -> None:
+    web, cli = await amqp(), await amqp()
+    for _ in range(3):
+        await web.enqueue(msg(queue="images"))
+    await web.enqueue(msg(queue="images", eta=time.time() + 60))
+    await web.enqueue(msg(queue="default"))
+    stats = await cli.stats()
+    assert stats.queued == {"images": 3, "default": 1}
+    assert stats.scheduled == 1
+    assert await cli.purge("images") == 4
+    stats = await cli.stats()
+    assert stats.queued == {"default": 1} and stats.scheduled == 0
+
+
+async def test_purge_releases_dedup_keys(amqp: MakeBroker) -> None:
+    broker = await amqp()
+    first = OutgoingMessage(id=uuid.uuid4().hex, queue="default", body=b"x", key="report")
+    await broker.enqueue(first)
+    assert await broker.purge("default") == 1
+    second = OutgoingMessage(id=uuid.uuid4().hex, queue="default", body=b"y", key="report")
+    assert await broker.enqueue(second) == second.id
+
+
+async def test_dedup_keys_need_a_store(namespace: str) -> None:
+    require_server("amqp")
+    broker = make_broker(parse_url(AMQP_URL), namespace)
+    await broker.connect()
+    try:
+        with pytest.raises(ConfigError, match="results="):
+            await broker.enqueue(OutgoingMessage(id="a", queue="default", body=b"x", key="k"))
+        assert await broker.cancel("a") is False
+    finally:
+        await broker.flush_namespace()
+        await broker.close()
+
+
+def test_amqp_cannot_be_the_result_store() -> None:
+    with pytest.raises(ConfigError, match=r"results='redis://\.\.\.'"):
+        make_store(parse_url(AMQP_URL), "default")
+
+
+async def test_what_another_process_deleted_is_declared_again(amqp: MakeBroker) -> None:
+    broker, admin = await amqp(), await amqp()
+    await broker.enqueue(msg())
+    # When another process flushes the namespace behind this broker's back
+    await admin.flush_namespace()
+    # Then enqueueing, delaying and dead-lettering declare what they need again
+    m = msg()
+    await broker.enqueue(m)
+    await broker.enqueue(msg(eta=time.time() + 60))
+    [d] = await broker.fetch(["default"], 1, timeout_s=2)
+    assert d.id == m.id
+    await broker.dead_letter(d, "boom")
+    assert [x.reason for x in await broker.dead_letters()] == ["boom"]
+    assert (await broker.stats()).scheduled == 1
+
+
+async def test_cancel_releases_the_dedup_key(amqp: MakeBroker) -> None:
+    broker = await amqp()
+    first = OutgoingMessage(id=uuid.uuid4().hex, queue="default", body=b"x", key="nightly")
+    await broker.enqueue(first)
+    assert (
+        await broker.enqueue(OutgoingMessage(id=uuid.uuid4().hex, queue="default", body=b"y", key="nightly"))
+        == first.id
+    )
+    assert await broker.cancel(first.id) is True
+    second = OutgoingMessage(id=uuid.uuid4().hex, queue="default", body=b"z", key="nightly")
+    assert await broker.enqueue(second) == second.id
+    [d] = await broker.fetch(["default"], 10, timeout_s=2)  # the cancelled one is dropped
+    assert d.id == second.id
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "amqp://guest:s3cret-pw@10.255.255.1:5672/?connect_timeout=1",  # nothing answers
+        "amqps://guest:s3cret-pw@127.0.0.1:5672/?connect_timeout=1",  # TLS to a plain port
+    ],
+)
+async def test_connect_never_hangs(url: str, namespace: str) -> None:
+    if url.startswith("amqps"):
+        require_server("amqp")
+    broker = make_broker(parse_url(url), namespace)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as info:
+        await broker.connect()
+    assert time.monotonic() - started < 4
+    assert "s3cret-pw" not in str(info.value)
