@@ -650,7 +650,7 @@ class _Hub:
             try:
                 await ps.connect()  # type: ignore[no-untyped-call]
                 await _send(ps, [("PING", b"start")])
-                reply = await ps.parse_response(block=False, timeout=_CONNECT_BUDGET_S)
+                reply = await _read(ps, _CONNECT_BUDGET_S)
                 if reply is None:
                     raise RedisTimeoutError("no reply to PING")
             except BaseException:
@@ -753,7 +753,7 @@ class _Hub:
                 if ps is None:
                     ps = await self._reconnect()
                     last_rx, pinged = loop.time(), False
-                reply = await ps.parse_response(block=False, timeout=_PUBSUB_IDLE_S)
+                reply = await _read(ps, _PUBSUB_IDLE_S)
                 if reply is None:
                     if pinged and loop.time() - last_rx > 2 * _PUBSUB_IDLE_S:
                         raise RedisConnectionError("no reply to PING on the pub/sub connection")
@@ -772,8 +772,8 @@ class _Hub:
                 await self._drop(ps)
 
     def _dispatch(self, reply: Any) -> None:
-        # Raw replies: [b"message", channel, data], [b"pong", token], [b"subscribe", channel, n]...
-        # and a bare token for a PING answered while subscribed to nothing.
+        # Raw replies: [b"message", channel, data], [b"subscribe", channel, n]..., and the
+        # answer to PING <token>: [b"pong", token] under RESP2 while subscribed, else the token.
         if isinstance(reply, bytes):
             kind, token = b"pong", reply
         else:
@@ -841,6 +841,18 @@ async def _send(ps: PubSub, commands: Sequence[tuple[bytes | str, ...]]) -> None
     if conn is None:
         raise RedisConnectionError("pub/sub connection closed")
     await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+
+
+async def _read(ps: PubSub, timeout_s: float) -> Any:
+    """The next raw reply on the pub/sub connection, or None after ``timeout_s`` of silence.
+
+    Read from the connection itself: PubSub's own read path would quietly reconnect after an
+    error, to a connection subscribed to nothing, before reporting the error."""
+    conn = ps.connection
+    if conn is None:
+        raise RedisConnectionError("pub/sub connection closed")
+    # push_request: under RESP3 published messages arrive as pushes, not replies.
+    return await conn.read_response(timeout=timeout_s, push_request=True)
 
 
 async def _close_pubsub(ps: PubSub) -> None:
