@@ -5,6 +5,7 @@ Every key lives under ``offload:<namespace>:``::
     m:<id>        hash: q (queue), b (body), s (ready score), d (deliveries), k (dedup key)
     q:<queue>     sorted set of ready ids, scored (9 - priority) * 1e12 + sequence
     queues        set of queue names ever used (for stats)
+    seq           arrival counter, for FIFO order within a priority
     sched         sorted set of ids waiting for their eta, scored by eta
     lease         sorted set of leased ids, scored by lease deadline
     key:<key>     dedup key -> id of the message holding it
@@ -234,7 +235,9 @@ for _, id in ipairs(picked) do
   end
 end
 if #leased > 0 then
-  redis.call('SET', memo_key, cjson.encode(leased), 'PX', 30000)
+  -- Kept while a retry can still come (the caller's operation timeout) and the leases last.
+  local memo_ms = math.max(1, math.floor(math.min(lease, 35) * 1000))
+  redis.call('SET', memo_key, cjson.encode(leased), 'PX', memo_ms)
   for i = Q, #ARGV do redis.call('ZREM', P .. 'waiters:' .. ARGV[i], waiter) end
   return out
 end
