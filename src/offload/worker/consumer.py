@@ -41,7 +41,9 @@ from offload.worker.writer import StateWriter
 log = logging.getLogger("offload.worker")
 
 Pool = Literal["thread", "process", "async"]
-FETCH_WAIT_S = 1.0
+# How long one fetch waits for a message. Brokers wake a waiting fetch the moment a message
+# arrives, so this only bounds how soon an idle worker notices a stop request.
+FETCH_WAIT_S = 0.5
 BURST_FETCH_WAIT_S = 0.25
 REVOKED_REMEMBERED = 10_000
 
