@@ -545,3 +545,22 @@ async def test_kv_ttl_and_incr(store: SqliteStore) -> None:
     assert await store.set_if_absent("lock", b"b") is False
     await store.put_states([("s", b"x")], ttl_s=-1)  # already expired
     assert await store.get_states(["s", "missing"]) == [None, None]
+
+
+async def test_expired_states_values_and_old_channel_messages_are_pruned(store: SqliteStore, url: str) -> None:
+    await store.put_states([("old", b"x")], ttl_s=-1)
+    await store.put_states([("kept", b"y")], ttl_s=60)
+    await store.incr("window", ttl_s=0.01)
+    await store.publish("news", b"old news")
+    path = database_path(parse_url(url))
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("UPDATE events SET created_at = created_at - 3600")
+        conn.execute("UPDATE kv SET expires_at = 1")
+        conn.commit()
+    store._next_prune = 0.0
+    await store.put_states([("trigger", b"z")])
+    await store._h.call(sqlite_backend._noop)  # jobs run in order: the prune has run
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert sorted(r[0] for r in conn.execute("SELECT task_id FROM states")) == ["kept", "trigger"]
+        assert conn.execute("SELECT count(*) FROM kv").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0

@@ -53,11 +53,13 @@ log = logging.getLogger("offload.brokers.sqlite")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: kv_expiry; every statement below is idempotent, so upgrading is re-running them
 BUSY_TIMEOUT_S = 10.0
 SAFETY_POLL_S = 1.0  # waiters re-read this often even without a wake-up
 EVENTS_KEEP_S = 60.0  # channel messages older than this are pruned
 _PRUNE_EVERY_S = 10.0
+_PRUNE_AGAIN_S = 0.5
+_PRUNE_CHUNK = 2000
 _PROMOTE_EVERY_S = 0.5
 
 READY, SCHEDULED, LEASED = 0, 1, 2
@@ -119,6 +121,7 @@ _SCHEMA = (
         expires_at REAL,
         PRIMARY KEY (namespace, key)
     )""",
+    "CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL",
 )
 
 
@@ -713,6 +716,9 @@ _SET_IF_ABSENT = (
     "WHERE kv.expires_at IS NOT NULL AND kv.expires_at <= ?"
 )
 _GET_VALUE = "SELECT value, expires_at FROM kv WHERE namespace = ? AND key = ?"
+_PRUNE_STATES = "DELETE FROM states WHERE rowid IN (SELECT rowid FROM states WHERE expires_at <= ? LIMIT ?)"
+_PRUNE_VALUES = "DELETE FROM kv WHERE rowid IN (SELECT rowid FROM kv WHERE expires_at <= ? LIMIT ?)"
+_PRUNE_EVENTS = "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE created_at < ? LIMIT ?)"
 
 
 class _SqliteWatch(Watch):
@@ -740,11 +746,22 @@ class SqliteStore(Store):
     async def close(self) -> None:
         await self._h.close()
 
-    def _prune_due(self, now: float) -> bool:
-        if now < self._next_prune:
-            return False
-        self._next_prune = now + _PRUNE_EVERY_S
-        return True
+    def _maybe_prune(self, now: float) -> None:
+        # Called on the connection thread after a write. The prune runs as a job of its own,
+        # so the write that noticed it was due is answered first.
+        if now >= self._next_prune:
+            self._next_prune = now + _PRUNE_EVERY_S
+            self._h.database().submit(self._prune)
+
+    def _prune(self, conn: sqlite3.Connection) -> None:
+        """Forget expired states and values and old channel messages, of every namespace, a
+        bounded chunk at a time so no writer waits long; come back soon if there was more."""
+        now = time.time()
+        more = False
+        for sql, cutoff in ((_PRUNE_STATES, now), (_PRUNE_VALUES, now), (_PRUNE_EVENTS, now - EVENTS_KEEP_S)):
+            more |= conn.execute(sql, (cutoff, _PRUNE_CHUNK)).rowcount == _PRUNE_CHUNK
+        if more:
+            self._next_prune = now + _PRUNE_AGAIN_S
 
     # -- task states ---------------------------------------------------------------------
     async def put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
@@ -764,8 +781,7 @@ class SqliteStore(Store):
                     chunk = params[i : i + step]
                     conn.execute(_put_states_sql(len(chunk) // 4), chunk)
         self._h.notifier.notify({f"t:{ns}:{task_id}" for task_id, _ in states})
-        if self._prune_due(now):
-            conn.execute("DELETE FROM states WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))
+        self._maybe_prune(now)
 
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         if not task_ids:
@@ -793,8 +809,7 @@ class SqliteStore(Store):
         now = time.time()
         conn.execute(_PUBLISH, (self.namespace, channel, data, now))
         self._h.notifier.notify((f"c:{self.namespace}:{channel}",))
-        if self._prune_due(now):
-            conn.execute("DELETE FROM events WHERE created_at < ?", (now - EVENTS_KEEP_S,))
+        self._maybe_prune(now)
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:
@@ -825,6 +840,7 @@ class SqliteStore(Store):
         now = time.time()
         # One statement: inserts, or replaces a row whose TTL ran out, or changes nothing.
         cur = conn.execute(_SET_IF_ABSENT, (self.namespace, key, value, now + ttl_s if ttl_s else None, now))
+        self._maybe_prune(now)
         return cur.rowcount == 1
 
     async def get_value(self, key: str) -> bytes | None:
@@ -858,6 +874,7 @@ class SqliteStore(Store):
                 "INSERT OR REPLACE INTO kv (namespace, key, value, expires_at) VALUES (?, ?, ?, ?)",
                 (self.namespace, key, str(value).encode(), until),
             )
+        self._maybe_prune(now)
         return value
 
     async def flush_namespace(self) -> None:
