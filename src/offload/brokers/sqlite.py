@@ -8,9 +8,10 @@ missing. ``?visibility_timeout=<seconds>`` sets the lease.
 How it stays correct and fast with several processes on one file:
 
 * WAL journal, ``synchronous=NORMAL`` (a commit is durable across a process crash; a power cut
-  may lose the last commits but never corrupts), a 10 s busy timeout, and every
+  may lose the last commits but never corrupts), a 10 s busy timeout, claims made by one
+  UPDATE statement (atomic, so two consumers never get the same row) and every other
   read-then-write done in one short ``BEGIN IMMEDIATE`` transaction, so "database is locked"
-  does not surface and two consumers can never claim the same row.
+  does not surface.
 * Each broker and store owns one connection and one thread that alone uses it; coroutines hand
   it work and await the answer, so the event loop never blocks on the database.
 * A message row is ready (0), scheduled (1: its ``visible_at`` is an eta or a retry delay) or
@@ -454,18 +455,20 @@ def _claim_sql(n_queues: int) -> tuple[str, str, str, str]:
 
 
 _UNCLAIM = (
-    "UPDATE messages SET state = 0, deliveries = deliveries - 1 "
-    "WHERE namespace = ? AND id = ? AND state = 2 AND deliveries = ?"
+    "UPDATE messages SET state = 0, deliveries = deliveries - 1, lease = NULL "
+    "WHERE namespace = ? AND id = ? AND state = 2 AND lease = ?"
 )
 _ACK = "DELETE FROM messages WHERE namespace = ? AND id = ?"
 _ACK_MANY = "DELETE FROM messages WHERE namespace = ? AND id IN (SELECT value FROM json_each(?))"
+# The receipt is the lease token of the claim: a worker whose lease ran out, and whose
+# message another worker now holds, can neither put it back nor extend the new lease.
 _REQUEUE = (
-    "UPDATE messages SET body = coalesce(?, body), state = ?, visible_at = ? "
-    "WHERE namespace = ? AND id = ? AND (? IS NULL OR deliveries = ?)"
+    "UPDATE messages SET body = coalesce(?, body), state = ?, visible_at = ?, lease = NULL "
+    "WHERE namespace = ? AND id = ? AND (? IS NULL OR lease = ?)"
 )
 _EXTEND = (
     "UPDATE messages SET visible_at = ? "
-    "WHERE namespace = ? AND id = ? AND state = 2 AND (? IS NULL OR deliveries = ?)"
+    "WHERE namespace = ? AND id = ? AND state = 2 AND (? IS NULL OR lease = ?)"
 )
 
 
@@ -554,7 +557,7 @@ class SqliteBroker(Broker):
         rank = {q: i for i, q in enumerate(queues)}
         rows, at = [], 0
         for seq, mid, queue, deliveries, priority, size in json.loads(meta):
-            rows.append(((-priority, rank[queue], seq), Delivery(mid, queue, bodies[at : at + size], deliveries, deliveries)))
+            rows.append(((-priority, rank[queue], seq), Delivery(mid, queue, bodies[at : at + size], deliveries, token)))
             at += size
         rows.sort(key=lambda r: r[0])
         return [d for _, d in rows], None
@@ -566,7 +569,7 @@ class SqliteBroker(Broker):
         if not deliveries:
             return
         with _transaction(conn):
-            conn.executemany(_UNCLAIM, [(self.namespace, d.id, d.deliveries) for d in deliveries])
+            conn.executemany(_UNCLAIM, [(self.namespace, d.id, d.receipt) for d in deliveries])
         self._h.notifier.notify({self._topic(d.queue) for d in deliveries})
 
     # -- settle --------------------------------------------------------------------------
@@ -587,8 +590,6 @@ class SqliteBroker(Broker):
 
     def _requeue(self, conn: sqlite3.Connection, d: Delivery, body: bytes | None, delay_s: float) -> None:
         state = SCHEDULED if delay_s > 0 else READY
-        # The receipt (the delivery count at claim time) makes a requeue from a worker whose
-        # lease already ran out, and whose message another worker now runs, a no-op.
         conn.execute(_REQUEUE, (body, state, time.time() + max(delay_s, 0.0), self.namespace, d.id, d.receipt, d.receipt))
         self._h.notifier.notify((self._topic(d.queue),))
 
