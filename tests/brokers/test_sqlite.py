@@ -564,3 +564,36 @@ async def test_expired_states_values_and_old_channel_messages_are_pruned(store: 
         assert sorted(r[0] for r in conn.execute("SELECT task_id FROM states")) == ["kept", "trigger"]
         assert conn.execute("SELECT count(*) FROM kv").fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+
+
+async def test_due_and_ready_rows_compete_by_priority_then_queue_order(broker: SqliteBroker, url: str) -> None:
+    # Given scheduled messages whose eta has passed (not yet made ready by a promote) beside
+    # ready ones, in two queues
+    broker._next_promote = float("inf")
+    scheduled = {p: OutgoingMessage(id=f"s{p}", queue="low", body=b"s", priority=p, eta=time.time() + 3600) for p in (1, 5, 3)}
+    ready = [OutgoingMessage(id="r4", queue="low", body=b"r", priority=4), OutgoingMessage(id="h3", queue="high", body=b"h", priority=3)]
+    for m in [*scheduled.values(), *ready]:
+        await broker.enqueue(m)
+    with contextlib.closing(sqlite3.connect(database_path(parse_url(url)))) as conn:
+        conn.execute("UPDATE messages SET visible_at = 0 WHERE state = 1")
+        conn.commit()
+    # When one fetch takes them all
+    got = await broker.fetch(["high", "low"], 10, timeout_s=2)
+    # Then priority first, "high" before "low" at equal priority, arrival last
+    assert [d.id for d in got] == ["s5", "r4", "h3", "s3", "s1"]
+    stats = await broker.stats()
+    assert (stats.running, stats.scheduled, stats.queued) == (5, 0, {})
+
+
+async def test_stats_count_each_kind_once(broker: SqliteBroker) -> None:
+    await broker.enqueue(msg())
+    await broker.enqueue(msg())
+    await broker.enqueue(OutgoingMessage(id="later", queue="default", body=b"x", eta=time.time() + 3600))
+    [d] = await broker.fetch(["default"], 1, timeout_s=2)
+    await broker.enqueue(msg("other"))
+    [dead] = await broker.fetch(["other"], 1, timeout_s=2)
+    await broker.dead_letter(dead, "bad")
+    stats = await broker.stats()
+    assert (stats.queued, stats.scheduled, stats.running, stats.dead) == ({"default": 1}, 1, 1, 1)
+    assert await broker.cancel(d.id) is False  # leased
+    assert await broker.cancel("later") is True
