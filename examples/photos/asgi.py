@@ -1,0 +1,10 @@
+"""The site as an ASGI application: ``uvicorn examples.photos.asgi:application``."""
+
+from __future__ import annotations
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "examples.photos.settings")
+application = get_asgi_application()
