@@ -70,7 +70,7 @@ from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
 
 log = logging.getLogger("offload.brokers.redis")
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 # connect(): give up after this long, so an unreachable server is an error, never a hang.
 _CONNECT_BUDGET_S = 3.0
@@ -79,7 +79,7 @@ _CONNECT_BUDGET_S = 3.0
 # or a failover without hiding a real outage for long.
 _RETRIES = 8
 # No operation waits longer than this for the server, retries included. It replaces redis-py's
-# socket_timeout, which wraps every write in a new task and costs a third of a command's time.
+# socket_timeout, which wraps every write in a new task and costs about a quarter of a command's time.
 _OPERATION_TIMEOUT_S = 30.0
 # A peer that vanished without closing the connection is noticed by the kernel: unacknowledged
 # writes give up after TCP_USER_TIMEOUT, idle connections are probed by keepalives.
@@ -516,7 +516,7 @@ class _Commands:
         self.pool = Redis.from_pool(BlockingConnectionPool(max_connections=max_connections, timeout=None, **common))
         self._busy = False
 
-    async def run(self, op: Callable[[Redis], Awaitable[T]]) -> T:
+    async def run(self, op: Callable[[Redis], Awaitable[_T]]) -> _T:
         try:
             async with asyncio.timeout(_OPERATION_TIMEOUT_S):
                 if self._busy:
