@@ -27,8 +27,9 @@ test: install browser
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
+# The photo site (examples/photos): site, workers and beat on http://127.0.0.1:8000; Ctrl-C stops all.
 demo: install
-	$(PY) -m examples.quickstart.demo
+	$(PY) -m examples.photos.run
 
 bench: install
 	$(PY) benchmarks/core.py
@@ -37,4 +38,4 @@ bench-peers: install
 	$(PY) benchmarks/peers.py
 
 clean:
-	rm -rf $(VENV) offload.db offload.db-* offload.db.notify
+	rm -rf $(VENV) offload.db offload.db-* offload.db.notify var/photos
