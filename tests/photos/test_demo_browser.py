@@ -107,12 +107,13 @@ def photos(folder: Path) -> list[Path]:
     big = folder / "dslr-6000x4000.jpg"
     scene(6000, 4000, "#1e3c72", "#f7b267", noise=0.3).save(big, "JPEG", quality=95)
     made.append(big)
-    # Stored 1200x800 (landscape) with orientation 6: the camera was held upright, so the
-    # picture is 800x1200 once turned, and its thumbnail 341x512.
+    # An upright 800x1200 picture stored sideways (1200x800) with orientation 6, as cameras
+    # do: turned back, its thumbnail is 341x512.
     portrait = folder / "portrait-exif.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6
-    scene(1200, 800, "#0f5132", "#a3cfbb").save(portrait, "JPEG", quality=90, exif=exif.tobytes())
+    sideways = scene(800, 1200, "#0f5132", "#a3cfbb").rotate(90, expand=True)
+    sideways.save(portrait, "JPEG", quality=90, exif=exif.tobytes())
     made.append(portrait)
     small = folder / "lake.jpg"
     scene(1024, 682, "#432371", "#faae7b").save(small, "JPEG", quality=90)
