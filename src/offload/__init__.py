@@ -23,9 +23,12 @@ from offload.errors import (
     TaskTimeLimit,
 )
 from offload.result import Result, Status, TaskState
+from offload.scheduler import Beat, cron, every
 from offload.task import Signature, Task
+from offload.workflow import Workflow, WorkflowResult, chain, chord, group, race
 
 __all__ = [
+    "Beat",
     "BrokerError",
     "BrokerUnavailable",
     "ConfigError",
@@ -46,5 +49,13 @@ __all__ = [
     "TaskFailed",
     "TaskState",
     "TaskTimeLimit",
+    "Workflow",
+    "WorkflowResult",
+    "chain",
+    "chord",
+    "cron",
     "current",
+    "every",
+    "group",
+    "race",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import os
 import secrets
 import time
@@ -11,8 +12,10 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
+from offload import ratelimit
+from offload import workflow as workflows
 from offload._portal import Portal
 from offload.brokers import make_broker, make_store
 from offload.brokers.base import Broker, OutgoingMessage, Store
@@ -22,6 +25,9 @@ from offload.message import Codec, Envelope
 from offload.result import Result, Status, TaskState
 from offload.serializers import get_serializer
 from offload.task import Options, Task, TaskRef, task_name
+
+if TYPE_CHECKING:
+    from offload.scheduler import Periodic
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -81,16 +87,20 @@ class Offload:
         self.debug = debug
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.worker_start_hooks: list[Callable[[], Any]] = []
-        self.periodic_tasks: list[Any] = []
+        self.periodic_tasks: list[Periodic] = []
         #: "module:attribute" this app was loaded from (set by offload.loading; process pools need it).
         self.spec: str | None = None
         #: Called by the worker after a final outcome of a message with headers is stored and
-        #: before it is acknowledged: (envelope, state). Workflows hang on this.
+        #: before it is acknowledged: (envelope, state); also by `_cancel` for a queued message
+        #: it removes (its envelope then carries only the ``parent`` header). Workflows hang on this.
         self.outcome_hooks: list[Callable[[Envelope, TaskState], Any]] = []
         #: Asked by the worker before a task starts: (envelope, task) -> seconds to wait, or None
         #: to run now. A positive answer puts the message back with that delay, costing no
         #: attempt (rate limits hang on this).
         self.admission_hooks: list[Callable[[Envelope, Task[Any, Any]], Awaitable[float | None]]] = []
+        # Every app carries the workflow hook: a worker must move on a workflow whose members
+        # it runs even when its own code never builds one. Messages without headers skip it.
+        self.outcome_hooks.append(functools.partial(workflows.on_outcome, self))
         self._portal = Portal()
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Backends] = weakref.WeakKeyDictionary()
         self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
@@ -113,6 +123,9 @@ class Offload:
             existing = self.tasks.get(task_name_)
             if existing is not None and existing.fn is not f and getattr(existing.fn, "__code__", None) is not getattr(f, "__code__", None):
                 raise ConfigError(f"two different functions registered as task {task_name_!r}; give one of them name=...")
+            if opts.rate_limit is not None:
+                ratelimit.parse_rate(opts.rate_limit)  # a bad one fails here, at decoration time
+                ratelimit.install(self)
             t = Task(self, f, task_name_, opts)
             self.tasks[task_name_] = t
             return t
@@ -135,6 +148,21 @@ class Offload:
 
     def result(self, task_id: str) -> Result[Any]:
         return Result(self, task_id)
+
+    def workflow(self, workflow_id: str) -> workflows.WorkflowResult:
+        """A workflow's handle from its id, in any process: like `result` (which also works for
+        a workflow id), plus ``get(return_exceptions=True)``, ``children()`` and a ``cancel()``
+        that reaches every member."""
+        return workflows.WorkflowResult(self, workflow_id)
+
+    def periodic(self, schedule: Any, *, name: str | None = None, catch_up: bool = False,
+                 **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """``@app.periodic(cron("0 3 * * *"))`` or ``@app.periodic(every(minutes=2))``: register
+        the function as a task (with ``options`` such as ``queue=``) that `offload beat` enqueues
+        when due. ``catch_up=True`` enqueues the runs missed while no beat was running."""
+        from offload.scheduler import register
+
+        return register(self, schedule, name=name, catch_up=catch_up, options=options)
 
     def on_worker_start(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Run ``fn`` once in each worker process before its first task (fill ``current.state``)."""
@@ -273,6 +301,14 @@ class Offload:
                 state.status = Status.CANCELLED
                 state.finished_at = dt.datetime.now(dt.UTC)
                 await self._write_states([state])
+                # Its message never reaches a worker now, so the outcome hooks run here (a
+                # workflow waiting for this member must learn that it ended).
+                if state.meta.get("parent"):
+                    env = Envelope(id=task_id, name=state.name, headers={"parent": state.meta["parent"]})
+                    for hook in self.outcome_hooks:
+                        value = hook(env, state)
+                        if asyncio.iscoroutine(value):
+                            await value
         # A running (or already fetched) task is stopped by its worker.
         await backends.store.publish(CONTROL_CHANNEL, self.codec.dumps({"cancel": task_id}))
 

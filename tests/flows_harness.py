@@ -1,0 +1,205 @@
+"""Apps, workers and beats for the tests of tests/apps/flows.py: real `offload worker` and
+`offload beat` processes for sqlite, redis and amqp; for memory://, which cannot cross
+processes, workers and beats in threads of the test process, each on its own event loop.
+
+Several workers or beats start (and stop) side by side, so a test pays one process start-up,
+not one per process."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from offload import Offload, ratelimit
+from offload.scheduler import Beat
+from offload.task import Signature, Task
+from offload.worker import Worker
+from tests.apps import flows
+from tests.conftest import KINDS, require_server, urls_for
+from tests.support import OffloadProcess, env_for
+
+APP_SPEC = "tests.apps.flows:app"
+PREFIX = "tests.apps.flows."
+
+
+class InThread:
+    """A coroutine (a worker's or a beat's run) on its own loop in a daemon thread."""
+
+    def __init__(self, app: Offload, run: Callable[[], Coroutine[Any, Any, Any]], started: Callable[[], bool],
+                 stop: Callable[[], None]) -> None:
+        self.app, self._run, self._started, self._stop = app, run, started, stop
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        self.thread.start()
+        assert self._ready.wait(10), "in-process runner did not start"
+
+    async def _main(self) -> None:
+        task = asyncio.create_task(self._run())
+        while not self._started():  # run() has reached its first await: stop() works now
+            await asyncio.sleep(0.001)
+        self._ready.set()
+        try:
+            await task
+        finally:
+            await self.app.aclose()
+
+    def terminate(self) -> None:
+        """Ask it to stop (once: a worker asked twice stops at once, abandoning its tasks)."""
+        if self.thread.is_alive():
+            self._stop()
+
+    def join(self) -> None:
+        self.thread.join(40)
+
+
+def thread_worker(app: Offload, **options: Any) -> InThread:
+    w = Worker(app, handle_signals=False, **options)
+    runner = InThread(app, w.run, lambda: w._stopping is not None, w.stop)
+    runner.worker = w  # type: ignore[attr-defined]
+    return runner
+
+
+def thread_beat(app: Offload, catch_up: bool) -> InThread:
+    b = Beat(app, catch_up=catch_up)
+    runner = InThread(app, b.run, lambda: b._stop is not None, b.stop)
+    runner.beat = b  # type: ignore[attr-defined]
+    return runner
+
+
+class Harness:
+    def __init__(self, kind: str, tmp_path: Path, namespace: str) -> None:
+        self.kind, self.tmp_path, self.namespace = kind, tmp_path, namespace
+        self.url, self.results = urls_for(kind, tmp_path)
+        self.dir = tmp_path / "traces"
+        self.dir.mkdir()
+        self.app = self.make_app()
+        self.running: list[Any] = []
+
+    def make_app(self, **kwargs: Any) -> Offload:
+        """An app on this test's broker. For memory:// it carries the flows tasks themselves,
+        since its workers run in this process."""
+        app = Offload(self.url, namespace=self.namespace, results=self.results, **kwargs)
+        if self.kind == "memory":
+            for name, t in flows.app.tasks.items():
+                app.tasks[name] = Task(app, t.fn, name, t.opts)
+                if t.opts.rate_limit:
+                    ratelimit.install(app)
+            app.periodic_tasks = list(flows.app.periodic_tasks)
+        return app
+
+    def s(self, name: str, *args: Any, **kwargs: Any) -> Signature:
+        return self.app.ref(PREFIX + name).s(*args, **kwargs)
+
+    def workers(self, count: int, *args: str, wait: bool = True) -> list[Any]:
+        """``count`` workers (``args`` as for `offload worker`), started side by side. With
+        ``wait=False`` worker processes may still be starting (see `ready`)."""
+        if self.kind == "memory":
+            started: list[Any] = [thread_worker(self.make_app(), **_worker_options(args)) for _ in range(count)]
+            self.running += started
+            return started
+        return self._processes(count, ["worker", APP_SPEC, "--log-level", "info", *args], "worker ready", wait)
+
+    def worker(self, *args: str) -> Any:
+        return self.workers(1, *args)[0]
+
+    def beats(self, count: int, *args: str) -> list[Any]:
+        """``count`` beats (``args`` as for `offload beat`), started side by side."""
+        if self.kind == "memory":
+            started: list[Any] = [thread_beat(self.make_app(), "--catch-up" in args) for _ in range(count)]
+            self.running += started
+            return started
+        return self._processes(count, ["beat", APP_SPEC, *args], "beat ready")
+
+    def _processes(self, count: int, args: list[str], ready: str, wait: bool = True) -> list[OffloadProcess]:
+        env = env_for(self.url, self.namespace, self.results, FLOWS_DIR=str(self.dir))
+        procs = [OffloadProcess(args, env, ready_line=None) for _ in range(count)]
+        for p in procs:
+            p.ready_line = ready  # type: ignore[attr-defined]
+        self.running += procs  # stopped at the end even if one never becomes ready
+        if wait:
+            self.ready(procs)
+        return procs
+
+    def ready(self, runners: list[Any]) -> None:
+        """Wait until processes started with ``wait=False`` say they are ready."""
+        for r in runners:
+            if isinstance(r, OffloadProcess):
+                r.wait_for(r.ready_line, timeout=30)  # type: ignore[attr-defined]
+
+    def stop(self, runners: list[Any]) -> None:
+        """Stop these workers or beats gracefully, side by side."""
+        for r in runners:
+            r.terminate()
+        for r in runners:
+            if isinstance(r, OffloadProcess):
+                try:
+                    r.wait(35)
+                except subprocess.TimeoutExpired:
+                    r.kill()
+            else:
+                r.join()
+            if r in self.running:
+                self.running.remove(r)
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self.app._portal.run(coro)
+
+    def close(self) -> None:
+        self.stop(list(self.running))
+        self.run(_flush(self.app))
+        self.app.close()
+
+
+def _worker_options(args: tuple[str, ...]) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    it = iter(args)
+    for a in it:
+        if a in ("-c", "--concurrency"):
+            opts["concurrency"] = int(next(it))
+        elif a == "--pool":
+            opts["pool"] = next(it)
+    return opts
+
+
+async def _flush(app: Offload) -> None:
+    backends = await app._backends()
+    await backends.broker.flush_namespace()
+    await backends.store.flush_namespace()
+
+
+@contextmanager
+def open_harness(kind: str, tmp_path: Path, namespace: str) -> Iterator[Harness]:
+    """A harness whose workers and beats are stopped, and namespace flushed, at the end."""
+    h = Harness(kind, tmp_path, namespace)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            # Tasks leave their traces in FLOWS_DIR: worker processes get it in their
+            # environment, memory://'s in-process workers read it from this one.
+            mp.setenv("FLOWS_DIR", str(h.dir))
+            yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def harness(kind: str, tmp_path: Path, namespace: str) -> Iterator[Harness]:
+    with open_harness(kind, tmp_path, namespace) as h:
+        yield h
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def shared(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    """One harness and two workers per kind for a whole module, for tests that only send work
+    and wait for it: starting worker processes per test would dominate their running time."""
+    require_server(request.param)
+    with open_harness(request.param, tmp_path_factory.mktemp(request.param), f"t{uuid.uuid4().hex[:12]}") as h:
+        h.workers(2, "-c", "8")
+        yield h

@@ -1,0 +1,183 @@
+"""Periodic tasks: schedules (unit tests), and beats racing each other on every broker: three
+real `offload beat` processes at once (memory://: three beats in threads), each due run of an
+``every(seconds=1)`` schedule enqueued exactly once, restarts without a double run, and the
+catch-up policy."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+import re
+import time
+from typing import Any
+
+import pytest
+
+from offload import ConfigError, Offload, cron, every
+from offload.scheduler import Beat, run_task_id
+from offload.task import Task
+from tests import flows_harness
+from tests.flows_harness import Harness
+from tests.support import OffloadProcess, wait_until
+
+harness = flows_harness.harness
+
+TICK = "tests.apps.flows.tick"
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+
+def ts(text: str) -> float:
+    return dt.datetime.fromisoformat(text).timestamp()
+
+
+def test_cron_runs_in_the_apps_timezone_across_dst() -> None:
+    from zoneinfo import ZoneInfo
+
+    paris = ZoneInfo("Europe/Paris")
+    nightly = cron("0 3 * * *")
+    # 03:00 local both before and after the switch to summer time (2024-03-31)
+    assert nightly.next_after(ts("2024-03-30T12:00:00+01:00"), paris) == ts("2024-03-31T03:00:00+02:00")
+    assert nightly.next_after(ts("2024-03-31T03:00:00+02:00"), paris) == ts("2024-04-01T03:00:00+02:00")
+    assert nightly.next_after(ts("2024-03-30T12:00:00+00:00"), dt.UTC) == ts("2024-03-31T03:00:00+00:00")
+    # a timezone of its own wins over the app's
+    assert cron("0 3 * * *", timezone="Europe/Paris").next_after(ts("2024-06-01T00:00:00+00:00"), dt.UTC) == ts(
+        "2024-06-01T03:00:00+02:00"
+    )
+
+
+def test_every_is_aligned_so_all_beats_agree() -> None:
+    two = every(minutes=2)
+    assert two.interval_s == 120
+    assert two.next_after(ts("2024-01-01T00:01:59+00:00"), dt.UTC) == ts("2024-01-01T00:02:00+00:00")
+    assert two.next_after(ts("2024-01-01T00:02:00+00:00"), dt.UTC) == ts("2024-01-01T00:04:00+00:00")
+    assert every(hours=1, minutes=30, seconds=15).interval_s == 5415
+    assert every(dt.timedelta(seconds=3)).interval_s == 3
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: cron("61 * * * *"), lambda: cron("0 3 * *"), lambda: cron("0 0 3 * * *"), lambda: cron("0 3 * * *", timezone="Mars/Olympus"),
+     lambda: every(), lambda: every(seconds=-1)],
+)
+def test_bad_schedules_fail_when_built(build: Any) -> None:
+    with pytest.raises(ConfigError):
+        build()
+
+
+def test_periodic_registers_a_task_and_its_schedule() -> None:
+    app = Offload("memory://periodic-registry")
+
+    @app.periodic(every(minutes=2), queue="maintenance")
+    def sweep() -> None: ...
+
+    @app.periodic(cron("0 3 * * *"), name="nightly-report", catch_up=True)
+    def report() -> None: ...
+
+    assert isinstance(sweep, Task) and sweep.name in app.tasks and sweep.opts.queue == "maintenance"
+    [p_sweep, p_report] = app.periodic_tasks
+    assert (p_sweep.name, p_sweep.task, p_sweep.opts.queue, p_sweep.catch_up) == (sweep.name, sweep.name, "maintenance", False)
+    assert (p_report.name, p_report.task, p_report.catch_up) == ("nightly-report", "nightly-report", True)
+    with pytest.raises(ConfigError):
+        app.periodic(every(minutes=2), name="nightly-report")(lambda: None)
+    with pytest.raises(ConfigError):
+        app.periodic("0 3 * * *")  # a string is not a schedule
+
+
+def test_run_ids_are_the_same_in_every_beat_and_secret_with_a_secret() -> None:
+    plain, signed = Offload("memory://ids"), Offload("memory://ids", secret="s3cret")
+    assert run_task_id(plain, "x", 1000) == run_task_id(Offload("memory://ids"), "x", 1000)
+    assert run_task_id(plain, "x", 1000) != run_task_id(plain, "x", 2000)
+    assert run_task_id(signed, "x", 1000) != run_task_id(plain, "x", 1000)
+    assert len(run_task_id(plain, "x", 1000)) == 22
+
+
+async def test_a_beat_with_nothing_to_do_returns() -> None:
+    await Beat(Offload("memory://empty")).run()
+
+
+# -- beats racing each other ----------------------------------------------------------------------
+
+ENQUEUED = re.compile(r"enqueued " + re.escape(TICK) + r" \(due (\S+)\) as (\S+)")
+
+
+class Ticks:
+    """What the beats say they enqueued, and what the worker ran."""
+
+    def __init__(self, h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+        self.h, self.caplog = h, caplog
+        self.beats: list[Any] = []
+
+    def start(self, count: int, *args: str) -> list[Any]:
+        started = self.h.beats(count, *args)
+        self.beats += started
+        return started
+
+    def enqueued(self) -> list[float]:
+        """Every due time enqueued by any beat so far, as often as it was enqueued."""
+        if self.h.kind == "memory":
+            lines = self.caplog.messages
+        else:
+            lines = [line for b in self.beats for line in b.lines if isinstance(b, OffloadProcess)]
+        return sorted(ts(m.group(1)) for line in lines if (m := ENQUEUED.search(line)))
+
+    def ran(self) -> list[float]:
+        path = self.h.dir / "ticks"
+        return sorted(ts(line.split()[0]) for line in path.read_text().splitlines()) if path.exists() else []
+
+    def wait_ran(self, predicate: Any, message: str) -> None:
+        wait_until(lambda: predicate(self.ran()), 15, message)
+
+
+def contiguous(dues: list[float]) -> bool:
+    return all(round(b - a) == 1 for a, b in itertools.pairwise(dues))
+
+
+def wait_past(instant: float) -> None:
+    """Wait until the wall clock has passed a due time (the schedule's own time, not a guess)."""
+    time.sleep(max(instant - time.time(), 0.0))
+
+
+def test_three_beats_enqueue_each_run_once_restart_and_catch_up(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    h = harness
+    caplog.set_level(logging.INFO, logger="offload.beat")
+    ticks = Ticks(h, caplog)
+    worker = h.workers(1, wait=False)  # starting beside the beats
+
+    # Three beats at once: every due second is enqueued once and runs once, with no gap.
+    first = ticks.start(3)
+    h.ready(worker)
+    ticks.wait_ran(lambda ran: len(ran) >= 2, "two runs")
+    h.stop(first)
+    phase1 = ticks.enqueued()
+    assert len(phase1) == len(set(phase1)) and contiguous(phase1), phase1
+
+    # A restart after a pause: the runs due meanwhile are skipped (no --catch-up), none of the
+    # earlier ones is enqueued again, and the new beats carry on once per due time.
+    missed = phase1[-1] + 1
+    wait_past(missed + 0.2)
+    second = ticks.start(3)
+    ticks.wait_ran(lambda ran: any(t > missed for t in ran), "a run after the restart")
+    h.stop(second)
+    phase2 = ticks.enqueued()
+    assert missed not in phase2
+    assert len(phase2) == len(set(phase2)), phase2
+
+    # With --catch-up, the runs missed while no beat ran are enqueued, each once, by three
+    # beats starting together.
+    missed = phase2[-1] + 1
+    wait_past(missed + 1.2)  # two due times pass with no beat
+    ticks.start(3, "--catch-up")
+    ticks.wait_ran(lambda ran: missed in ran and missed + 1 in ran, "the missed runs caught up")
+    h.stop(ticks.beats[-3:])
+    final = ticks.enqueued()
+    assert len(final) == len(set(final)), final
+    assert contiguous([t for t in final if t >= phase2[-1]])
+
+    # Every enqueued run ran exactly once, under its own id.
+    wait_until(lambda: len(ticks.ran()) == len(final), 15, "the worker to run every enqueued run")
+    assert ticks.ran() == final
+    ids = [line.split()[1] for line in (h.dir / "ticks").read_text().splitlines()]
+    assert len(set(ids)) == len(ids)
