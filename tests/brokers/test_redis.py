@@ -152,6 +152,117 @@ async def test_dropped_pubsub_connection_resubscribes(url: str, namespace: str, 
                 assert loop.time() < deadline, "the subscription was not restored"
 
 
+class Proxy:
+    """A TCP relay to the Redis server that can be cut (every connection dropped, new ones
+    refused) and restored, to take the server away from a client without touching the server."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._relays: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._relays.add(task)
+        self._writers.add(writer)
+        try:
+            await self._relay(reader, writer)
+        finally:
+            self._relays.discard(task)
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        target = parse_url(REDIS_URL)
+        if not self.up:
+            return
+        up_reader, up_writer = await asyncio.open_connection(target.host, target.port)
+        self._writers.add(up_writer)
+        if not self.up:  # cut while connecting upstream
+            up_writer.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self._writers.discard(up_writer)
+
+    def cut(self) -> None:
+        self.up = False
+        for w in list(self._writers):
+            w.close()
+
+    async def close(self) -> None:
+        self.cut()
+        for task in list(self._relays):
+            task.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.mark.slow
+async def test_a_server_gone_for_long_gives_broker_unavailable_then_recovers(
+    url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = Proxy()
+    await proxy.start()
+    behind = f"redis://127.0.0.1:{proxy.port}/0?visibility_timeout=3"
+    try:
+        async with opened_broker(behind, namespace) as broker, opened_broker(url, namespace) as direct:
+            # Given a fetch waiting (its claim found nothing) on a broker reached through the proxy
+            claimed = asyncio.Event()
+            claim_once = broker._claim_once  # type: ignore[attr-defined]
+
+            async def claim_and_tell(*args: object, **kwargs: object) -> object:
+                result = await claim_once(*args, **kwargs)
+                claimed.set()
+                return result
+
+            monkeypatch.setattr(broker, "_claim_once", claim_and_tell)
+            waiting = asyncio.create_task(broker.fetch(["default"], 1, timeout_s=30))
+            await asyncio.wait_for(claimed.wait(), 5)
+
+            # While the server is unreachable, an operation fails after its retries, in bounded
+            # time, with the offload error (not a socket error)
+            proxy.cut()
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{proxy.port}"):
+                await broker.enqueue(msg())
+            assert time.monotonic() - started < 15
+
+            # When it is back, the same broker object works again, and the fetch that was
+            # waiting all along receives what is enqueued now
+            proxy.up = True
+            m = msg()
+            await direct.enqueue(m)
+            got = await asyncio.wait_for(waiting, 10)
+            assert [d.id for d in got] == [m.id]
+            await broker.ack(got)
+            again = msg()
+            assert await broker.enqueue(again) == again.id
+    finally:
+        await proxy.close()
+
+
 async def test_unreachable_port_fails_fast_with_the_password_masked(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     url = parse_url("redis://admin:s3cret-pw@127.0.0.1:1/0")
@@ -195,7 +306,7 @@ async def test_racing_consumers_never_share_a_message(url: str, namespace: str) 
         opened_broker(url, namespace) as first,
         opened_broker(url, namespace) as second,
     ):
-        ids = set()
+        ids: set[str] = set()
         for _ in range(total):
             m = msg(priority=len(ids) % 3)
             ids.add(m.id)
