@@ -86,6 +86,17 @@ def test_periodic_registers_a_task_and_its_schedule() -> None:
         app.periodic("0 3 * * *")  # a string is not a schedule
 
 
+def test_an_existing_task_can_be_scheduled_with_options_of_its_own() -> None:
+    app = Offload("memory://periodic-existing")
+
+    @app.periodic(every(hours=1), queue="hourly")
+    @app.task(queue="reports")
+    def report() -> None: ...
+
+    [p] = app.periodic_tasks
+    assert (report.opts.queue, p.task, p.opts.queue) == ("reports", report.name, "hourly")
+
+
 def test_run_ids_are_the_same_in_every_beat_and_secret_with_a_secret() -> None:
     plain, signed = Offload("memory://ids"), Offload("memory://ids", secret="s3cret")
     assert run_task_id(plain, "x", 1000) == run_task_id(Offload("memory://ids"), "x", 1000)

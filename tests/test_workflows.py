@@ -213,6 +213,13 @@ def test_cancelling_a_workflow_cancels_what_runs_in_it(shared: Harness) -> None:
     assert not marker.exists()
 
 
+def test_members_keep_their_tasks_own_options(shared: Harness) -> None:
+    h = shared
+    path = h.dir / "fails-once"
+    # The sender knows the task by name only: its retries=2 come from the worker's registry.
+    assert chain(h.s("fast", str(path)), group(h.s("fails_once"))).delay().get(timeout=T) == [2]
+
+
 def test_a_member_that_cannot_run_ends_its_workflow(shared: Harness) -> None:
     h = shared
     missing = h.app.ref("tests.apps.flows.missing").s()

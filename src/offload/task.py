@@ -186,12 +186,15 @@ class Signature:
 
     def to_dict(self) -> dict[str, Any]:
         o = self.opts
+        options = {
+            "queue": o.queue, "priority": o.priority, "retries": o.retries, "retry_backoff": o.retry_backoff_s,
+            "time_limit": o.time_limit_s, "soft_time_limit": o.soft_time_limit_s,
+        }
+        # Only what was set explicitly: library defaults would override, in the process that
+        # sends the call, the options of a task it knows only by name.
         return {
             "name": self.name, "args": list(self.args), "kwargs": self.kwargs,
-            "options": {
-                "queue": o.queue, "priority": o.priority, "retries": o.retries, "retry_backoff": o.retry_backoff_s,
-                "time_limit": o.time_limit_s, "soft_time_limit": o.soft_time_limit_s,
-            },
+            "options": {k: v for k, v in options.items() if k in o.given},
         }
 
     @classmethod

@@ -101,3 +101,13 @@ def tick() -> str:
 @app.task
 async def apublish_to(channel: str, data: Any) -> None:
     current.publish(channel, {"data": data, "task": current.id})
+
+
+@app.task(retries=2, retry_backoff=0.05)
+def fails_once(path: str) -> int:
+    """Fails on its first attempt (its own retries=2 must apply, even in a workflow)."""
+    with open(path, "a") as f:
+        f.write("x\n")
+    if current.attempt == 1:
+        raise ConnectionError("first attempt fails")
+    return current.attempt
