@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from offload.config import mask_url
+
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = "examples.photos.settings"
 APP = "offload.contrib.django:app"
@@ -159,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             stop.wait(0.1)
         if not stop.is_set():
-            say("demo", f"ready on {site_url} (broker {env.get('OFFLOAD_URL') or 'sqlite in ' + str(data_dir)}); Ctrl-C stops everything")
+            broker = mask_url(env["OFFLOAD_URL"]) if env.get("OFFLOAD_URL") else f"sqlite in {data_dir}"
+            say("demo", f"ready on {site_url} (broker {broker}); Ctrl-C stops everything")
         while not stop.is_set():
             gone = [c for c in children if c.proc.poll() is not None]
             if gone:

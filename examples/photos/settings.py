@@ -84,6 +84,8 @@ OFFLOAD = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"examples.photos": {"handlers": ["console"], "level": "INFO"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # Not propagated: the workers' root logger prints too, and each line should appear once.
+    "loggers": {"examples.photos": {"handlers": ["console"], "level": "INFO", "propagate": False}},
 }

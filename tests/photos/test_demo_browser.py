@@ -8,6 +8,7 @@ Set PHOTOS_SCREENSHOT=docs/images/photos-demo.png to save the page with its thum
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -38,6 +39,7 @@ class Demo(OffloadProcess):
     """``python -m examples.photos.run --port 0``, its output collected line by line."""
 
     def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
         self.args = ["examples.photos.run"]
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -209,4 +211,27 @@ def test_upload_export_and_private_link(demo: Demo, browser: Any, tmp_path: Path
     # After it expires, the link is refused.
     time.sleep(max(expires_at - time.time(), 0) + 1)  # the expiry is a known instant, not a guess
     assert context.request.get(url).status == 403
+
+    # The nightly cleanup is scheduled, and when run (here by hand, keeping nothing) it removes
+    # the thumbnails and the export.
+    assert "nightly_cleanup: cron('0 3 * * *')" in demo.output
+    assert cleanup(demo, older_than_days=0) == {"photos": 4, "exports": 1}
+    assert not any((demo.data_dir / "media" / "thumbs").iterdir())
+    assert not any((demo.data_dir / "media" / "exports").iterdir())
+    page.goto(demo.base + "/")
+    assert page.locator("#photos .photo").count() == 0
     context.close()
+
+
+def cleanup(demo: Demo, older_than_days: float) -> Any:
+    """``offload send ... nightly_cleanup [days] --wait``, with the demo's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OFFLOAD_", "PHOTOS_"))}
+    env.update({"PYTHONPATH": str(ROOT), "DJANGO_SETTINGS_MODULE": "examples.photos.settings",
+                "PHOTOS_DATA_DIR": str(demo.data_dir)})
+    done = subprocess.run(
+        [sys.executable, "-m", "offload", "send", "offload.contrib.django:app",
+         "examples.photos.gallery.tasks.nightly_cleanup", json.dumps([older_than_days]), "--wait", "--timeout", "60"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=90,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])

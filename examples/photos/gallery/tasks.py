@@ -101,9 +101,11 @@ def export_stats(export_id: int) -> dict[str, Any]:
 
 
 @app.periodic(cron("0 3 * * *"))
-def nightly_cleanup() -> dict[str, int]:
-    """Delete thumbnails, originals and exports older than PHOTOS_RETENTION_DAYS."""
-    cutoff = timezone.now() - dt.timedelta(days=settings.PHOTOS_RETENTION_DAYS)
+def nightly_cleanup(older_than_days: float | None = None) -> dict[str, int]:
+    """Delete thumbnails, originals and exports older than PHOTOS_RETENTION_DAYS (or the days
+    given, when run by hand: ``offload send APP ...nightly_cleanup '[0]'`` clears everything)."""
+    days = settings.PHOTOS_RETENTION_DAYS if older_than_days is None else older_than_days
+    cutoff = timezone.now() - dt.timedelta(days=days)
     media = Path(settings.MEDIA_ROOT)
     photos = exports = 0
     for photo in Photo.objects.filter(created_at__lt=cutoff).iterator(chunk_size=500):
