@@ -85,8 +85,33 @@ def _headers(start: dict[str, Any]) -> dict[str, str]:
     return headers
 
 
+def _release_request_thread() -> None:
+    """Let the thread Django gave this request go while it waits.
+
+    Under ASGI, Django runs each request in a `ThreadSensitiveContext`: the first sync call
+    made for it (a middleware's ``process_request``, the ``request_started`` signal) starts a
+    thread that then idles until the request ends. For a long poll or a stream, that is one
+    parked thread per waiting browser. Every sync call of this request is over by now, so
+    the thread is shut down here; a sync call after the view (``process_response``) gets a
+    new one, stopped with the context as usual. This reads asgiref's executor registry; if
+    that ever changes shape, the thread simply stays, as without this function.
+    """
+    try:
+        from asgiref.sync import SyncToAsync
+
+        context = SyncToAsync.thread_sensitive_context.get(None)
+        if context is None or getattr(context, "_executor", None) is not None:
+            return  # none, or an executor its creator owns and may reuse
+        executor = SyncToAsync.context_to_thread_executor.pop(context, None)
+    except (ImportError, AttributeError, TypeError):
+        return
+    if executor is not None:
+        executor.shutdown(wait=False)
+
+
 async def forward(request: HttpRequest, path: str) -> HttpResponseBase:
     """Answer ``request`` with the gateway's answer to ``path`` (relative to the gateway)."""
+    _release_request_thread()
     exchange = _Exchange()
     call = asyncio.ensure_future(gateway_app()(_scope(request, path), exchange.receive, exchange.send))
     try:

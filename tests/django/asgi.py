@@ -1,0 +1,10 @@
+"""The test project over ASGI, for tests that need a real server."""
+
+from __future__ import annotations
+
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.django.settings")
+application = get_asgi_application()
