@@ -33,6 +33,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 DEFAULT_URL = "sqlite:///offload.db"
+#: How long a delay() with a key waits for a finished holder to release it (about 1 s in all).
+KEY_RELEASE_PAUSES_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.3)
 #: Workers listen here for cancellations of running tasks.
 CONTROL_CHANNEL = "__offload.control"
 
@@ -288,10 +290,26 @@ class Offload:
         # The QUEUED state is written before the message exists, so a fast worker's final state
         # can never be overwritten by it.
         await backends.store.put_states([(env.id, self.encode_state(queued))], self.result_ttl_s)
-        holder = await backends.broker.enqueue(
-            OutgoingMessage(id=env.id, queue=env.queue, body=body, priority=env.priority, eta=env.eta, key=env.key, expires=env.expires)
+        message = OutgoingMessage(
+            id=env.id, queue=env.queue, body=body, priority=env.priority, eta=env.eta, key=env.key, expires=env.expires
         )
+        holder = await backends.broker.enqueue(message)
+        if holder != env.id:
+            holder = await self._wait_for_finished_holder(backends.broker, message, holder)
         return Result(self, holder)
+
+    async def _wait_for_finished_holder(self, broker: Broker, message: OutgoingMessage, holder: str) -> str:
+        # A task's final state is stored a moment before its ack releases its dedup key. A caller
+        # who saw it finish must not get it back: while the holder is final, try again briefly.
+        for pause in KEY_RELEASE_PAUSES_S:
+            state = await self._read_state(holder)
+            if state is None or not state.done:
+                return holder
+            await asyncio.sleep(pause)
+            holder = await broker.enqueue(message)
+            if holder == message.id:
+                break
+        return holder
 
     async def _cancel(self, task_id: str) -> None:
         backends = await self._backends()
