@@ -91,6 +91,7 @@ _KEEPALIVE = {
 # The pub/sub connection is idle most of the time; ping it after this much silence and
 # rebuild it when the ping goes unanswered, so a half-open connection is noticed.
 _PUBSUB_IDLE_S = 10.0
+_UNSUBSCRIBE_AFTER_S = 0.5
 _PURGE_CHUNK = 1000
 _MAX_CONNECTIONS = 64
 
@@ -735,6 +736,9 @@ class _Hub:
 
     async def _flush_unsubscribes(self) -> None:
         while self._unsub:
+            # Gather the channels given up meanwhile into one write, and keep a channel that is
+            # watched again soon (a client re-entering a watch) from costing two round trips.
+            await asyncio.sleep(_UNSUBSCRIBE_AFTER_S)
             async with self._wlock:
                 gone = [c for c in self._unsub if c not in self._sinks]
                 self._unsub.clear()
