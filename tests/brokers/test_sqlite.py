@@ -597,3 +597,22 @@ async def test_stats_count_each_kind_once(broker: SqliteBroker) -> None:
     assert (stats.queued, stats.scheduled, stats.running, stats.dead) == ({"default": 1}, 1, 1, 1)
     assert await broker.cancel(d.id) is False  # leased
     assert await broker.cancel("later") is True
+
+
+async def test_concurrent_calls_share_transactions_and_keep_their_own_answers(broker: SqliteBroker, store: SqliteStore) -> None:
+    plain = [msg() for _ in range(250)]
+    keyed = [OutgoingMessage(id=f"k{i}", queue="default", body=b"k", key="same") for i in range(10)]
+    answers = await asyncio.gather(*(broker.enqueue(m) for m in [*plain, *keyed]))
+    assert answers[:250] == [m.id for m in plain]
+    assert len(set(answers[250:])) == 1 and answers[250] in {m.id for m in keyed}
+    got = await broker.fetch(["default"], 1000, timeout_s=2)
+    assert sorted(d.id for d in got) == sorted([*(m.id for m in plain), answers[250]])
+    await asyncio.gather(*(broker.ack([d]) for d in got))
+    assert await broker.fetch(["default"], 1, timeout_s=0) == []
+
+    await asyncio.gather(
+        store.put_states([("a", b"1"), ("b", b"2")]),
+        store.put_states([("c", b"3")], ttl_s=-1),  # expired on arrival
+        store.put_states([("a", b"1-again")]),
+    )
+    assert await store.get_states(["a", "b", "c"]) == [b"1-again", b"2", None]

@@ -158,26 +158,49 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-_Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.AbstractEventLoop | None", "asyncio.Future[Any] | None", "Callable[..., Any] | None"]
+_NOTHING: Any = object()
+_MAX_GROUP = 256  # calls answered by one batched job at most
 
 
-def _resolve(db: _Database, fut: asyncio.Future[Any], result: Any, orphan: Callable[..., Any] | None) -> None:
-    if not fut.cancelled():
-        fut.set_result(result)
-    elif orphan is not None:
-        db.submit(orphan, result)
+class _Job:
+    """One call for the connection thread. A batched job's ``fn`` takes a list of the
+    ``args[0]`` of consecutive calls to the same ``fn`` and returns one result per call."""
+
+    __slots__ = ("args", "batched", "fn", "fut", "loop", "orphan")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        loop: asyncio.AbstractEventLoop | None = None,
+        fut: asyncio.Future[Any] | None = None,
+        orphan: Callable[..., Any] | None = None,
+        batched: bool = False,
+    ) -> None:
+        self.fn, self.args, self.loop, self.fut, self.orphan, self.batched = fn, args, loop, fut, orphan, batched
 
 
-def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    if not fut.cancelled():
-        fut.set_exception(exc)
+def _settle(db: _Database, answers: list[tuple[_Job, Any]], failed: bool) -> None:
+    # On the caller's loop: one callback for every call answered by one job.
+    for job, value in answers:
+        fut = job.fut
+        assert fut is not None
+        if fut.cancelled():
+            if job.orphan is not None and not failed:
+                db.submit(job.orphan, value)
+        elif failed:
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
 
 
 class _Database:
     """One connection to the file and the one thread that uses it.
 
-    A lighter hop than `loop.run_in_executor`: a job is a tuple on a queue, and the answer
-    comes back with a single `call_soon_threadsafe`.
+    A lighter hop than `loop.run_in_executor`: a call is a job on a queue, and the answer
+    comes back with a single `call_soon_threadsafe`. Consecutive calls of a batched kind
+    (enqueues, state writes, acks from concurrent coroutines) share one transaction: one
+    commit instead of one each.
     """
 
     def __init__(self, path: str, masked_url: str) -> None:
@@ -194,58 +217,90 @@ class _Database:
             self.conn = _connect(self.path)
         except BaseException as e:
             self._open_error = e
+        carry: _Job | None = _NOTHING
         while True:
-            job = self._jobs.get()
+            job = self._jobs.get() if carry is _NOTHING else carry
+            carry = _NOTHING
             if job is None:
                 break
-            fn, args, loop, fut, orphan = job
-            try:
-                if self.conn is None:
-                    raise BrokerUnavailable(self.masked_url, str(self._open_error)) from self._open_error
-                result = fn(self.conn, *args)
-            except BaseException as e:
-                exc: BaseException = e
-                if isinstance(e, sqlite3.Error):
-                    exc = BrokerError(f"sqlite {self.path}: {e}")
-                    exc.__cause__ = e
-                if loop is None or fut is None:
-                    log.error("sqlite %s: background job failed", self.path, exc_info=exc)
-                    continue
-                try:
-                    loop.call_soon_threadsafe(_fail, fut, exc)
-                except RuntimeError:  # the loop was closed meanwhile
-                    pass
-                continue
-            if loop is None or fut is None:
-                continue
-            try:
-                loop.call_soon_threadsafe(_resolve, self, fut, result, orphan)
-            except RuntimeError:  # the loop was closed meanwhile: nobody will take the result
-                if orphan is not None:
-                    self.submit(orphan, result)
+            group = [job]
+            if job.batched:
+                while len(group) < _MAX_GROUP:
+                    try:
+                        nxt = self._jobs.get_nowait()
+                    except queue_mod.Empty:
+                        break
+                    if nxt is not None and nxt.batched and nxt.fn == job.fn:
+                        group.append(nxt)
+                    else:
+                        carry = nxt  # keep the order of calls: it runs next
+                        break
+            self._run(group)
         if self.conn is not None:
             self.conn.close()
             self.conn = None
         # A call that raced with close() must not wait forever.
+        left = [] if carry is _NOTHING or carry is None else [carry]
         while True:
             try:
                 job = self._jobs.get_nowait()
             except queue_mod.Empty:
                 break
-            if job is not None and job[2] is not None and job[3] is not None:
-                with contextlib.suppress(RuntimeError):
-                    job[2].call_soon_threadsafe(_fail, job[3], BrokerError(f"sqlite {self.path}: closed"))
+            if job is not None:
+                left.append(job)
+        self._answer(left, BrokerError(f"sqlite {self.path}: closed"), failed=True)
+
+    def _run(self, group: list[_Job]) -> None:
+        job = group[0]
+        try:
+            if self.conn is None:
+                raise BrokerUnavailable(self.masked_url, str(self._open_error)) from self._open_error
+            results = job.fn(self.conn, [j.args[0] for j in group]) if job.batched else [job.fn(self.conn, *job.args)]
+        except BaseException as e:
+            exc: BaseException = e
+            if isinstance(e, sqlite3.Error):
+                exc = BrokerError(f"sqlite {self.path}: {e}")
+                exc.__cause__ = e
+            self._answer(group, exc, failed=True)
+            return
+        self._answer(group, results, failed=False)
+
+    def _answer(self, group: list[_Job], outcome: Any, *, failed: bool) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, Any]]] = {}
+        for i, job in enumerate(group):
+            value = outcome if failed else outcome[i]
+            if job.loop is None or job.fut is None:
+                if failed:
+                    log.error("sqlite %s: background job failed", self.path, exc_info=outcome)
+                continue
+            by_loop.setdefault(job.loop, []).append((job, value))
+        for loop, answers in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, self, answers, failed)
+            except RuntimeError:  # the loop was closed meanwhile: nobody will take the results
+                if not failed:
+                    for job, value in answers:
+                        if job.orphan is not None:
+                            self.submit(job.orphan, value)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(conn, *args)`` on the thread without waiting for it."""
-        self._jobs.put((fn, args, None, None, None))
+        self._jobs.put(_Job(fn, args))
 
     async def call(self, fn: Callable[..., T], *args: Any, orphan: Callable[[sqlite3.Connection, T], Any] | None = None) -> T:
         """Run ``fn(conn, *args)`` on the thread. When the caller is cancelled after the job
         ran, ``orphan(conn, result)`` undoes what nobody will receive (leased messages)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((fn, args, loop, fut, orphan))
+        self._jobs.put(_Job(fn, args, loop, fut, orphan))
+        return await fut
+
+    async def call_batched(self, fn: Callable[[sqlite3.Connection, list[Any]], list[T]], arg: Any) -> T:
+        """Like `call`, for ``fn(conn, [arg, ...]) -> [result, ...]``: calls queued back to back
+        are answered by one run of ``fn``."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put(_Job(fn, (arg,), loop, fut, None, batched=True))
         return await fut
 
     @property
@@ -376,14 +431,25 @@ class _Handle:
         try:
             return await db.call(fn, *args, orphan=orphan)
         except BrokerUnavailable:
-            if db.open_failed:
-                # Let the next call try to open the file again (it may be locked for a while,
-                # or its directory may be mounted later) instead of failing for good.
-                with self._lock:
-                    if self._db is db:
-                        self._db = None
-                db.stop()
+            self._forget_if_unopened(db)
             raise
+
+    async def call_batched(self, fn: Callable[[sqlite3.Connection, list[Any]], list[T]], arg: Any) -> T:
+        db = self.database()
+        try:
+            return await db.call_batched(fn, arg)
+        except BrokerUnavailable:
+            self._forget_if_unopened(db)
+            raise
+
+    def _forget_if_unopened(self, db: _Database) -> None:
+        # Let the next call try to open the file again (it may be locked for a while, or its
+        # directory mounted later) instead of failing for good.
+        if db.open_failed:
+            with self._lock:
+                if self._db is db:
+                    self._db = None
+            db.stop()
 
     async def connect(self) -> None:
         await self.call(_noop)
@@ -392,8 +458,11 @@ class _Handle:
         with self._lock:
             db, self._db = self._db, None
             notifier, self._notifier = self._notifier, None
-        if db is not None and self._generation == _fork_generation:
-            await db.close()
+        if db is not None:
+            if self._generation == _fork_generation:
+                await db.close()
+            else:
+                _inherited.append(db)  # the parent's: never closed here
         if notifier is not None:
             notifier.release()
 
@@ -413,6 +482,12 @@ _INSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
 )
 _HOLDER = "SELECT id FROM messages WHERE namespace = ? AND key = ?"
+_ROWS_PER_INSERT = 100
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _insert_sql(n_rows: int) -> str:
+    return _INSERT.replace("(?, ?, ?, ?, ?, ?, ?, ?)", ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n_rows))
 
 
 @functools.lru_cache(maxsize=64)
@@ -491,28 +566,38 @@ class SqliteBroker(Broker):
 
     # -- enqueue -----------------------------------------------------------------------
     async def enqueue(self, message: OutgoingMessage) -> str:
-        return await self._h.call(self._enqueue, message)
+        return await self._h.call_batched(self._enqueue, message)
 
-    def _enqueue(self, conn: sqlite3.Connection, m: OutgoingMessage) -> str:
-        now = time.time()
+    def _row(self, m: OutgoingMessage, now: float) -> tuple[Any, ...]:
         scheduled = m.eta is not None and m.eta > now
-        row = (self.namespace, m.id, m.queue, m.priority, m.body, SCHEDULED if scheduled else READY,
-               m.eta if scheduled else now, m.key)
-        if m.key is None:
-            # The only conflict possible is the same id enqueued twice: that is idempotent.
-            stored = conn.execute(_INSERT, row).rowcount == 1
-            holder = m.id
+        return (self.namespace, m.id, m.queue, m.priority, m.body, SCHEDULED if scheduled else READY,
+                m.eta if scheduled else now, m.key)
+
+    def _enqueue(self, conn: sqlite3.Connection, messages: list[OutgoingMessage]) -> list[str]:
+        """Enqueue what concurrent callers sent, in one transaction. Returns each one's id, or
+        the id of the message holding its key."""
+        now = time.time()
+        holders = [m.id for m in messages]
+        if all(m.key is None for m in messages):
+            # No key: the only conflict is an id enqueued twice, which is idempotent, so the
+            # rows go in as few statements as possible.
+            rows = [v for m in messages for v in self._row(m, now)]
+            step = _ROWS_PER_INSERT * 8
+            with _transaction(conn) if len(rows) > step else contextlib.nullcontext():
+                for i in range(0, len(rows), step):
+                    chunk = rows[i : i + step]
+                    conn.execute(_insert_sql(len(chunk) // 8), chunk)
         else:
             # Insert-or-find-the-holder must be one step, or the holder could be acked between
-            # the two and this message silently dropped.
+            # the two and a message silently dropped.
             with _transaction(conn):
-                stored = conn.execute(_INSERT, row).rowcount == 1
-                found = None if stored else conn.execute(_HOLDER, (self.namespace, m.key)).fetchone()
-            holder = found[0] if found else m.id
-        if stored:
-            # Also for a scheduled message: waiting fetches re-arm their timer on its eta.
-            self._h.notifier.notify((self._topic(m.queue),))
-        return holder
+                for i, m in enumerate(messages):
+                    if conn.execute(_INSERT, self._row(m, now)).rowcount == 0 and m.key is not None:
+                        found = conn.execute(_HOLDER, (self.namespace, m.key)).fetchone()
+                        holders[i] = found[0] if found else m.id
+        # Also for scheduled messages: waiting fetches re-arm their timer on the eta.
+        self._h.notifier.notify({self._topic(m.queue) for m in messages})
+        return holders
 
     # -- fetch ---------------------------------------------------------------------------
     async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
@@ -575,15 +660,17 @@ class SqliteBroker(Broker):
     # -- settle --------------------------------------------------------------------------
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         if deliveries:
-            await self._h.call(self._ack, [d.id for d in deliveries])
+            await self._h.call_batched(self._ack, [d.id for d in deliveries])
 
-    def _ack(self, conn: sqlite3.Connection, ids: list[str]) -> None:
-        # One statement for the whole batch: one commit, and one trip through the GIL
-        # instead of one per row.
+    def _ack(self, conn: sqlite3.Connection, calls: list[list[str]]) -> list[None]:
+        # One statement for every id of every concurrent caller: one commit, and one trip
+        # through the GIL instead of one per row.
+        ids = [i for call in calls for i in call]
         if len(ids) == 1:
             conn.execute(_ACK, (self.namespace, ids[0]))
         else:
             conn.execute(_ACK_MANY, (self.namespace, json.dumps(ids)))
+        return [None] * len(calls)
 
     async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
         await self._h.call(self._requeue, delivery, body, delay_s)
@@ -767,22 +854,23 @@ class SqliteStore(Store):
     # -- task states ---------------------------------------------------------------------
     async def put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
         if states:
-            await self._h.call(self._put_states, list(states), ttl_s)
+            await self._h.call_batched(self._put_states, (list(states), ttl_s))
 
-    def _put_states(self, conn: sqlite3.Connection, states: list[tuple[str, bytes]], ttl_s: float | None) -> None:
+    def _put_states(
+        self, conn: sqlite3.Connection, calls: list[tuple[list[tuple[str, bytes]], float | None]]
+    ) -> list[None]:
         ns, now = self.namespace, time.time()
-        until = now + ttl_s if ttl_s else None
-        params = [v for task_id, data in states for v in (ns, task_id, data, until)]
+        params = [
+            v for states, ttl_s in calls for task_id, data in states for v in (ns, task_id, data, now + ttl_s if ttl_s else None)
+        ]
         step = _STATES_PER_STATEMENT * 4
-        if len(params) <= step:
-            conn.execute(_put_states_sql(len(states)), params)
-        else:
-            with _transaction(conn):
-                for i in range(0, len(params), step):
-                    chunk = params[i : i + step]
-                    conn.execute(_put_states_sql(len(chunk) // 4), chunk)
-        self._h.notifier.notify({f"t:{ns}:{task_id}" for task_id, _ in states})
+        with _transaction(conn) if len(params) > step else contextlib.nullcontext():
+            for i in range(0, len(params), step):
+                chunk = params[i : i + step]
+                conn.execute(_put_states_sql(len(chunk) // 4), chunk)
+        self._h.notifier.notify({f"t:{ns}:{task_id}" for states, _ in calls for task_id, _ in states})
         self._maybe_prune(now)
+        return [None] * len(calls)
 
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         if not task_ids:
