@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import django
+
 _DIR = Path(os.environ.get("DJANGO_TEST_DIR", "/tmp/offload-django-tests"))
 
 SECRET_KEY = "tests-only-not-secret"
@@ -35,9 +37,11 @@ DATABASES = {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": str(_DIR / "django.sqlite3"),
         # The web process (the test) and the worker write this file at once.
-        "OPTIONS": {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"},
+        "OPTIONS": {"timeout": 20},
     }
 }
+if django.VERSION >= (5, 1):  # these two options came with Django 5.1
+    DATABASES["default"]["OPTIONS"].update({"transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"})
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]  # fast test users
 TEMPLATES = [{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True, "OPTIONS": {
     "context_processors": ["django.contrib.messages.context_processors.messages"]}}]
