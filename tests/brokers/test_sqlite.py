@@ -135,6 +135,7 @@ def child_fetch_one(url: str, ns: str, ready: Any, out: Any) -> None:
 
     async def main() -> None:
         broker = await _open_broker(url, ns)
+        assert isinstance(broker, SqliteBroker)
         try:
             # Bind the notifier's socket before saying ready, as a waiting fetch would have.
             with broker._h.notifier.listen(["warm-up"]):
@@ -252,6 +253,7 @@ async def test_a_lease_held_by_a_killed_process_comes_back(tmp_path: Path, names
         with child(child_lease_and_hang, url, namespace, out) as proc:
             assert await asyncio.to_thread(out.get, True, 30) == [(m.id, 1)]
             assert await broker.fetch(["default"], 1, timeout_s=0.1) == []  # still leased
+            assert proc.pid is not None
             os.kill(proc.pid, signal.SIGKILL)
             proc.join(10)
             dead_pid = proc.pid

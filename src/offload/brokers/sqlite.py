@@ -355,7 +355,9 @@ def _set_wal(conn: sqlite3.Connection) -> None:
         if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower()
             if mode != "wal":
-                raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode stays {mode}): database is locked")
+                # Not a lock (that raises): this file system or file cannot do WAL, and several
+                # processes could not share the file safely and quickly without it.
+                raise BrokerError(f"the sqlite journal cannot be switched to WAL here (it stays {mode!r})")
 
     _retry_locked(switch)
 
