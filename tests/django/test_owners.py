@@ -78,3 +78,17 @@ def test_anonymous_users_get_no_owner(worker: OffloadProcess) -> None:
     assert r.get(timeout=30)["rows"] == 1
     assert "owner" not in r.state().meta
     assert not OwnedTask.objects.filter(task_id=r.id).exists()
+
+
+def test_owned_tasks_never_announced_are_pruned() -> None:
+    import datetime as dt
+
+    from offload.contrib.django import owners
+
+    old = OwnedTask.objects.create(task_id=f"old{uuid.uuid4().hex}", owner="1", label="lost",
+                                   created_at=dt.datetime.now(dt.UTC) - dt.timedelta(days=30))
+    fresh = OwnedTask.objects.create(task_id=f"new{uuid.uuid4().hex}", owner="1", label="running")
+    assert owners.prune(dt.timedelta(days=7)) >= 1
+    assert not OwnedTask.objects.filter(pk=old.pk).exists()
+    assert OwnedTask.objects.filter(pk=fresh.pk).exists()
+    fresh.delete()

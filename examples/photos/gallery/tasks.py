@@ -22,7 +22,7 @@ from examples.photos.gallery import images
 from examples.photos.gallery.links import make_link
 from examples.photos.gallery.models import Export, NewsletterStat, Photo
 from offload import cron, current
-from offload.contrib.django import app
+from offload.contrib.django import app, owners
 
 log = logging.getLogger("examples.photos")
 
@@ -119,7 +119,9 @@ def nightly_cleanup(older_than_days: float | None = None) -> dict[str, int]:
             (media / export.path).unlink(missing_ok=True)
         export.delete()
         exports += 1
-    log.info("nightly cleanup: removed %d photo(s) and %d export(s) older than %s", photos, exports, cutoff)
+    forgotten = owners.prune(dt.timedelta(days=days))
+    log.info("nightly cleanup: removed %d photo(s) and %d export(s) older than %s, forgot %d unannounced task(s)",
+             photos, exports, cutoff, forgotten)
     return {"photos": photos, "exports": exports}
 
 

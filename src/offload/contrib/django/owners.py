@@ -69,13 +69,19 @@ class OwnedCall:
         Result at once; its state exists from the commit on."""
         app, name, opts = self.target.app, self.target.name, self._opts()
         task_id = new_task_id()
-        if self.owner is not None and self.announce:
+        recorded = self.owner is not None and self.announce
+        if recorded:
             from offload.contrib.django.models import OwnedTask
 
             OwnedTask.objects.using(self.using).create(task_id=task_id, owner=self.owner, label=self.label)
 
         def enqueue() -> None:
-            app._portal.run(app._enqueue(name, args, kwargs, opts, task_id))
+            try:
+                app._portal.run(app._enqueue(name, args, kwargs, opts, task_id))
+            except BaseException:
+                if recorded:  # never sent: nothing will ever finish it
+                    OwnedTask.objects.using(self.using).filter(task_id=task_id).delete()
+                raise
 
         transaction.on_commit(enqueue, using=self.using)
         return Result(app, task_id)
@@ -84,11 +90,16 @@ class OwnedCall:
         """The same from async code, where every query commits on its own."""
         app, name, opts = self.target.app, self.target.name, self._opts()
         task_id = new_task_id()
-        if self.owner is not None and self.announce:
-            from offload.contrib.django.models import OwnedTask
+        if self.owner is None or not self.announce:
+            return await app._enqueue(name, args, kwargs, opts, task_id)
+        from offload.contrib.django.models import OwnedTask
 
-            await OwnedTask.objects.using(self.using).acreate(task_id=task_id, owner=self.owner, label=self.label)
-        return await app._enqueue(name, args, kwargs, opts, task_id)
+        await OwnedTask.objects.using(self.using).acreate(task_id=task_id, owner=self.owner, label=self.label)
+        try:
+            return await app._enqueue(name, args, kwargs, opts, task_id)
+        except BaseException:
+            await OwnedTask.objects.using(self.using).filter(task_id=task_id).adelete()
+            raise
 
 
 def for_user(user: Any, task: Sendable, *, label: str | None = None, announce: bool = True,
@@ -107,6 +118,16 @@ async def adelay_for(request: HttpRequest, task: Sendable, *args: Any, **kwargs:
     """`delay_for` for async views."""
     user = await request.auser()
     return await for_user(user, task).adelay(*args, **kwargs)
+
+
+def prune(older_than: dt.timedelta, using: str = DEFAULT_DB_ALIAS) -> int:
+    """Forget owned tasks started longer ago than ``older_than`` and never announced: their
+    worker died with them, or their user never came back. Returns how many. (A nightly
+    periodic task is the place for it.)"""
+    from offload.contrib.django.models import OwnedTask
+
+    deleted, _ = OwnedTask.objects.using(using).filter(created_at__lt=dt.datetime.now(dt.UTC) - older_than).delete()
+    return int(deleted)
 
 
 def _default_label(name: str) -> str:
