@@ -134,19 +134,25 @@ def beat(app_spec: str, catch_up: bool, log_level: str) -> None:
         pass
 
 
-@main.command(epilog="Example:\n\n\b\n  offload gateway photos.tasks:app --port 8001")
+@main.command(epilog="Examples:\n\n\b\n  offload gateway photos.tasks:app --port 8001\n"
+                    "  offload gateway photos.tasks:app --cors-origin https://photos.example --no-access-log")
 @click.argument("app_spec", metavar="APP")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=int, help="0 picks a free port (logged at start).")
+@click.option("--cors-origin", "cors_origins", multiple=True, help="An origin allowed to call the gateway from another site (repeatable).")
+@click.option("--grace", type=float, default=5.0, show_default=True,
+              help="Seconds requests still running at SIGTERM get to finish (streams end and long polls answer at once).")
+@click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every request.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @user_errors
-def gateway(app_spec: str, host: str, port: int, log_level: str) -> None:
+def gateway(app_spec: str, host: str, port: int, cors_origins: tuple[str, ...], grace: float, access_log: bool,
+            log_level: str) -> None:
     """Serve the browser gateway (long polling, SSE, offload.js, metrics) with uvicorn."""
-    import uvicorn
+    from offload.gateway.serve import serve
 
     _setup_logging(log_level)
-    app = load_app(app_spec)
-    uvicorn.run(app.asgi(), host=host, port=port, log_level=log_level, lifespan="on")
+    serve(load_app(app_spec), host=host, port=port, cors_origins=cors_origins, grace_s=grace, access_log=access_log,
+          log_level=log_level)
 
 
 def _json_arg(text: str, what: str) -> Any:

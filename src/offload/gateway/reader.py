@@ -1,0 +1,103 @@
+"""Task states read in batches.
+
+When many tasks end at once, thousands of waiting requests wake in the same moment and each
+wants its task's state. Asking the store once per request would be thousands of round trips
+(or thread hops for sqlite); instead every read asked for within `WINDOW_S` goes out as one
+`Store.get_states` call, and each state is decoded and rendered once however
+many clients wait on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from offload.app import Offload
+from offload.gateway.payload import Rendered, render
+
+#: Ids per `get_states` call; keeps sqlite well under its limit of bound parameters.
+BATCH = 500
+#: Rendered states remembered (least recently read dropped first).
+CACHE = 20_000
+#: How long a read waits for others to join its batch. Wake-ups of one burst trickle in over a
+#: few turns of the loop (one per waiter, from a notifier thread or a pub/sub reader); a
+#: millisecond gathers them, and is nothing next to a network round trip.
+WINDOW_S = 0.001
+
+
+class StateReader:
+    """Batched, rendered state reads for one event loop."""
+
+    def __init__(self, app: Offload, debug: bool) -> None:
+        self._app = app
+        self._debug = debug
+        self._waiting: list[tuple[Sequence[str], asyncio.Future[list[Rendered | None]]]] = []
+        self._fetching: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+        # The last bytes read per task and what they rendered to: a waiter woken without a
+        # change (a safety re-read, a spurious signal) then costs a lookup, not a decode.
+        self._rendered: OrderedDict[str, tuple[bytes, Rendered]] = OrderedDict()
+
+    async def read(self, ids: Sequence[str]) -> list[Rendered | None]:
+        """The current state of each task, None for an unknown id."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Rendered | None]] = loop.create_future()
+        if not self._waiting:
+            loop.call_later(WINDOW_S, self._flush)
+        self._waiting.append((ids, future))
+        return await future
+
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        task = asyncio.get_running_loop().create_task(self._fetch(waiting))
+        self._fetching.add(task)
+        task.add_done_callback(self._fetching.discard)
+
+    async def _fetch(self, waiting: list[tuple[Sequence[str], asyncio.Future[list[Rendered | None]]]]) -> None:
+        ids = list(dict.fromkeys(i for wanted, _ in waiting for i in wanted))
+        found: dict[str, Rendered | BaseException | None] = {}
+        chunks = [ids[start : start + BATCH] for start in range(0, len(ids), BATCH)]
+        results: list[list[bytes | None] | BaseException]
+        try:
+            store = await self._app._store()
+            results = await asyncio.gather(*(store.get_states(c) for c in chunks), return_exceptions=True)
+        except asyncio.CancelledError:
+            for _, future in waiting:
+                future.cancel()
+            raise
+        except Exception as e:  # no connection to the store
+            results = [e] * len(chunks)
+        for chunk, raws in zip(chunks, results, strict=True):
+            if isinstance(raws, BaseException):
+                found.update(dict.fromkeys(chunk, raws))
+                continue
+            for task_id, raw in zip(chunk, raws, strict=True):
+                found[task_id] = self._render(task_id, raw)
+        for wanted, future in waiting:
+            if future.done():  # its request was cancelled (the client left)
+                continue
+            states = [found[i] for i in wanted]
+            error = next((s for s in states if isinstance(s, BaseException)), None)
+            if error is None:
+                future.set_result(states)  # type: ignore[arg-type]
+            elif isinstance(error, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(error)
+
+    def _render(self, task_id: str, raw: bytes | None) -> Rendered | Exception | None:
+        if raw is None:
+            self._rendered.pop(task_id, None)
+            return None
+        cached = self._rendered.get(task_id)
+        if cached is not None and cached[0] == raw:
+            self._rendered.move_to_end(task_id)
+            return cached[1]
+        try:
+            rendered = render(self._app.decode_state(raw), self._debug)
+        except Exception as e:
+            return e
+        self._rendered[task_id] = (raw, rendered)
+        if len(self._rendered) > CACHE:
+            self._rendered.popitem(last=False)
+        return rendered
