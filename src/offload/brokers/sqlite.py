@@ -56,6 +56,7 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 2  # 2: kv_expiry; every statement below is idempotent, so upgrading is re-running them
 BUSY_TIMEOUT_S = 10.0
+MMAP_SIZE = 256 * 1024 * 1024  # address space, not memory
 SAFETY_POLL_S = 1.0  # waiters re-read this often even without a wake-up
 EVENTS_KEEP_S = 60.0  # channel messages older than this are pruned
 _PRUNE_EVERY_S = 10.0
@@ -152,8 +153,11 @@ _inherited: list[object] = []
 
 
 def _after_fork_in_child() -> None:
-    global _fork_generation
+    global _fork_generation, _shared_lock
     _fork_generation += 1
+    _shared_lock = threading.Lock()
+    _inherited.extend(_shared.values())
+    _shared.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -208,7 +212,10 @@ class _Database:
         self.masked_url = masked_url
         self.conn: sqlite3.Connection | None = None
         self._open_error: BaseException | None = None
+        self.users = 0  # handles sharing it (see _acquire_database)
+        self.stopped = False
         self._jobs: queue_mod.SimpleQueue[_Job | None] = queue_mod.SimpleQueue()
+        self._put_lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name=f"offload-sqlite:{os.path.basename(path)}", daemon=True)
         self._thread.start()
 
@@ -283,16 +290,24 @@ class _Database:
                         if job.orphan is not None:
                             self.submit(job.orphan, value)
 
+    def _put(self, job: _Job) -> None:
+        # A job queued after the thread was told to stop would never be answered.
+        with self._put_lock:
+            if self.stopped:
+                raise BrokerError(f"sqlite {self.path}: closed")
+            self._jobs.put(job)
+
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(conn, *args)`` on the thread without waiting for it."""
-        self._jobs.put(_Job(fn, args))
+        with contextlib.suppress(BrokerError):
+            self._put(_Job(fn, args))
 
     async def call(self, fn: Callable[..., T], *args: Any, orphan: Callable[[sqlite3.Connection, T], Any] | None = None) -> T:
         """Run ``fn(conn, *args)`` on the thread. When the caller is cancelled after the job
         ran, ``orphan(conn, result)`` undoes what nobody will receive (leased messages)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._jobs.put(_Job(fn, args, loop, fut, orphan))
+        self._put(_Job(fn, args, loop, fut, orphan))
         return await fut
 
     async def call_batched(self, fn: Callable[[sqlite3.Connection, list[Any]], list[T]], arg: Any) -> T:
@@ -300,7 +315,7 @@ class _Database:
         are answered by one run of ``fn``."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._jobs.put(_Job(fn, (arg,), loop, fut, None, batched=True))
+        self._put(_Job(fn, (arg,), loop, fut, None, batched=True))
         return await fut
 
     @property
@@ -308,16 +323,54 @@ class _Database:
         return self._open_error is not None
 
     def stop(self) -> None:
-        self._jobs.put(None)
+        with self._put_lock:
+            if not self.stopped:
+                self.stopped = True
+                self._jobs.put(None)
 
     async def close(self) -> None:
         """Close the connection on its thread, then let the thread end."""
         try:
             await self.call(_close)
         except BrokerError:
-            pass  # it never opened: nothing to close
+            pass  # it never opened, or is closed already
         finally:
-            self._jobs.put(None)
+            self.stop()
+
+
+# One connection per file and process, shared by the brokers and stores that use it: one
+# thread fewer contending for the GIL, and no connection discarding its page cache because
+# its neighbour in the same process just committed.
+_shared: dict[str, _Database] = {}
+_shared_lock = threading.Lock()
+
+
+def _acquire_database(path: str, masked_url: str) -> _Database:
+    with _shared_lock:
+        db = _shared.get(path)
+        if db is None or db.stopped:
+            db = _shared[path] = _Database(path, masked_url)
+        db.users += 1
+        return db
+
+
+def _release_database(db: _Database) -> bool:
+    """Drop one user; True when it was the last and the caller must close it."""
+    with _shared_lock:
+        db.users -= 1
+        if db.users > 0:
+            return False
+        if _shared.get(db.path) is db:
+            del _shared[db.path]
+        return not db.stopped
+
+
+def _discard_database(db: _Database) -> None:
+    # It could not open the file: the next user gets a fresh attempt.
+    with _shared_lock:
+        if _shared.get(db.path) is db:
+            del _shared[db.path]
+    db.stop()
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -328,6 +381,9 @@ def _connect(path: str) -> sqlite3.Connection:
     try:
         _set_wal(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
+        # Another process's commit makes this connection drop its page cache; with the file
+        # mapped, reading the pages again costs no system calls.
+        conn.execute(f"PRAGMA mmap_size={MMAP_SIZE}")
         _create_schema(conn)
     except BaseException:
         conn.close()
@@ -395,7 +451,7 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 class _Handle:
-    """What a broker and a store share: the file, the connection thread, the notifier."""
+    """What a broker or a store holds: the file, its share of the connection, the notifier."""
 
     def __init__(self, url: BrokerURL) -> None:
         self.path = database_path(url)
@@ -407,16 +463,14 @@ class _Handle:
 
     def database(self) -> _Database:
         db = self._db
-        if db is not None and self._generation == _fork_generation:
+        if db is not None and not db.stopped and self._generation == _fork_generation:
             return db
         with self._lock:
             if self._generation != _fork_generation:
-                if self._db is not None:
-                    _inherited.append(self._db)
-                self._db = None
+                self._db = None  # the parent's, kept alive in _inherited
                 self._generation = _fork_generation
-            if self._db is None:
-                self._db = _Database(self.path, self.masked_url)
+            if self._db is None or self._db.stopped:
+                self._db = _acquire_database(self.path, self.masked_url)
             if self._notifier is None:
                 self._notifier = open_notifier(self.path)
             return self._db
@@ -433,7 +487,8 @@ class _Handle:
         try:
             return await db.call(fn, *args, orphan=orphan)
         except BrokerUnavailable:
-            self._forget_if_unopened(db)
+            if db.open_failed:
+                _discard_database(db)  # the next call tries to open the file again
             raise
 
     async def call_batched(self, fn: Callable[[sqlite3.Connection, list[Any]], list[T]], arg: Any) -> T:
@@ -441,17 +496,9 @@ class _Handle:
         try:
             return await db.call_batched(fn, arg)
         except BrokerUnavailable:
-            self._forget_if_unopened(db)
+            if db.open_failed:
+                _discard_database(db)
             raise
-
-    def _forget_if_unopened(self, db: _Database) -> None:
-        # Let the next call try to open the file again (it may be locked for a while, or its
-        # directory mounted later) instead of failing for good.
-        if db.open_failed:
-            with self._lock:
-                if self._db is db:
-                    self._db = None
-            db.stop()
 
     async def connect(self) -> None:
         await self.call(_noop)
@@ -460,11 +507,8 @@ class _Handle:
         with self._lock:
             db, self._db = self._db, None
             notifier, self._notifier = self._notifier, None
-        if db is not None:
-            if self._generation == _fork_generation:
-                await db.close()
-            else:
-                _inherited.append(db)  # the parent's: never closed here
+        if db is not None and self._generation == _fork_generation and _release_database(db):
+            await db.close()
         if notifier is not None:
             notifier.release()
 
