@@ -12,8 +12,10 @@ How it stays correct and fast with several processes on one file:
   UPDATE statement (atomic, so two consumers never get the same row) and every other
   read-then-write done in one short ``BEGIN IMMEDIATE`` transaction, so "database is locked"
   does not surface.
-* Each broker and store owns one connection and one thread that alone uses it; coroutines hand
-  it work and await the answer, so the event loop never blocks on the database.
+* Each process has one connection per file, used only by its own thread and shared by the
+  brokers and stores on that file; coroutines hand it work and await the answer, so the event
+  loop never blocks on the database. Calls of one kind that queue up together (enqueues,
+  state writes, acks) are answered by one transaction.
 * A message row is ready (0), scheduled (1: its ``visible_at`` is an eta or a retry delay) or
   leased (2: ``visible_at`` is when the lease runs out). A fetch claims, in one UPDATE, the
   best of the ready rows (a partial index in priority and arrival order) and of the rows
