@@ -285,6 +285,16 @@ async def test_several_processes_create_the_schema_at_once(url: str, namespace: 
         await reopened.close()
 
 
+def _bind_in(sock: socket.socket, path: Path) -> None:
+    """Bind a unix socket at ``path`` even when the path is longer than a socket address
+    allows (a deep temporary directory), through the directory's file descriptor."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        sock.bind(f"/proc/self/fd/{fd}/{path.name}")
+    finally:
+        os.close(fd)
+
+
 async def test_garbage_and_removed_sockets_do_not_break_publishing(url: str, namespace: str, store: SqliteStore) -> None:
     # Given a notify directory holding a stale socket of a dead process, a regular file and a
     # directory that look like sockets, and an unrelated file
@@ -292,14 +302,14 @@ async def test_garbage_and_removed_sockets_do_not_break_publishing(url: str, nam
     directory.mkdir(exist_ok=True)
     stale = directory / "999997-0badc0de.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.bind(str(stale))
+        _bind_in(s, stale)
     (directory / "999998-0badc0de.sock").write_text("not a socket")
     (directory / "999999-0badc0de.sock").mkdir()
     (directory / "README").write_text("unrelated")
     # and a peer whose socket file was removed after it was listed
     gone = directory / "999996-0badc0de.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.bind(str(gone))
+        _bind_in(s, gone)
         await store.put_states([("warm-up", b"x")])  # lists the directory with `gone` in it
     gone.unlink()
 
