@@ -22,7 +22,7 @@ browser:
 		else echo "chromium is missing: install Debian's chromium package for the browser tests"; fi; }
 
 test: install browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
