@@ -7,11 +7,9 @@ not one per process."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
-import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,50 +19,12 @@ import pytest
 from offload import Offload, ratelimit
 from offload.scheduler import Beat
 from offload.task import Signature, Task
-from offload.worker import Worker
 from tests.apps import flows
 from tests.conftest import KINDS, require_server, urls_for
-from tests.support import OffloadProcess, env_for
+from tests.support import InThread, OffloadProcess, env_for, flush_namespace, thread_worker, worker_options
 
 APP_SPEC = "tests.apps.flows:app"
 PREFIX = "tests.apps.flows."
-
-
-class InThread:
-    """A coroutine (a worker's or a beat's run) on its own loop in a daemon thread."""
-
-    def __init__(self, app: Offload, run: Callable[[], Coroutine[Any, Any, Any]], started: Callable[[], bool],
-                 stop: Callable[[], None]) -> None:
-        self.app, self._run, self._started, self._stop = app, run, started, stop
-        self._ready = threading.Event()
-        self.thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
-        self.thread.start()
-        assert self._ready.wait(10), "in-process runner did not start"
-
-    async def _main(self) -> None:
-        task = asyncio.create_task(self._run())
-        while not self._started():  # run() has reached its first await: stop() works now
-            await asyncio.sleep(0.001)
-        self._ready.set()
-        try:
-            await task
-        finally:
-            await self.app.aclose()
-
-    def terminate(self) -> None:
-        """Ask it to stop (once: a worker asked twice stops at once, abandoning its tasks)."""
-        if self.thread.is_alive():
-            self._stop()
-
-    def join(self) -> None:
-        self.thread.join(40)
-
-
-def thread_worker(app: Offload, **options: Any) -> InThread:
-    w = Worker(app, handle_signals=False, **options)
-    runner = InThread(app, w.run, lambda: w._stopping is not None, w.stop)
-    runner.worker = w  # type: ignore[attr-defined]
-    return runner
 
 
 def thread_beat(app: Offload, catch_up: bool) -> InThread:
@@ -102,7 +62,7 @@ class Harness:
         """``count`` workers (``args`` as for `offload worker`), started side by side. With
         ``wait=False`` worker processes may still be starting (see `ready`)."""
         if self.kind == "memory":
-            started: list[Any] = [thread_worker(self.make_app(), **_worker_options(args)) for _ in range(count)]
+            started: list[Any] = [thread_worker(self.make_app(), **worker_options(args)) for _ in range(count)]
             self.running += started
             return started
         return self._processes(count, ["worker", APP_SPEC, "--log-level", "info", *args], "worker ready", wait)
@@ -154,25 +114,8 @@ class Harness:
 
     def close(self) -> None:
         self.stop(list(self.running))
-        self.run(_flush(self.app))
+        self.run(flush_namespace(self.app))
         self.app.close()
-
-
-def _worker_options(args: tuple[str, ...]) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    it = iter(args)
-    for a in it:
-        if a in ("-c", "--concurrency"):
-            opts["concurrency"] = int(next(it))
-        elif a == "--pool":
-            opts["pool"] = next(it)
-    return opts
-
-
-async def _flush(app: Offload) -> None:
-    backends = await app._backends()
-    await backends.broker.flush_namespace()
-    await backends.store.flush_namespace()
 
 
 @contextmanager

@@ -3,15 +3,19 @@ is ready, stop it with SIGTERM or kill it with SIGKILL."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from offload import Offload
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,3 +119,69 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30, message: str 
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not reached within {timeout} s")
         time.sleep(0.02)
+
+
+class InThread:
+    """A coroutine (a worker's or a beat's run) on its own loop in a daemon thread: how tests run
+    workers for memory://, which cannot cross processes."""
+
+    def __init__(self, app: Offload, run: Callable[[], Coroutine[Any, Any, Any]], started: Callable[[], bool],
+                 stop: Callable[[], None]) -> None:
+        self.app, self._run, self._started, self._stop = app, run, started, stop
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        self.thread.start()
+        assert self._ready.wait(10), "in-process runner did not start"
+
+    async def _main(self) -> None:
+        task = asyncio.create_task(self._run())
+        while not self._started():  # run() has reached its first await: stop() works now
+            await asyncio.sleep(0.001)
+        self._ready.set()
+        try:
+            await task
+        finally:
+            await self.app.aclose()
+
+    def terminate(self) -> None:
+        """Ask it to stop (once: a worker asked twice stops at once, abandoning its tasks)."""
+        if self.thread.is_alive():
+            self._stop()
+
+    def join(self) -> None:
+        self.thread.join(40)
+
+    def stop(self) -> None:
+        self.terminate()
+        self.join()
+
+
+def thread_worker(app: Offload, **options: Any) -> InThread:
+    from offload.worker import Worker
+
+    w = Worker(app, handle_signals=False, **options)
+    runner = InThread(app, w.run, lambda: w._stopping is not None, w.stop)
+    runner.worker = w  # type: ignore[attr-defined]
+    return runner
+
+
+def worker_options(args: tuple[str, ...]) -> dict[str, Any]:
+    """`offload worker` command-line options as keyword arguments of `Worker`."""
+    names = {"-c": "concurrency", "--concurrency": "concurrency", "-q": "queues", "--queues": "queues",
+             "--pool": "pool", "--prefetch": "prefetch", "--grace": "grace_s"}
+    convert: dict[str, Callable[[str], Any]] = {"concurrency": int, "prefetch": int, "grace_s": float,
+                                                 "queues": lambda v: v.split(","), "pool": str}
+    opts: dict[str, Any] = {}
+    it = iter(args)
+    for a in it:
+        if a in names:
+            opts[names[a]] = convert[names[a]](next(it))
+        elif a == "--burst":
+            opts["burst"] = True
+    return opts
+
+
+async def flush_namespace(app: Offload) -> None:
+    backends = await app._backends()
+    await backends.broker.flush_namespace()
+    await backends.store.flush_namespace()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.flows_harness import thread_worker
+from tests.support import thread_worker
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)

@@ -3,8 +3,6 @@ real processes (sqlite, redis, amqp) or, for memory://, a worker thread in this 
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,58 +11,11 @@ import pytest
 
 from offload import Offload
 from offload.task import Task, TaskRef
-from offload.worker import Worker
 from tests.apps import basic
 from tests.conftest import urls_for
-from tests.support import OffloadProcess, start_worker
+from tests.support import OffloadProcess, flush_namespace, start_worker, thread_worker, worker_options
 
 PREFIX = "tests.apps.basic."
-
-
-class InProcessWorker:
-    """memory:// cannot cross processes: run the worker on its own loop in a thread."""
-
-    def __init__(self, app: Offload, args: tuple[str, ...]) -> None:
-        opts = _parse_worker_args(args)
-        self.worker = Worker(app, handle_signals=False, **opts)
-        self._ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self._ready.wait(10), "in-process worker did not start"
-
-    def _run(self) -> None:
-        async def main() -> None:
-            task = asyncio.create_task(self.worker.run())
-            while self.worker._stopping is None:
-                await asyncio.sleep(0.001)
-            self._ready.set()
-            await task
-
-        asyncio.run(main())
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.worker.stop()
-            self.thread.join(40)
-
-
-def _parse_worker_args(args: tuple[str, ...]) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    it = iter(args)
-    for a in it:
-        if a in ("-c", "--concurrency"):
-            opts["concurrency"] = int(next(it))
-        elif a in ("-q", "--queues"):
-            opts["queues"] = next(it).split(",")
-        elif a == "--pool":
-            opts["pool"] = next(it)
-        elif a == "--prefetch":
-            opts["prefetch"] = int(next(it))
-        elif a == "--grace":
-            opts["grace_s"] = float(next(it))
-        elif a == "--burst":
-            opts["burst"] = True
-    return opts
 
 
 class Harness:
@@ -93,7 +44,7 @@ class Harness:
         if self.kind == "memory":
             if "--pool" in args and "process" in args:
                 pytest.skip("memory:// cannot reach a process pool")
-            w: Any = InProcessWorker(app or self.app, args)
+            w: Any = thread_worker(app or self.app, **worker_options(args))
         else:
             w = start_worker(self.url, self.namespace, "--log-level", "info", *args, results=self.results, extra_env=extra_env)
         self.workers.append(w)
@@ -106,14 +57,8 @@ class Harness:
     def close(self) -> None:
         for w in self.workers:
             w.stop()
-        self.app._portal.run(_flush(self.app))
+        self.app._portal.run(flush_namespace(self.app))
         self.app.close()
-
-
-async def _flush(app: Offload) -> None:
-    backends = await app._backends()
-    await backends.broker.flush_namespace()
-    await backends.store.flush_namespace()
 
 
 @pytest.fixture
