@@ -88,7 +88,7 @@ def progress_seen(page: Any) -> list[list[Any]]:
 @pytest.mark.parametrize("without_event_source", [False, True], ids=["sse", "long-polling"])
 def test_page_shows_progress_and_result(stack: dict[str, Any], page: Any, without_event_source: bool) -> None:
     app: Offload = stack["app"]
-    result = app.ref(BASIC + "progress_steps").delay(4, 0.3)
+    result = app.ref(BASIC + "progress_steps").delay(4, 0.5)
     requested = open_page(page, stack["base"], without_event_source=without_event_source,
                           id=result.id, token=result.token())
 
