@@ -34,8 +34,10 @@ demo: install
 bench: install
 	$(PY) benchmarks/core.py
 
-bench-peers: install
-	$(PY) benchmarks/peers.py
+# The peers run in their own venv, benchmarks/.peers-venv, which peers.py creates (with this
+# checkout of offload installed editable) and re-runs itself in: offload's dev venv is not needed.
+bench-peers:
+	$(PYTHON) benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV) offload.db offload.db-* offload.db.notify var/photos
