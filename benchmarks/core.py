@@ -11,7 +11,6 @@ is not counted. Round trip: delay() then get(), one after another, with a worker
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import subprocess

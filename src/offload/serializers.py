@@ -2,7 +2,7 @@
 
 JSON carries datetime, date, UUID, Decimal, bytes and tuples through tagged objects
 (``{"$dt": "..."}``), so they come back as the same types. A dict that happens to have
-a single "$..." key is escaped the same way, so user data never collides with a tag.
+a single "$..." key is escaped (as key/value pairs), so user data never collides with a tag.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def _tag(value: Any) -> Any:
                 raise SerializationError(f"JSON object keys must be str, got {type(k).__name__} key {k!r}")
             out[k] = _tag(v)
         if len(out) == 1 and next(iter(out)).startswith("$"):
-            return {"$map": out}
+            # Escaped as key/value pairs, so a decoder meeting objects innermost first never
+            # mistakes the user's object for a tag.
+            return {"$map": [[k, v] for k, v in out.items()]}
         return out
     if isinstance(value, tuple):
         return {"$tuple": [_tag(v) for v in value]}
@@ -59,28 +61,28 @@ def _tag(value: Any) -> Any:
     )
 
 
-_UNTAG = {
-    "$tuple": lambda v: tuple(_untag(x) for x in v),
+# Leaf tags; "$tuple" and "$map" are handled in _untag_object itself.
+_UNTAG: dict[str, Any] = {
     "$dt": dt.datetime.fromisoformat,
     "$date": dt.date.fromisoformat,
     "$uuid": uuid.UUID,
     "$dec": Decimal,
     "$b64": base64.b64decode,
-    "$map": lambda v: {k: _untag(x) for k, x in v.items()},
 }
 
 
-def _untag(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_untag(v) for v in value]
-    if isinstance(value, dict):
-        if len(value) == 1:
-            key = next(iter(value))
-            convert = _UNTAG.get(key)
-            if convert is not None:
-                return convert(value[key])
-        return {k: _untag(v) for k, v in value.items()}
-    return value
+def _untag_object(obj: dict[str, Any]) -> Any:
+    """json/msgpack object hook: objects arrive innermost first, so one look at each suffices."""
+    if len(obj) == 1:
+        key = next(iter(obj))
+        if key == "$map":
+            return dict(obj[key])
+        if key == "$tuple":
+            return tuple(obj[key])
+        convert = _UNTAG.get(key)
+        if convert is not None:
+            return convert(obj[key])
+    return obj
 
 
 def to_plain(value: Any) -> Any:
@@ -111,7 +113,8 @@ class JSONSerializer:
             raise SerializationError(f"cannot serialize with JSON: {e}") from None
 
     def loads(self, data: bytes) -> Any:
-        return _untag(json.loads(data))
+        # The parser calls the hook for each object as it builds it: no second walk in Python.
+        return json.loads(data, object_hook=_untag_object)
 
 
 class MsgpackSerializer:
@@ -132,7 +135,7 @@ class MsgpackSerializer:
             raise SerializationError(f"cannot serialize with msgpack: {e}") from None
 
     def loads(self, data: bytes) -> Any:
-        return _untag(self._msgpack.unpackb(data, raw=False, strict_map_key=True))
+        return self._msgpack.unpackb(data, raw=False, strict_map_key=True, object_hook=_untag_object)
 
 
 class PickleSerializer:

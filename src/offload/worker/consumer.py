@@ -180,7 +180,9 @@ class Worker:
         failures = 0
         while not self._stopping.is_set():
             free = capacity - len(self._held)
-            if free <= 0:
+            # Claim when at least half the places are free (or all, when idle), so that one
+            # round trip to the broker serves several tasks instead of one.
+            if free <= 0 or (self._held and free < (capacity + 1) // 2):
                 self._space.clear()
                 await self._space.wait()  # set when a message is let go, and on stop
                 continue
