@@ -862,12 +862,10 @@ class _SqliteWatch(Watch):
         self._listener = listener
 
     async def wait(self, timeout_s: float) -> bool:
-        if timeout_s <= SAFETY_POLL_S:
-            return await self._listener.wait(timeout_s)
-        await self._listener.wait(SAFETY_POLL_S)
-        # Signalled or not: after a safety-poll interval the caller re-reads the state, which
-        # covers a wake-up lost on the way (the protocol allows spurious wake-ups).
-        return True
+        # The caller chooses how often to re-read without a signal (a lost datagram costs it
+        # that much latency): `wait_states` every second, the gateway's thousands of idle
+        # waiters far less often. Waking them all every second here would cost a core.
+        return await self._listener.wait(timeout_s)
 
 
 class SqliteStore(Store):
