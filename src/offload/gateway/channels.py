@@ -23,24 +23,7 @@ class ChannelEvents:
         self.last_id = last_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        stream = Stream(send, self.gateway.keepalive_s)
-        try:
-            await self.gateway.wait(receive, self._run(stream))
-        except ClientGone:
-            return
-        except Interrupted:
-            if stream.started:
-                await stream.end()
-            else:
-                await send_json(send, 503, b'{"detail":"the gateway is restarting"}', {"retry-after": "1"})
-        except Exception:
-            if not stream.started:
-                raise
-            log.exception("channel stream %r broke off", self.name)
-            try:
-                await stream.end()
-            except Exception:
-                pass
+        await self.gateway.serve_stream(receive, send, self._run, f"channel stream {self.name!r}")
 
     async def _run(self, stream: Stream) -> None:
         gw = self.gateway

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import logging
 import weakref
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from starlette.types import Receive
+from starlette.types import Receive, Send
 
 from offload.app import Offload
 from offload.gateway.hub import ChannelHub
 from offload.gateway.metrics import GatewayMetrics
 from offload.gateway.reader import StateReader
-from offload.gateway.sse import unless_disconnected
+from offload.gateway.sse import ClientGone, Interrupted, Stream, send_json, unless_disconnected
 from offload.tokens import check_channel_token, check_token
 
 #: The longest a long poll may wait, whatever ``?wait=`` asks (API.md).
@@ -24,6 +25,7 @@ MAX_WAIT_S = 60.0
 MAX_IDS = 100
 
 T = TypeVar("T")
+log = logging.getLogger("offload.gateway")
 
 
 @dataclass(slots=True)
@@ -71,6 +73,30 @@ class Gateway:
         """Run a waiting request's work: `ClientGone` if the client leaves, `Interrupted` if
         the server drains."""
         return await unless_disconnected(receive, work, self._here().active)
+
+    async def serve_stream(self, receive: Receive, send: Send, run: Callable[[Stream], Awaitable[None]], what: str) -> None:
+        """Serve one Server-Sent Events stream written by ``run``, whatever ends it: the client
+        leaving (nothing to do), the server draining (end the stream, so EventSource reconnects
+        elsewhere with Last-Event-ID and misses nothing), or an error (a proper error response
+        while nothing was sent yet, else a clean end)."""
+        stream = Stream(send, self.keepalive_s)
+        try:
+            await self.wait(receive, run(stream))
+        except ClientGone:
+            return
+        except Interrupted:
+            if stream.started:
+                await stream.end()
+            else:
+                await send_json(send, 503, b'{"detail":"the gateway is restarting"}', {"retry-after": "1"})
+        except Exception:
+            if not stream.started:
+                raise
+            log.exception("%s broke off", what)
+            try:
+                await stream.end()
+            except Exception:
+                pass
 
     def drain(self) -> None:
         """Shutting down: long polls answer now with the current state and streams end (their

@@ -136,26 +136,9 @@ class TaskEvents:
         self.last_id = last_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        stream = Stream(send, self.gateway.keepalive_s)
-        try:
-            await self.gateway.wait(receive, self._run(stream, send))
-        except ClientGone:
-            return
-        except Interrupted:
-            # The server is going away: end the stream; EventSource reconnects (elsewhere)
-            # with Last-Event-ID and misses nothing.
-            if stream.started:
-                await stream.end()
-            else:
-                await send_json(send, 503, b'{"detail":"the gateway is restarting"}', {"retry-after": "1"})
-        except Exception:
-            if not stream.started:
-                raise  # still time for a proper error response
-            log.exception("task stream %s broke off", self.task_id)
-            try:
-                await stream.end()
-            except Exception:
-                pass
+        await self.gateway.serve_stream(
+            receive, send, lambda stream: self._run(stream, send), f"task stream {self.task_id}"
+        )
 
     async def _run(self, stream: Stream, send: Send) -> None:
         gw = self.gateway
