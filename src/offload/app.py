@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import functools
 import os
@@ -287,12 +288,17 @@ class Offload:
             meta={k: v for k, v in env.headers.items() if k in ("owner", "parent")},
         )
         backends = await self._backends()
-        # The QUEUED state is written before the message exists, so a fast worker's final state
-        # can never be overwritten by it.
-        await backends.store.put_states([(env.id, self.encode_state(queued))], self.result_ttl_s)
+        state = self.encode_state(queued)
         message = OutgoingMessage(
             id=env.id, queue=env.queue, body=body, priority=env.priority, eta=env.eta, key=env.key, expires=env.expires
         )
+        if backends.broker.writes_initial_state and self.results_url is self.url:
+            # The store is the broker's own backend: the state goes in the same step.
+            message = dataclasses.replace(message, state=state, state_ttl_s=self.result_ttl_s)
+        else:
+            # The QUEUED state is written before the message exists, so a fast worker's final
+            # state can never be overwritten by it.
+            await backends.store.put_states([(env.id, state)], self.result_ttl_s)
         holder = await backends.broker.enqueue(message)
         if holder != env.id:
             holder = await self._wait_for_finished_holder(backends.broker, message, holder)

@@ -229,3 +229,14 @@ async def test_key_value_primitives(backends: tuple[Broker, Store]) -> None:
     assert await store.set_if_absent("short", b"x", ttl_s=0.2) is True
     await asyncio.sleep(0.4)  # the TTL itself is what is tested
     assert await store.set_if_absent("short", b"y", ttl_s=5) is True
+
+
+async def test_first_state_is_stored_with_the_message(backends: tuple[Broker, Store]) -> None:
+    broker, store = backends
+    if not broker.writes_initial_state:
+        pytest.skip(f"{type(broker).__name__} leaves the first state to the app")
+    first = OutgoingMessage(id="with-state", queue="default", body=b"b", key="k", state=b"queued", state_ttl_s=60)
+    loser = OutgoingMessage(id="loser", queue="default", body=b"b", key="k", state=b"queued")
+    assert await broker.enqueue(first) == "with-state"
+    assert await broker.enqueue(loser) == "with-state"
+    assert await store.get_states(["with-state", "loser"]) == [b"queued", None]

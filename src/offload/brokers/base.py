@@ -42,6 +42,10 @@ class OutgoingMessage:
     eta: float | None = None  # epoch seconds; None means now
     key: str | None = None  # deduplication key
     expires: float | None = None  # epoch seconds; a hint for brokers with native expiry
+    # The task's first state, for a broker that `writes_initial_state`: stored under the id in
+    # the same step as the message, before it can be fetched (never for a dedup loser).
+    state: bytes | None = None
+    state_ttl_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -77,6 +81,9 @@ class Broker(abc.ABC):
 
     #: can this backend also serve as the `Store` (same URL)?
     stores_results: ClassVar[bool] = False
+    #: when the Store is this backend itself (same URL and namespace), does `enqueue` store
+    #: `OutgoingMessage.state` with the message, saving the app a separate write?
+    writes_initial_state: ClassVar[bool] = False
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         self.url = url

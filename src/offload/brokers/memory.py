@@ -93,6 +93,7 @@ def _alive(entry: tuple[bytes, float | None] | None) -> bytes | None:
 
 class MemoryBroker(Broker):
     stores_results = True
+    writes_initial_state = True
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         super().__init__(url, namespace)
@@ -115,6 +116,9 @@ class MemoryBroker(Broker):
                 message.eta or 0.0, s.seq, message.key,
             )
             self._index(m)
+            if message.state is not None:
+                until = time.time() + message.state_ttl_s if message.state_ttl_s else None
+                s.states[(ns, message.id)] = (message.state, until)
         s.signals.notify([self._topic(message.queue)])
         return message.id
 

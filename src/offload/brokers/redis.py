@@ -144,7 +144,8 @@ local function surface(t)
 end
 """
 
-# ARGV: id, queue, body, priority, eta ('' = now), has_key ('1'/'0'), key
+# ARGV: id, queue, body, priority, eta ('' = now), has_key ('1'/'0'), key, first state ('' = none),
+# its time to live in ms (0 = none)
 _LUA_ENQUEUE = r"""
 local id, q = ARGV[1], ARGV[2]
 local mk = P .. 'm:' .. id
@@ -156,6 +157,15 @@ if ARGV[6] == '1' then
   local holder = redis.call('GET', P .. 'key:' .. key)
   if holder and redis.call('EXISTS', P .. 'm:' .. holder) == 1 then return holder end
   redis.call('SET', P .. 'key:' .. key, id)
+end
+if ARGV[8] ~= '' then
+  -- The task's first state, stored before the message can be claimed.
+  local ttl = tonumber(ARGV[9])
+  if ttl > 0 then
+    redis.call('SET', P .. 'state:' .. id, ARGV[8], 'PX', ttl)
+  else
+    redis.call('SET', P .. 'state:' .. id, ARGV[8])
+  end
 end
 local score = string.format('%.0f', (9 - tonumber(ARGV[4])) * 1e12 + redis.call('INCR', P .. 'seq'))
 redis.call('HSET', mk, 'q', q, 'b', ARGV[3], 's', score, 'd', '0')
@@ -901,6 +911,7 @@ class _Wakeups:
 
 
 class RedisBroker(Broker):
+    writes_initial_state = True
     stores_results = True
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
@@ -951,6 +962,7 @@ class RedisBroker(Broker):
             message.id, message.queue, message.body, priority,
             "" if message.eta is None else repr(float(message.eta)),
             "0" if message.key is None else "1", message.key or "",
+            message.state or b"", _ttl_ms(message.state_ttl_s) or 0,
         ]  # fmt: skip
         return _s(await self._cmds.script(self._enqueue, self._keys, args))
 

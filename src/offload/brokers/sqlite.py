@@ -597,6 +597,7 @@ _EXTEND = (
 
 class SqliteBroker(Broker):
     stores_results = True
+    writes_initial_state = True
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         super().__init__(url, namespace)
@@ -626,15 +627,19 @@ class SqliteBroker(Broker):
         the id of the message holding its key."""
         now = time.time()
         holders = [m.id for m in messages]
+        # A first state must commit with its message: a worker could otherwise claim the
+        # message and store STARTED before the QUEUED state lands on top of it.
+        with_states = any(m.state is not None for m in messages)
         if all(m.key is None for m in messages):
             # No key: the only conflict is an id enqueued twice, which is idempotent, so the
             # rows go in as few statements as possible.
             rows = [v for m in messages for v in self._row(m, now)]
             step = _ROWS_PER_INSERT * 8
-            with _transaction(conn) if len(rows) > step else contextlib.nullcontext():
+            with _transaction(conn) if len(rows) > step or with_states else contextlib.nullcontext():
                 for i in range(0, len(rows), step):
                     chunk = rows[i : i + step]
                     conn.execute(_insert_sql(len(chunk) // 8), chunk)
+                self._put_first_states(conn, messages, holders, now)
         else:
             # Insert-or-find-the-holder must be one step, or the holder could be acked between
             # the two and a message silently dropped.
@@ -643,9 +648,21 @@ class SqliteBroker(Broker):
                     if conn.execute(_INSERT, self._row(m, now)).rowcount == 0 and m.key is not None:
                         found = conn.execute(_HOLDER, (self.namespace, m.key)).fetchone()
                         holders[i] = found[0] if found else m.id
+                self._put_first_states(conn, messages, holders, now)
         # Also for scheduled messages: waiting fetches re-arm their timer on the eta.
         self._h.notifier.notify({self._topic(m.queue) for m in messages})
         return holders
+
+    def _put_first_states(self, conn: sqlite3.Connection, messages: list[OutgoingMessage], holders: list[str], now: float) -> None:
+        """The tasks' first states, in the enqueue's own transaction (never for a dedup loser)."""
+        params = [
+            v for m, holder in zip(messages, holders, strict=True) if m.state is not None and holder == m.id
+            for v in (self.namespace, m.id, m.state, now + m.state_ttl_s if m.state_ttl_s else None)
+        ]
+        step = _STATES_PER_STATEMENT * 4
+        for i in range(0, len(params), step):
+            chunk = params[i : i + step]
+            conn.execute(_put_states_sql(len(chunk) // 4), chunk)
 
     # -- fetch ---------------------------------------------------------------------------
     async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
