@@ -229,11 +229,13 @@ class Worker:
 
     async def _put_back(self, held: _Held) -> None:
         try:
-            await self.broker.requeue(held.delivery)
+            # State first, as everywhere: once requeued, another worker may store STARTED, and a
+            # late QUEUED would overwrite it.
             if held.state is not None:
                 held.state.status = Status.QUEUED
                 held.state.started_at = None
                 await self.app._write_states([held.state])
+            await self.broker.requeue(held.delivery)
         except Exception as e:  # the lease runs out and the message comes back anyway
             log.warning("could not put back %s (%s); it returns when its lease runs out", held.delivery.id, e)
         self._held.pop(held.delivery.id, None)
