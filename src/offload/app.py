@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from offload import ratelimit
 from offload import workflow as workflows
 from offload._portal import Portal
-from offload.brokers import make_broker, make_store
+from offload.brokers import check_stores_results, make_broker, make_store
 from offload.brokers.base import Broker, OutgoingMessage, Store
 from offload.config import BrokerURL, parse_url
 from offload.errors import ConfigError, MessageError
@@ -76,11 +76,7 @@ class Offload:
         if not self.namespace.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"namespace must be letters, digits, '-', '_' or '.', got {self.namespace!r}")
         self.results_url: BrokerURL = parse_url(results) if results else self.url
-        if results is None and self.url.scheme in ("amqp", "amqps"):
-            raise ConfigError(
-                "an amqp:// broker cannot store results: add results='redis://localhost:6379/0' "
-                "(or results='sqlite:///offload.db') to Offload(...)"
-            )
+        check_stores_results(self.results_url)
         if isinstance(secret, str):
             secret = secret.encode()
         self.secret: bytes | None = secret

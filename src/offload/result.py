@@ -189,14 +189,3 @@ async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, m
             if deadline is not None and left <= 0:
                 raise ResultTimeout(f"task {ids[0] if len(ids) == 1 else ids} still running after {timeout} s")
             await watch.wait(max(left, 0.0))
-
-
-async def gather_results(results: Sequence[Result[Any]], timeout: float | None) -> list[Any]:
-    """The values of several results, in order (used by group handles)."""
-    app = results[0].app
-    states = await wait_states(app, [r.id for r in results], timeout)
-    return [s.outcome() for s in states]
-
-
-def timestamp() -> float:
-    return time.time()

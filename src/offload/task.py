@@ -207,5 +207,3 @@ def task_name(fn: Callable[..., Any]) -> str:
     module = getattr(fn, "__module__", None) or "__main__"
     return f"{module}.{fn.__qualname__}"
 
-
-AnyTask = Task[Any, Any]

@@ -35,11 +35,15 @@ def make_broker(url: BrokerURL, namespace: str) -> Broker:
     return _module(url).make_broker(url, namespace)  # type: ignore[no-any-return]
 
 
-def make_store(url: BrokerURL, namespace: str) -> Store:
-    module = _module(url)
-    factory = getattr(module, "make_store", None)
-    if factory is None:
+def check_stores_results(url: BrokerURL) -> None:
+    """Raise ConfigError, saying what to add, when this kind of backend cannot keep results."""
+    if getattr(_module(url), "make_store", None) is None:
         raise ConfigError(
-            f"{url.scheme}:// cannot store results; pass results='redis://...' or results='sqlite:///...' to Offload()"
+            f"an {url.scheme}:// broker cannot store results: add results='redis://localhost:6379/0' "
+            "(or results='sqlite:///offload.db') to Offload(...)"
         )
-    return factory(url, namespace)  # type: ignore[no-any-return]
+
+
+def make_store(url: BrokerURL, namespace: str) -> Store:
+    check_stores_results(url)
+    return _module(url).make_store(url, namespace)  # type: ignore[no-any-return]

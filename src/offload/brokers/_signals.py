@@ -77,7 +77,3 @@ class Signals:
             targets = {listener for t in topics for listener in self._by_topic.get(t, ())}
         for listener in targets:
             listener._fire()
-
-    def has_listeners(self, topic: str) -> bool:
-        with self._lock:
-            return topic in self._by_topic

@@ -206,7 +206,6 @@ def _cancelled_from_outside() -> bool:
 class AmqpBroker(Broker):
     """RabbitMQ broker; see the module docstring for the topology and the guarantees."""
 
-    stores_results = False
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         super().__init__(url, namespace)

@@ -79,8 +79,6 @@ class QueueStats:
 class Broker(abc.ABC):
     """Queues of encoded messages, namespaced. See the module docstring for the guarantees."""
 
-    #: can this backend also serve as the `Store` (same URL)?
-    stores_results: ClassVar[bool] = False
     #: when the Store is this backend itself (same URL and namespace), does `enqueue` store
     #: `OutgoingMessage.state` with the message, saving the app a separate write?
     writes_initial_state: ClassVar[bool] = False

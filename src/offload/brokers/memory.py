@@ -92,7 +92,6 @@ def _alive(entry: tuple[bytes, float | None] | None) -> bytes | None:
 
 
 class MemoryBroker(Broker):
-    stores_results = True
     writes_initial_state = True
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:

@@ -912,7 +912,6 @@ class _Wakeups:
 
 class RedisBroker(Broker):
     writes_initial_state = True
-    stores_results = True
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         super().__init__(url, namespace)

@@ -596,7 +596,6 @@ _EXTEND = (
 
 
 class SqliteBroker(Broker):
-    stores_results = True
     writes_initial_state = True
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
