@@ -46,7 +46,8 @@ def test_amqp_without_results_says_what_to_add() -> None:
 @pytest.mark.parametrize("url", ["nope", "ftp://x", "redis://localhost:notaport/0"])
 def test_bad_urls(url: str) -> None:
     with pytest.raises(ConfigError):
-        Offload(url)._portal.run(Offload(url)._backends())
+        app = Offload(url)
+        app._portal.run(app._backends())
 
 
 def test_bad_namespace() -> None:

@@ -369,7 +369,7 @@ def test_one_datagram_carries_a_whole_batch_of_topics(tmp_path: Path) -> None:
         directory = Path(notifier.directory)
         directory.mkdir()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as peer:
-            peer.bind(str(directory / "424242-00000001.sock"))
+            _bind_in(peer, directory / "424242-00000001.sock")
             peer.settimeout(5)
             topics = [f"t:ns:{i}" for i in range(200)]
             notifier.notify(topics)
@@ -395,7 +395,7 @@ def test_a_congested_peer_gets_its_topics_once_it_reads_again(tmp_path: Path) ->
         directory = Path(notifier.directory)
         directory.mkdir()
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as peer:
-            peer.bind(str(directory / "424242-00000002.sock"))
+            _bind_in(peer, directory / "424242-00000002.sock")
             # Far more datagrams than the kernel queues for one unread socket (qlen ~10):
             # publishing must neither block nor fail; the overflow waits for a retry.
             topics = [f"q:ns:{i}" for i in range(100)]

@@ -67,10 +67,8 @@ def test_sigterm_lets_the_running_task_finish_and_exits_zero(harness: Harness) -
 
 def test_grace_period_over_puts_the_task_back(harness: Harness) -> None:
     harness.needs_processes()
-    marker = harness.tmp_path / "started"
     log = harness.tmp_path / "executions"
     r = harness.task("record").delay(str(log), "slow", 4.0)
-    del marker
     w = harness.worker("-c", "1", "--grace", "0.5")
     wait_until(lambda: r.status() is Status.STARTED, 20, "task start")
     w.terminate()

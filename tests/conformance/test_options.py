@@ -157,9 +157,10 @@ def test_cancel_a_running_task(harness: Harness, pool: str) -> None:
 
 
 def test_queues_route_tasks_to_their_workers(harness: Harness) -> None:
-    harness.worker("-q", "images")
-    on_images = harness.task("add").options(queue="images").delay(1, 1)
+    harness.worker("-q", "images", "-c", "1", "--prefetch", "0")
+    # The default task goes first: a worker that also consumed `default` would run it, and store
+    # its outcome, before the images task that follows.
     on_default = harness.task("add").delay(2, 2)
+    on_images = harness.task("add").options(queue="images").delay(1, 1)
     assert on_images.get(timeout=20) == 2
-    time.sleep(0.3)  # give a wrongly routed worker the chance to take it: it must not
     assert on_default.status() is Status.QUEUED
