@@ -8,6 +8,7 @@ import datetime as dt
 import functools
 import os
 import secrets
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -18,8 +19,8 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from offload import ratelimit
 from offload import workflow as workflows
 from offload._portal import Portal
-from offload.brokers import check_stores_results, make_broker, make_store
-from offload.brokers.base import Broker, OutgoingMessage, Store
+from offload.brokers import check_stores_results, make_broker, make_direct, make_store
+from offload.brokers.base import Broker, Direct, OutgoingMessage, Store
 from offload.config import BrokerURL, parse_url
 from offload.errors import ConfigError, MessageError
 from offload.message import Codec, Envelope
@@ -103,7 +104,14 @@ class Offload:
         self._portal = Portal()
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Backends] = weakref.WeakKeyDictionary()
         self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
-        os.register_at_fork(after_in_child=self._by_loop.clear)
+        # The sync face's blocking client (None until asked for; False when the backend has none).
+        self._direct_client: Direct | bool | None = None
+        self._direct_lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._by_loop.clear()
+        self._direct_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Offload {self.url.masked} namespace={self.namespace!r}>"
@@ -214,6 +222,9 @@ class Offload:
 
     def close(self) -> None:
         """Close the connections of the sync face and stop its thread."""
+        direct, self._direct_client = self._direct_client, None
+        if isinstance(direct, Direct):
+            direct.close()
         if self._portal._loop is not None:
             self._portal.run(self.aclose())
             self._portal.stop()
@@ -239,7 +250,20 @@ class Offload:
 
     async def _write_states(self, states: Sequence[TaskState]) -> None:
         store = await self._store()
-        await store.put_states([(s.id, self.encode_state(s)) for s in states], self.result_ttl_s)
+        final = {s.id for s in states if s.done}
+        await store.put_states([(s.id, self.encode_state(s)) for s in states], self.result_ttl_s, final)
+
+    def _direct(self) -> Direct | None:
+        """The result store's blocking face for sync calls, if it has one. It is made once the
+        loop-side backends have connected, so an unreachable server fails as usual."""
+        direct = self._direct_client
+        if direct is None:
+            self._portal.run(self._backends())
+            with self._direct_lock:
+                if self._direct_client is None:
+                    self._direct_client = make_direct(self.results_url, self.namespace) or False
+            direct = self._direct_client
+        return direct or None  # type: ignore[return-value]
 
     # -- sending -----------------------------------------------------------------------------
     def build(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options, task_id: str | None = None) -> Envelope:
@@ -275,7 +299,9 @@ class Offload:
         env = self.build(name, args, kwargs, opts, task_id)
         return await self.enqueue_envelope(env)
 
-    async def enqueue_envelope(self, env: Envelope) -> Result[Any]:
+    def _outgoing(self, env: Envelope, with_state: bool) -> tuple[OutgoingMessage, bytes]:
+        """The message for an envelope and its encoded QUEUED state, carried by the message
+        when ``with_state`` (a broker that is its own store writes both in one step)."""
         # Encode first: a value the serializer cannot carry fails here, before anything is sent.
         body = self.codec.encode(env)
         queued = TaskState(
@@ -283,15 +309,19 @@ class Offload:
             queued_at=dt.datetime.fromtimestamp(env.queued_at, dt.UTC),
             meta={k: v for k, v in env.headers.items() if k in ("owner", "parent")},
         )
-        backends = await self._backends()
         state = self.encode_state(queued)
         message = OutgoingMessage(
-            id=env.id, queue=env.queue, body=body, priority=env.priority, eta=env.eta, key=env.key, expires=env.expires
+            id=env.id, queue=env.queue, body=body, priority=env.priority, eta=env.eta, key=env.key, expires=env.expires,
+            state=state if with_state else None, state_ttl_s=self.result_ttl_s if with_state else None,
         )
-        if backends.broker.writes_initial_state and self.results_url is self.url:
-            # The store is the broker's own backend: the state goes in the same step.
-            message = dataclasses.replace(message, state=state, state_ttl_s=self.result_ttl_s)
-        else:
+        return message, state
+
+    async def enqueue_envelope(self, env: Envelope) -> Result[Any]:
+        message, state = self._outgoing(env, with_state=True)
+        backends = await self._backends()
+        # When the store is the broker's own backend, the state goes in the same step.
+        if not (backends.broker.writes_initial_state and self.results_url is self.url):
+            message = dataclasses.replace(message, state=None, state_ttl_s=None)
             # The QUEUED state is written before the message exists, so a fast worker's final
             # state can never be overwritten by it.
             await backends.store.put_states([(env.id, state)], self.result_ttl_s)
@@ -299,6 +329,16 @@ class Offload:
         if holder != env.id:
             holder = await self._wait_for_finished_holder(backends.broker, message, holder)
         return Result(self, holder)
+
+    def _send_sync(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options) -> Result[Any]:
+        """`delay()`: straight from the caller's thread when the backend allows, else via the loop."""
+        env = self.build(name, args, kwargs, opts)
+        direct = self._direct() if env.key is None and self.results_url is self.url else None
+        if direct is None:
+            return self._portal.run(self.enqueue_envelope(env))
+        message, _ = self._outgoing(env, with_state=True)
+        direct.enqueue(message)
+        return Result(self, env.id)
 
     async def _wait_for_finished_holder(self, broker: Broker, message: OutgoingMessage, holder: str) -> str:
         # A task's final state is stored a moment before its ack releases its dedup key. A caller

@@ -20,6 +20,7 @@ from offload.errors import (
 
 if TYPE_CHECKING:
     from offload.app import Offload
+    from offload.brokers.base import Direct
 
 R = TypeVar("R")
 
@@ -152,14 +153,23 @@ class Result(Generic[R]):
 
     # -- sync face -------------------------------------------------------------------------
     def state(self) -> TaskState:
-        return self.app._portal.run(self.astate())
+        direct = self.app._direct()
+        if direct is None:
+            return self.app._portal.run(self.astate())
+        [raw] = direct.get_states([self.id])
+        if raw is None:
+            raise LookupError(f"unknown task id {self.id!r} (never enqueued here, or its result expired)")
+        return self.app.decode_state(raw)
 
     def status(self) -> Status:
         return self.state().status
 
     def get(self, timeout: float | None = None) -> R:
         """Block until the task ends; its value, or the error it ended with."""
-        return self.app._portal.run(self.wait(timeout))
+        direct = self.app._direct()
+        if direct is None:
+            return self.app._portal.run(self.wait(timeout))
+        return wait_state_direct(self.app, direct, self.id, timeout).outcome()  # type: ignore[no-any-return]
 
     def cancel(self) -> None:
         self.app._portal.run(self.acancel())
@@ -189,3 +199,25 @@ async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, m
             if deadline is not None and left <= 0:
                 raise ResultTimeout(f"task {ids[0] if len(ids) == 1 else ids} still running after {timeout} s")
             await watch.wait(max(left, 0.0))
+
+
+def wait_state_direct(app: Offload, direct: Direct, task_id: str, timeout: float | None) -> TaskState:
+    """`wait_states` for one task from a blocking caller's own thread, through the store's
+    `Direct` face: read the state; if it is not final, block until the store hands over the
+    final one (re-reading at least every SAFETY_POLL_S, as `wait_states` does)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        [raw] = direct.get_states([task_id])
+        if raw is None:
+            raise LookupError(f"unknown task id {task_id!r} (never enqueued here, or its result expired)")
+        state = app.decode_state(raw)
+        if state.done:
+            return state
+        left = SAFETY_POLL_S if deadline is None else min(deadline - time.monotonic(), SAFETY_POLL_S)
+        if left <= 0:
+            raise ResultTimeout(f"task {task_id} still running after {timeout} s")
+        raw = direct.wait_final(task_id, left)
+        if raw is not None:
+            state = app.decode_state(raw)
+            if state.done:
+                return state

@@ -116,7 +116,7 @@ class _Sends:
         return Call(self.app, self.name, self.opts.merge(**opts))
 
     def delay(self, *args: Any, **kwargs: Any) -> Result[Any]:
-        return self.app._portal.run(self.adelay(*args, **kwargs))
+        return self.app._send_sync(self.name, args, kwargs, self.opts)
 
     async def adelay(self, *args: Any, **kwargs: Any) -> Result[Any]:
         return await self.app._enqueue(self.name, args, kwargs, self.opts)
@@ -176,7 +176,7 @@ class Signature:
         return replace(self, opts=self.opts.merge(**opts))
 
     def delay(self) -> Result[Any]:
-        return self.app._portal.run(self.adelay())
+        return self.app._send_sync(self.name, self.args, self.kwargs, self.opts)
 
     async def adelay(self) -> Result[Any]:
         return await self.app._enqueue(self.name, self.args, self.kwargs, self.opts)

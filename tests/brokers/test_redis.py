@@ -445,3 +445,85 @@ async def test_ack_of_unknown_deliveries_is_harmless(url: str, namespace: str) -
     async with opened_broker(url, namespace) as broker:
         await broker.ack([Delivery(id="never-enqueued", queue="default", body=b"")])
         assert (await broker.stats()).running == 0
+
+
+async def _registered(admin: aioredis.Redis, namespace: str, queue: str = "default") -> None:
+    """Until a fetch is registered as waiting on the queue (its claim found nothing)."""
+    deadline = time.monotonic() + 5
+    while not await admin.zcard(f"offload:{namespace}:waiters:{queue}"):
+        assert time.monotonic() < deadline, "the fetch never registered as waiting"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_blocked_fetch_is_handed_the_message_without_claiming(
+    url: str, namespace: str, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with opened_broker(url, namespace) as consumer, opened_broker(url, namespace) as producer:
+        claims = 0
+        claim_once = consumer._claim_once  # type: ignore[attr-defined]
+
+        async def counting(*args: object, **kwargs: object) -> object:
+            nonlocal claims
+            claims += 1
+            return await claim_once(*args, **kwargs)
+
+        monkeypatch.setattr(consumer, "_claim_once", counting)
+        fetching = asyncio.create_task(consumer.fetch(["default"], 4, timeout_s=5))
+        await _registered(admin, namespace)
+        m = msg()
+        await producer.enqueue(m)
+        [got] = await asyncio.wait_for(fetching, 5)
+        assert (got.id, got.body, got.deliveries, claims) == (m.id, m.body, 1, 1)
+        # It is leased like a claimed message: nobody else gets it, the ack settles it.
+        assert await producer.fetch(["default"], 1, timeout_s=0) == []
+        assert (await producer.stats()).running == 1
+        await consumer.ack([got])
+        assert (await producer.stats()).running == 0
+        # One message per registration: the next one waits in the queue for a claim.
+        second = msg()
+        await producer.enqueue(second)
+        assert (await producer.stats()).queued == {"default": 1}
+
+
+async def test_a_hand_off_after_the_fetch_gave_up_goes_to_the_next_fetch_or_back_at_close(
+    url: str, namespace: str, admin: aioredis.Redis
+) -> None:
+    async with opened_broker(url, namespace) as producer, opened_broker(url, namespace) as other:
+        consumer = make_broker(parse_url(url), namespace)
+        await consumer.connect()
+        # A fetch that timed out stays registered for a moment; what it is handed then is kept.
+        assert await consumer.fetch(["default"], 1, timeout_s=0.05) == []
+        first = msg()
+        await producer.enqueue(first)
+        [got] = await consumer.fetch(["default"], 1, timeout_s=2)
+        assert got.id == first.id
+        await consumer.ack([got])
+
+        assert await consumer.fetch(["default"], 1, timeout_s=0.05) == []
+        second = msg()
+        await producer.enqueue(second)
+        deadline = time.monotonic() + 5
+        while (await producer.stats()).running != 1:  # handed to the consumer, not yet taken
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        await consumer.close()  # puts it back instead of leaving it to the lease
+        [again] = await other.fetch(["default"], 1, timeout_s=2)
+        assert (again.id, again.body) == (second.id, second.body)
+        await other.ack([again])
+
+
+async def test_a_hand_off_nobody_receives_leaves_the_message_in_its_queue(
+    url: str, namespace: str, admin: aioredis.Redis
+) -> None:
+    # A waiter whose connection is gone (its channel has no subscriber): the enqueue finds that
+    # nobody received the message and queues it as usual, deliveries untouched.
+    prefix = f"offload:{namespace}:"
+    await admin.zadd(f"{prefix}waiters:default", {"gone": time.time() + 60})
+    await admin.set(f"{prefix}waiting:gone", '[3, "' + prefix + 'hand:nobody", ["default"]]', px=60_000)
+    async with opened_broker(url, namespace) as broker:
+        m = msg()
+        await broker.enqueue(m)
+        assert (await broker.stats()).queued == {"default": 1}
+        [got] = await broker.fetch(["default"], 1, timeout_s=0)
+        assert (got.id, got.deliveries) == (m.id, 1)
+        await broker.ack([got])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from offload.brokers.base import Broker, Store
+from offload.brokers.base import Broker, Direct, Store
 from offload.config import BrokerURL
 from offload.errors import ConfigError
 
@@ -47,3 +47,9 @@ def check_stores_results(url: BrokerURL) -> None:
 def make_store(url: BrokerURL, namespace: str) -> Store:
     check_stores_results(url)
     return _module(url).make_store(url, namespace)  # type: ignore[no-any-return]
+
+
+def make_direct(url: BrokerURL, namespace: str) -> Direct | None:
+    """The backend's blocking face for sync callers, or None when it has none."""
+    factory = getattr(_module(url), "make_direct", None)
+    return None if factory is None else factory(url, namespace)  # type: ignore[no-any-return]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -109,6 +109,21 @@ class Broker(abc.ABC):
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """The outcome is stored: forget these messages and release their keys."""
 
+    async def store_and_ack(
+        self,
+        store: Store,
+        states: Sequence[tuple[str, bytes]],
+        ttl_s: float | None,
+        final: Collection[str],
+        deliveries: Sequence[Delivery],
+    ) -> None:
+        """Store outcome states in ``store``, then acknowledge ``deliveries``. A broker that is
+        also the store (same backend) may do both in one step; it must never ack first."""
+        if states:
+            await store.put_states(states, ttl_s, final)
+        if deliveries:
+            await self.ack(deliveries)
+
     @abc.abstractmethod
     async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
         """Put a leased message back, optionally with a new body (next attempt), visible after
@@ -171,8 +186,12 @@ class Store(abc.ABC):
 
     # -- task states ---------------------------------------------------------------------
     @abc.abstractmethod
-    async def put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
-        """Store each (task id, encoded state) and signal watchers of those ids."""
+    async def put_states(
+        self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None, final: Collection[str] = ()
+    ) -> None:
+        """Store each (task id, encoded state) and signal watchers of those ids. ``final`` names
+        the ids whose state is their last: a store with a `Direct` face hands those to blocked
+        `Direct.wait_final` callers."""
 
     @abc.abstractmethod
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
@@ -213,6 +232,31 @@ class Store(abc.ABC):
     async def flush_namespace(self) -> None:
         """Remove everything of this namespace (tests)."""
         raise NotImplementedError
+
+
+class Direct(abc.ABC):
+    """Blocking access from the caller's own thread, for the sync face (`delay()`, `get()`).
+
+    Optional: a backend that offers one saves each sync call the hop to offload's event loop
+    thread and back. Every method is safe to call from several threads at once.
+    """
+
+    @abc.abstractmethod
+    def enqueue(self, message: OutgoingMessage) -> str:
+        """As `Broker.enqueue`, for a message without a dedup key whose state goes with it."""
+
+    @abc.abstractmethod
+    def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
+        """As `Store.get_states`."""
+
+    @abc.abstractmethod
+    def wait_final(self, task_id: str, timeout_s: float) -> bytes | None:
+        """Block until the task's final state is stored (its bytes), or None after ``timeout_s``.
+        A final state stored before the call is returned at once while the store still signals
+        it (at least a minute); callers read the state first and wait only if it is not final."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
 
 def now() -> float:

@@ -11,7 +11,7 @@ import asyncio
 import heapq
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -280,7 +280,9 @@ class MemoryStore(Store):
     def _topic(self, task_id: str) -> str:
         return f"t:{self.namespace}:{task_id}"
 
-    async def put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+    async def put_states(
+        self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None, final: Collection[str] = ()
+    ) -> None:
         until = time.time() + ttl_s if ttl_s else None
         with self._s.lock:
             for task_id, data in states:

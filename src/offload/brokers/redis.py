@@ -13,9 +13,12 @@ Every key lives under ``offload:<namespace>:``::
     x:<id>        hash of a dead letter: q, b, r (reason), t (time)
     claim:<token> a fetch's result for a few seconds, so a retried fetch gets the same leases
     waiters:<q>   sorted set of fetch calls blocked on a queue, scored by when they stop waiting
+    waiting:<w>   what an enqueue needs to hand a blocked fetch a message: lease, channel, queues
     state:<id>    a task's encoded state (Store)
     kv:<key>      the Store's key-value space
     wake:<queue>  pub/sub channel: the queue got ready messages while a fetch was waiting on it
+    hand:<uuid>   pub/sub channel of one broker object: messages handed to its blocked fetches
+    done:<id>     list holding a task's final state for two minutes, for blocked sync waiters
     task:<id>     pub/sub channel: the state of that task changed
     chan:<name>   pub/sub channel of `Store.publish`
 
@@ -29,9 +32,12 @@ is safe to run twice (a fetch retried after its reply was lost hands out the sam
 so a connection dropped mid-call loses nothing.
 
 A fetch that finds nothing registers itself in ``waiters:<queue>`` within the same script, and
-sleeps until a message on ``wake:<queue>``, the time the next scheduled message or lease is due,
-or its timeout. Producers publish a wake-up only while someone waits, so a busy system carries
-no pub/sub traffic per task. Pub/sub (wake-ups, task watches, channels) shares one connection
+sleeps until a message is handed to it, a message on ``wake:<queue>``, the time the next
+scheduled message or lease is due, or its timeout. An enqueue that finds a fetch waiting on its
+queue leases the message to it at once and publishes it on that fetch's ``hand:`` channel, so
+an idle worker starts the task without a claim of its own; a handed message that its fetch no
+longer waits for is served by the next fetch of the same broker object, or put back at close.
+Producers publish only while someone waits, so a busy system carries no pub/sub traffic per task. Pub/sub (wake-ups, task watches, channels) shares one connection
 per broker or store object; when it drops it is rebuilt, resubscribed, and every waiter is woken
 once to re-read what it waits on.
 """
@@ -44,7 +50,7 @@ import logging
 import math
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar, cast
 
@@ -65,7 +71,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store, Watch
+from offload.brokers.base import Broker, DeadLetter, Delivery, Direct, OutgoingMessage, QueueStats, Store, Watch
 from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
 
@@ -93,6 +99,8 @@ _KEEPALIVE = {
 _PUBSUB_IDLE_S = 10.0
 _UNSUBSCRIBE_AFTER_S = 0.5
 _PURGE_CHUNK = 1000
+# How long a final state stays in done:<id> for blocked sync waiters (see Direct.wait_final).
+DONE_SIGNAL_MS = 120_000
 _MAX_CONNECTIONS = 64
 
 # --- Lua -------------------------------------------------------------------------------------
@@ -123,6 +131,30 @@ local function wake(q, t)
   if redis.call('ZCOUNT', P .. 'waiters:' .. q, fmt(t), '+inf') > 0 then
     redis.call('PUBLISH', P .. 'wake:' .. q, '')
   end
+end
+-- Hand a ready message straight to a fetch blocked on its queue: lease it in that fetch's name
+-- and publish it on the fetch's own channel, which saves the waiting worker the round trip of
+-- a claim. False (nothing changed) when nobody waits or the waiter's connection is gone.
+local function hand(id, q, t)
+  local wk = P .. 'waiters:' .. q
+  local w = redis.call('ZRANGEBYSCORE', wk, fmt(t), '+inf', 'LIMIT', 0, 1)[1]
+  if not w then return false end
+  local info = redis.call('GET', P .. 'waiting:' .. w)
+  if not info then return false end
+  info = cjson.decode(info)
+  local mk = P .. 'm:' .. id
+  local d = redis.call('HINCRBY', mk, 'd', 1)
+  local body = redis.call('HGET', mk, 'b')
+  local head = table.concat({#w, #id, #q, d}, ' ')
+  if redis.call('PUBLISH', info[2], head .. '\n' .. w .. id .. q .. body) == 0 then
+    redis.call('HINCRBY', mk, 'd', -1)
+    return false
+  end
+  redis.call('ZADD', P .. 'lease', fmt(t + info[1]), id)
+  -- One message per registration: the fetch returns with it and claims again for more.
+  for _, wq in ipairs(info[3]) do redis.call('ZREM', P .. 'waiters:' .. wq, w) end
+  redis.call('DEL', P .. 'waiting:' .. w)
+  return true
 end
 -- Move due scheduled messages and expired leases into their ready queues (a bounded batch per
 -- call; the rest follow on the next call), and wake the consumers of those queues.
@@ -160,6 +192,7 @@ if ARGV[6] == '1' then
 end
 if ARGV[8] ~= '' then
   -- The task's first state, stored before the message can be claimed.
+  redis.call('DEL', P .. 'done:' .. id)
   local ttl = tonumber(ARGV[9])
   if ttl > 0 then
     redis.call('SET', P .. 'state:' .. id, ARGV[8], 'PX', ttl)
@@ -175,7 +208,7 @@ local eta = tonumber(ARGV[5])
 local t = now()
 if eta and eta > t then
   redis.call('ZADD', P .. 'sched', fmt(eta), id)
-else
+elseif not hand(id, q, t) then
   redis.call('ZADD', P .. 'q:' .. q, score, id)
   wake(q, t)
 end
@@ -183,13 +216,13 @@ return id
 """
 
 # ARGV: token, lease_s, limit, waiter id, wait_s (how long the caller will wait if nothing is
-# ready; 0 = not at all), queue...
+# ready; 0 = not at all), the caller's hand-off channel ('' = none), queue...
 # Returns {'1', id, queue, body, deliveries, ...} or {'0', seconds until something may become
 # ready ('' when nothing is scheduled or leased)}.
 _LUA_CLAIM = r"""
 local token, lease, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local waiter, wait_s = ARGV[4], tonumber(ARGV[5])
-local Q = 6
+local waiter, wait_s, hand_channel = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+local Q = 7
 local memo_key = P .. 'claim:' .. token
 local out = {'1'}
 local memo = redis.call('GET', memo_key)
@@ -250,15 +283,23 @@ if #leased > 0 then
   local memo_ms = math.max(1, math.floor(math.min(lease, 35) * 1000))
   redis.call('SET', memo_key, cjson.encode(leased), 'PX', memo_ms)
   for i = Q, #ARGV do redis.call('ZREM', P .. 'waiters:' .. ARGV[i], waiter) end
+  redis.call('DEL', P .. 'waiting:' .. waiter)
   return out
 end
 if wait_s > 0 then
   -- Registered in the same step that found the queues empty, so no enqueue can slip between.
   -- The second of slack covers a caller that wakes a little after its own deadline.
+  local queues = {}
   for i = Q, #ARGV do
     local wk = P .. 'waiters:' .. ARGV[i]
     redis.call('ZREMRANGEBYSCORE', wk, '-inf', fmt(t))
     redis.call('ZADD', wk, fmt(t + wait_s + 1), waiter)
+    queues[#queues + 1] = ARGV[i]
+  end
+  if hand_channel ~= '' then
+    -- What an enqueue needs to hand this fetch a message (see hand()).
+    redis.call('SET', P .. 'waiting:' .. waiter, cjson.encode({lease, hand_channel, queues}),
+      'PX', math.floor((wait_s + 1) * 1000))
   end
 end
 local next_at = nil
@@ -274,23 +315,7 @@ return {'0', fmt(math.max(0, next_at - t))}
 """
 
 # ARGV: id...
-_LUA_ACK = r"""
-for i = 1, #ARGV do
-  local id = ARGV[i]
-  local mk = P .. 'm:' .. id
-  local v = redis.call('HMGET', mk, 'q', 'k')
-  -- A message whose lease ran out may be back in its queue; the outcome is stored all the same.
-  if redis.call('ZREM', P .. 'lease', id) == 0 and v[1] then
-    redis.call('ZREM', P .. 'q:' .. v[1], id)
-    redis.call('ZREM', P .. 'sched', id)
-  end
-  if v[1] then
-    release_key(id, v[2])
-    redis.call('DEL', mk)
-  end
-end
-return #ARGV
-"""
+_LUA_ACK = "return ack(1, #ARGV)"
 
 # ARGV: lease_s, then (id, receipt) pairs; an empty receipt skips the holder check.
 _LUA_EXTEND = r"""
@@ -430,19 +455,59 @@ end
 return out
 """
 
-# ARGV: ttl in ms (0 = none), then (task id, state) pairs.
-_LUA_PUT_STATES = r"""
-local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV, 2 do
-  local k = P .. 'state:' .. ARGV[i]
-  if ttl > 0 then
-    redis.call('SET', k, ARGV[i + 1], 'PX', ttl)
-  else
-    redis.call('SET', k, ARGV[i + 1])
+# Storing outcomes and acknowledging, as functions over a range of ARGV, so that a worker whose
+# results live in this same Redis does both in one script (_LUA_SETTLE).
+_LUA_OUTCOMES = r"""
+-- ARGV[first..last]: (task id, state, final '1' or '0') triples. ttl and done_ttl in ms.
+-- A final state is also the one element of done:<id> for a while, where blocked sync waiters
+-- (BLMOVE from the list onto itself, which leaves it in place for the next waiter) pick it up.
+local function put_states(ttl, done_ttl, first, last)
+  for i = first, last, 3 do
+    local id = ARGV[i]
+    local k = P .. 'state:' .. id
+    if ttl > 0 then
+      redis.call('SET', k, ARGV[i + 1], 'PX', ttl)
+    else
+      redis.call('SET', k, ARGV[i + 1])
+    end
+    -- done:<id> holds the latest state only while it is final (a replayed task starts over).
+    local d = P .. 'done:' .. id
+    redis.call('DEL', d)
+    if ARGV[i + 2] == '1' then
+      redis.call('RPUSH', d, ARGV[i + 1])
+      redis.call('PEXPIRE', d, done_ttl)
+    end
+    redis.call('PUBLISH', P .. 'task:' .. id, '')
   end
-  redis.call('PUBLISH', P .. 'task:' .. ARGV[i], '')
 end
-return 1
+-- ARGV[first..last]: ids of messages whose outcome is stored.
+local function ack(first, last)
+  for i = first, last do
+    local id = ARGV[i]
+    local mk = P .. 'm:' .. id
+    local v = redis.call('HMGET', mk, 'q', 'k')
+    -- A message whose lease ran out may be back in its queue; the outcome is stored all the same.
+    if redis.call('ZREM', P .. 'lease', id) == 0 and v[1] then
+      redis.call('ZREM', P .. 'q:' .. v[1], id)
+      redis.call('ZREM', P .. 'sched', id)
+    end
+    if v[1] then
+      release_key(id, v[2])
+      redis.call('DEL', mk)
+    end
+  end
+  return last - first + 1
+end
+"""
+
+# ARGV: ttl in ms (0 = none), ttl of a done list in ms, then (task id, state, final) triples.
+_LUA_PUT_STATES = "put_states(tonumber(ARGV[1]), tonumber(ARGV[2]), 3, #ARGV) return 1"
+
+# ARGV: ttl, done ttl, number of states n, n (task id, state, final) triples, then message ids.
+_LUA_SETTLE = r"""
+local n = tonumber(ARGV[3])
+put_states(tonumber(ARGV[1]), tonumber(ARGV[2]), 4, 3 + 3 * n)
+return ack(4 + 3 * n, #ARGV)
 """
 
 # KEYS[1]: the counter. ARGV: amount, ttl in ms (0 = none).
@@ -907,6 +972,45 @@ class _Wakeups:
                 flag.set()
 
 
+class _Handed:
+    """Messages an enqueue handed to this broker's blocked fetches (see ``hand()`` in the Lua):
+    already leased to this process, kept until a fetch for their queue takes them."""
+
+    def __init__(self, channel: bytes, wakeups: _Wakeups) -> None:
+        self._channel = channel
+        self._wakeups = wakeups
+        self._items: list[Delivery] = []
+
+    def deliver(self, channel: bytes, data: bytes) -> None:
+        head, _, rest = data.partition(b"\n")
+        try:
+            n_waiter, n_id, n_queue, deliveries = (int(x) for x in head.split())
+        except ValueError:
+            log.warning("ignored a malformed hand-off on %s", channel.decode(errors="replace"))
+            return
+        at = n_waiter
+        message_id, queue = rest[at : at + n_id].decode(), rest[at + n_id : at + n_id + n_queue].decode()
+        body = rest[at + n_id + n_queue :]
+        self._items.append(Delivery(message_id, queue, body, deliveries, receipt=str(deliveries)))
+        self._wakeups.reset()  # wake every fetch: whichever listens on the queue takes it
+
+    def reset(self) -> None:
+        """Pub/sub was rebuilt: a hand-off lost meanwhile comes back when its lease runs out."""
+
+    def take(self, queues: Sequence[str], limit: int) -> list[Delivery]:
+        if not self._items:
+            return []
+        mine = [d for d in self._items if d.queue in queues][:limit]
+        if mine:
+            taken = {id(d) for d in mine}
+            self._items = [d for d in self._items if id(d) not in taken]
+        return mine
+
+    def take_all(self) -> list[Delivery]:
+        items, self._items = self._items, []
+        return items
+
+
 # --- broker ----------------------------------------------------------------------------------
 
 
@@ -922,10 +1026,13 @@ class RedisBroker(Broker):
         self._hub = _Hub(self._ps_client, url.masked)
         self._wakeups = _Wakeups()
         self._wake_subscribed: set[bytes] = set()
+        self._hand_channel = f"{self._prefix}hand:{uuid.uuid4().hex}".encode()
+        self._handed = _Handed(self._hand_channel, self._wakeups)
         register = self._cmds.pool.register_script
         self._enqueue = register(_LUA_COMMON + _LUA_ENQUEUE)
         self._claim = register(_LUA_COMMON + _LUA_CLAIM)
-        self._ack = register(_LUA_COMMON + _LUA_ACK)
+        self._ack = register(_LUA_COMMON + _LUA_OUTCOMES + _LUA_ACK)
+        self._settle = register(_LUA_COMMON + _LUA_OUTCOMES + _LUA_SETTLE)
         self._extend = register(_LUA_COMMON + _LUA_EXTEND)
         self._requeue = register(_LUA_COMMON + _LUA_REQUEUE)
         self._dead = register(_LUA_COMMON + _LUA_DEAD)
@@ -936,7 +1043,7 @@ class RedisBroker(Broker):
         self._purge_scheduled = register(_LUA_COMMON + _LUA_PURGE_SCHEDULED)
         self._stats = register(_LUA_COMMON + _LUA_STATS)
         self._scripts = [
-            self._enqueue, self._claim, self._ack, self._extend, self._requeue, self._dead,
+            self._enqueue, self._claim, self._ack, self._settle, self._extend, self._requeue, self._dead,
             self._dead_list, self._replay, self._cancel, self._purge_ready, self._purge_scheduled,
             self._stats,
         ]  # fmt: skip
@@ -952,18 +1059,16 @@ class RedisBroker(Broker):
 
     async def close(self) -> None:
         await self._hub.close()
+        # Handed to a fetch that is no longer waiting: back to the queue rather than waiting
+        # for the lease to run out.
+        for delivery in self._handed.take_all():
+            with contextlib.suppress(BrokerError):
+                await self.requeue(delivery)
         await self._ps_client.aclose()
         await self._cmds.close()
 
     async def enqueue(self, message: OutgoingMessage) -> str:
-        priority = min(max(int(message.priority), 0), 9)
-        args: list[str | bytes | int] = [
-            message.id, message.queue, message.body, priority,
-            "" if message.eta is None else repr(float(message.eta)),
-            "0" if message.key is None else "1", message.key or "",
-            message.state or b"", _ttl_ms(message.state_ttl_s) or 0,
-        ]  # fmt: skip
-        return _s(await self._cmds.script(self._enqueue, self._keys, args))
+        return _s(await self._cmds.script(self._enqueue, self._keys, enqueue_args(message)))
 
     async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
         if limit <= 0 or not queues:
@@ -975,11 +1080,14 @@ class RedisBroker(Broker):
         waiter = uuid.uuid4().hex
         # Listen, and be subscribed, before the first claim registers us as waiting: an enqueue
         # landing right after that claim publishes, and the message must reach us.
-        flag = self._wakeups.listen(channels)
+        flag = self._wakeups.listen([*channels, self._hand_channel])
         try:
             if timeout_s > 0:
-                await self._subscribe_wakeups(channels)
+                await self._subscribe_wakeups([*channels, self._hand_channel])
             while True:
+                handed = self._handed.take(names, limit)
+                if handed:
+                    return handed
                 left = deadline - loop.time()
                 got, next_in = await self._claim_once(names, limit, uuid.uuid4().hex, waiter, max(left, 0.0))
                 if got:
@@ -999,7 +1107,10 @@ class RedisBroker(Broker):
             return
         if not self._hub.started:
             await _connect_bounded(self.url, self._hub.start)
-        await self._hub.add(missing, self._wakeups)
+        hand = [c for c in missing if c == self._hand_channel]
+        if hand:
+            await self._hub.add(hand, self._handed)
+        await self._hub.add([c for c in missing if c != self._hand_channel], self._wakeups)
         # Stay subscribed: a worker fetches from the same queues all its life.
         self._wake_subscribed.update(missing)
 
@@ -1008,7 +1119,8 @@ class RedisBroker(Broker):
     ) -> tuple[list[Delivery], float | None]:
         """One claim script call. ``token`` names the call: the same token returns the same leases.
         With ``wait_s`` > 0 and nothing ready, ``waiter`` is registered as waiting on the queues."""
-        args = [token, repr(float(self.lease_s)), limit, waiter, repr(wait_s), *queues]
+        hand = self._hand_channel.decode() if wait_s > 0 and self._hub.started else ""
+        args = [token, repr(float(self.lease_s)), limit, waiter, repr(wait_s), hand, *queues]
         reply = await self._cmds.script(self._claim, self._keys, args)
         if reply[0] == b"0":
             return [], float(reply[1]) if reply[1] else None
@@ -1026,6 +1138,22 @@ class RedisBroker(Broker):
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         if deliveries:
             await self._cmds.script(self._ack, self._keys, [d.id for d in deliveries])
+
+    async def store_and_ack(
+        self,
+        store: Store,
+        states: Sequence[tuple[str, bytes]],
+        ttl_s: float | None,
+        final: Collection[str],
+        deliveries: Sequence[Delivery],
+    ) -> None:
+        if not (isinstance(store, RedisStore) and store.url == self.url and store.namespace == self.namespace):
+            await super().store_and_ack(store, states, ttl_s, final, deliveries)
+            return
+        # The results live here too: states and acks in one script, states first.
+        ttl_ms, done_ttl_ms, *triples = put_states_args(states, ttl_s, final)
+        args = [ttl_ms, done_ttl_ms, len(states), *triples, *(d.id for d in deliveries)]
+        await self._cmds.script(self._settle, self._keys, args)
 
     async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
         args = [
@@ -1140,6 +1268,28 @@ class _ChannelSink:
         """Pub/sub keeps no history: what was published while disconnected is gone."""
 
 
+def enqueue_args(message: OutgoingMessage) -> list[str | bytes | int]:
+    """ARGV of the enqueue script."""
+    priority = min(max(int(message.priority), 0), 9)
+    return [
+        message.id, message.queue, message.body, priority,
+        "" if message.eta is None else repr(float(message.eta)),
+        "0" if message.key is None else "1", message.key or "",
+        message.state or b"", _ttl_ms(message.state_ttl_s) or 0,
+    ]  # fmt: skip
+
+
+def put_states_args(
+    states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]
+) -> list[str | bytes | int]:
+    """ARGV of the put-states script."""
+    ttl_ms = _ttl_ms(ttl_s) or 0
+    args: list[str | bytes | int] = [ttl_ms, min(ttl_ms or DONE_SIGNAL_MS, DONE_SIGNAL_MS)]
+    for task_id, data in states:
+        args += [task_id, data, "1" if task_id in final else "0"]
+    return args
+
+
 def _ttl_ms(ttl_s: float | None) -> int | None:
     if ttl_s is None or ttl_s <= 0:
         return None
@@ -1154,7 +1304,7 @@ class RedisStore(Store):
         self._cmds = _Commands(url, namespace)
         self._ps_client = _pubsub_client(url, namespace)
         self._hub = _Hub(self._ps_client, url.masked)
-        self._put_states = self._cmds.pool.register_script(_LUA_COMMON + _LUA_PUT_STATES)
+        self._put_states = self._cmds.pool.register_script(_LUA_COMMON + _LUA_OUTCOMES + _LUA_PUT_STATES)
         self._incr = self._cmds.pool.register_script(_LUA_INCR)
 
     async def connect(self) -> None:
@@ -1177,15 +1327,14 @@ class RedisStore(Store):
     def _kv(self, key: str) -> str:
         return f"{self._prefix}kv:{key}"
 
-    async def put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+    async def put_states(
+        self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None, final: Collection[str] = ()
+    ) -> None:
         if not states:
             return
         # One script rather than a pipeline: the same single round trip, and the states and
         # their change signals are written together.
-        args: list[str | bytes | int] = [_ttl_ms(ttl_s) or 0]
-        for task_id, data in states:
-            args += [task_id, data]
-        await self._cmds.script(self._put_states, self._keys, args)
+        await self._cmds.script(self._put_states, self._keys, put_states_args(states, ttl_s, final))
 
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         if not task_ids:
@@ -1256,3 +1405,9 @@ def make_broker(url: BrokerURL, namespace: str) -> Broker:
 
 def make_store(url: BrokerURL, namespace: str) -> Store:
     return RedisStore(url, namespace)
+
+
+def make_direct(url: BrokerURL, namespace: str) -> Direct:
+    from offload.brokers.redis_direct import RedisDirect  # the sync client, only when used
+
+    return RedisDirect(url, namespace)

@@ -46,6 +46,9 @@ Pool = Literal["thread", "process", "async"]
 FETCH_WAIT_S = 0.5
 BURST_FETCH_WAIT_S = 0.25
 REVOKED_REMEMBERED = 10_000
+# STARTED is stored only once a task has run this long: a short task's first stored state after
+# QUEUED is its outcome, which saves a write and keeps it off the path to the waiting caller.
+STARTED_AFTER_S = 0.02
 
 
 @dataclass(slots=True)
@@ -198,6 +201,9 @@ class Worker:
             for d in deliveries:
                 held = self._held[d.id] = _Held(d)
                 held.task = asyncio.create_task(self._handle(held))
+            if deliveries:
+                # Let the new tasks start (up to their first wait) before the next fetch goes out.
+                await asyncio.sleep(0)
             if self.burst and not deliveries and not self._held:
                 return
 
@@ -231,6 +237,7 @@ class Worker:
         try:
             # State first, as everywhere: once requeued, another worker may store STARTED, and a
             # late QUEUED would overwrite it.
+            self.writer.forget(held.delivery.id)
             if held.state is not None:
                 held.state.status = Status.QUEUED
                 held.state.started_at = None
@@ -368,7 +375,7 @@ class Worker:
                 return self.app.codec.dumps(started_record)
 
             if task.is_async:
-                self.writer.put(env.id, started_bytes)
+                self.writer.put_later(env.id, started_bytes, STARTED_AFTER_S)
                 outcome = await run_async(job)
             elif self.procs is not None:
                 # The child writes progress itself; STARTED must be stored before it can.
@@ -376,7 +383,7 @@ class Worker:
                 outcome = await self.procs.run(job)
             else:
                 assert self.threads is not None
-                self.writer.put(env.id, started_bytes)
+                self.writer.put_later(env.id, started_bytes, STARTED_AFTER_S)
                 outcome = await self.threads.run(job)
             elapsed_ms = (time.perf_counter() - started) * 1000
         if (held.ctx.cancelled and outcome.kind != "ok") or outcome.kind == "cancelled":
@@ -390,11 +397,11 @@ class Worker:
     async def _finish(self, held: _Held, state: TaskState, status: Status) -> None:
         state.status, state.finished_at = status, _utcnow()
         if held.env is not None and self.app.outcome_hooks and held.env.headers:
-            await self.writer.put(state.id, self.app.encode_state(state))
+            await self.writer.put(state.id, self.app.encode_state(state), final=True)
             await self._run_outcome_hooks(held.env, state)
             await self.broker.ack([held.delivery])
             return
-        await self.writer.put(state.id, self.app.encode_state(state), ack=held.delivery)
+        await self.writer.put(state.id, self.app.encode_state(state), ack=held.delivery, final=True)
 
     async def _settle(self, held: _Held, env: Envelope, state: TaskState, outcome: Outcome, elapsed_ms: float) -> None:
         d = held.delivery
@@ -410,11 +417,11 @@ class Worker:
             else:
                 log.info("succeeded %s[%s] in %.1f ms", env.name, env.id, elapsed_ms)
                 if self.app.outcome_hooks and env.headers:
-                    await self.writer.put(env.id, encoded)
+                    await self.writer.put(env.id, encoded, final=True)
                     await self._run_outcome_hooks(env, state)
                     await self.broker.ack([d])
                 else:
-                    self.writer.put(env.id, encoded, ack=d)
+                    self.writer.put(env.id, encoded, ack=d, final=True)
                 return
         state.error = outcome.error_record()
         retry_allowed = env.attempt <= (env.retries or 0)
@@ -433,7 +440,7 @@ class Worker:
             state.error = {"type": "Retry", "message": f"no retries left after {env.attempt} attempt(s)", "traceback": ""}
         state.status = Status.FAILED
         log.warning("failed %s[%s] in %.1f ms: %s: %s", env.name, env.id, elapsed_ms, state.error["type"], state.error["message"])
-        await self.writer.put(env.id, self.app.encode_state(state))
+        await self.writer.put(env.id, self.app.encode_state(state), final=True)
         if self.app.outcome_hooks and env.headers:
             await self._run_outcome_hooks(env, state)
         await self.broker.dead_letter(d, f"failed: {state.error['type']}: {state.error['message']}")

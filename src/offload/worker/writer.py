@@ -27,13 +27,32 @@ class StateWriter:
     def __init__(self, store: Store, broker: Broker, ttl_s: float | None) -> None:
         self._store, self._broker, self._ttl_s = store, broker, ttl_s
         self._states: dict[str, Pending] = {}
+        self._final: set[str] = set()
+        self._deferred: dict[str, asyncio.TimerHandle] = {}
         self._acks: list[Delivery] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
 
-    def put(self, task_id: str, state: Pending, ack: Delivery | None = None) -> asyncio.Future[None]:
-        """Queue a state (and the ack that must follow it); the future resolves once written."""
+    def put_later(self, task_id: str, state: Pending, delay_s: float) -> None:
+        """Queue a state after ``delay_s``, unless another state of the task is put first: a
+        task that ends sooner never has it written (STARTED of a short task)."""
+        self._deferred[task_id] = asyncio.get_running_loop().call_later(delay_s, self._put_deferred, task_id, state)
+
+    def _put_deferred(self, task_id: str, state: Pending) -> None:
+        if self._deferred.pop(task_id, None) is not None:
+            self.put(task_id, state)
+
+    def put(self, task_id: str, state: Pending, ack: Delivery | None = None, final: bool = False) -> asyncio.Future[None]:
+        """Queue a state (``final`` if it is the task's last) and the ack that must follow it;
+        the future resolves once written."""
+        deferred = self._deferred.pop(task_id, None)
+        if deferred is not None:
+            deferred.cancel()
         self._states[task_id] = state
+        if final:
+            self._final.add(task_id)
+        else:
+            self._final.discard(task_id)
         if ack is not None:
             self._acks.append(ack)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -47,23 +66,20 @@ class StateWriter:
         await asyncio.sleep(0)
         while self._states or self._acks:
             states = [(k, v if isinstance(v, bytes) else v()) for k, v in self._states.items()]
-            acks, waiters = self._acks, self._waiters
-            self._states, self._acks, self._waiters = {}, [], []
-            await self._write(states, acks)
+            acks, waiters, final = self._acks, self._waiters, self._final
+            self._states, self._acks, self._waiters, self._final = {}, [], [], set()
+            await self._write(states, acks, final)
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
 
-    async def _write(self, states: Sequence[tuple[str, bytes]], acks: Sequence[Delivery]) -> None:
+    async def _write(self, states: Sequence[tuple[str, bytes]], acks: Sequence[Delivery], final: set[str]) -> None:
         # Keep trying: a state that was not stored must not be acknowledged, and dropping it
         # would lose the outcome. The lease heartbeat keeps the messages ours meanwhile.
         attempt = 0
         while True:
             try:
-                if states:
-                    await self._store.put_states(states, self._ttl_s)
-                if acks:
-                    await self._broker.ack(acks)
+                await self._broker.store_and_ack(self._store, states, self._ttl_s, final, acks)
                 return
             except Exception as e:
                 pause = RETRY_PAUSE_S[min(attempt, len(RETRY_PAUSE_S) - 1)]
@@ -71,6 +87,15 @@ class StateWriter:
                 attempt += 1
                 await asyncio.sleep(pause)
 
+    def forget(self, task_id: str) -> None:
+        """Drop a deferred state of the task (it is being put back)."""
+        deferred = self._deferred.pop(task_id, None)
+        if deferred is not None:
+            deferred.cancel()
+
     async def flush(self) -> None:
+        for deferred in self._deferred.values():
+            deferred.cancel()
+        self._deferred.clear()
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
