@@ -468,7 +468,7 @@ async def test_a_blocked_fetch_is_handed_the_message_without_claiming(
             return await claim_once(*args, **kwargs)
 
         monkeypatch.setattr(consumer, "_claim_once", counting)
-        fetching = asyncio.create_task(consumer.fetch(["default"], 4, timeout_s=5))
+        fetching = asyncio.create_task(consumer.fetch(["default"], 2, timeout_s=5))
         await _registered(admin, namespace)
         m = msg()
         await producer.enqueue(m)
@@ -479,10 +479,20 @@ async def test_a_blocked_fetch_is_handed_the_message_without_claiming(
         assert (await producer.stats()).running == 1
         await consumer.ack([got])
         assert (await producer.stats()).running == 0
-        # One message per registration: the next one waits in the queue for a claim.
+        # The registration stands for as many messages as the fetch asked for (two): the next
+        # one is handed over too, and the next fetch takes it without a claim.
         second = msg()
         await producer.enqueue(second)
+        [got] = await consumer.fetch(["default"], 2, timeout_s=2)
+        assert (got.id, claims) == (second.id, 1)
+        await consumer.ack([got])
+        # Then it is used up: the third waits in the queue for a claim.
+        third = msg()
+        await producer.enqueue(third)
         assert (await producer.stats()).queued == {"default": 1}
+        [got] = await consumer.fetch(["default"], 2, timeout_s=2)
+        assert (got.id, claims) == (third.id, 2)
+        await consumer.ack([got])
 
 
 async def test_a_hand_off_after_the_fetch_gave_up_goes_to_the_next_fetch_or_back_at_close(

@@ -13,7 +13,7 @@ Every key lives under ``offload:<namespace>:``::
     x:<id>        hash of a dead letter: q, b, r (reason), t (time)
     claim:<token> a fetch's result for a few seconds, so a retried fetch gets the same leases
     waiters:<q>   sorted set of fetch calls blocked on a queue, scored by when they stop waiting
-    waiting:<w>   what an enqueue needs to hand a blocked fetch a message: lease, channel, queues
+    waiting:<w>   what an enqueue needs to hand a blocked fetch messages: lease, channel, queues, how many
     state:<id>    a task's encoded state (Store)
     kv:<key>      the Store's key-value space
     wake:<queue>  pub/sub channel: the queue got ready messages while a fetch was waiting on it
@@ -52,6 +52,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
@@ -99,6 +100,8 @@ _KEEPALIVE = {
 _PUBSUB_IDLE_S = 10.0
 _UNSUBSCRIBE_AFTER_S = 0.5
 _PURGE_CHUNK = 1000
+# A fetch relies on its standing registration only until this long before the server forgets it.
+_REGISTRATION_MARGIN_S = 0.25
 # How long a final state stays in done:<id> for blocked sync waiters (see Direct.wait_final).
 DONE_SIGNAL_MS = 120_000
 _MAX_CONNECTIONS = 64
@@ -151,9 +154,14 @@ local function hand(id, q, t)
     return false
   end
   redis.call('ZADD', P .. 'lease', fmt(t + info[1]), id)
-  -- One message per registration: the fetch returns with it and claims again for more.
-  for _, wq in ipairs(info[3]) do redis.call('ZREM', P .. 'waiters:' .. wq, w) end
-  redis.call('DEL', P .. 'waiting:' .. w)
+  -- As many messages as the fetch asked for; then it must claim (and register) again.
+  info[4] = info[4] - 1
+  if info[4] > 0 then
+    redis.call('SET', P .. 'waiting:' .. w, cjson.encode(info), 'KEEPTTL')
+  else
+    for _, wq in ipairs(info[3]) do redis.call('ZREM', P .. 'waiters:' .. wq, w) end
+    redis.call('DEL', P .. 'waiting:' .. w)
+  end
   return true
 end
 -- Move due scheduled messages and expired leases into their ready queues (a bounded batch per
@@ -298,7 +306,7 @@ if wait_s > 0 then
   end
   if hand_channel ~= '' then
     -- What an enqueue needs to hand this fetch a message (see hand()).
-    redis.call('SET', P .. 'waiting:' .. waiter, cjson.encode({lease, hand_channel, queues}),
+    redis.call('SET', P .. 'waiting:' .. waiter, cjson.encode({lease, hand_channel, queues, limit}),
       'PX', math.floor((wait_s + 1) * 1000))
   end
 end
@@ -947,6 +955,8 @@ class _Wakeups:
 
     def __init__(self) -> None:
         self._by_channel: dict[bytes, set[_Flag]] = {}
+        #: wake-ups seen (and reconnections, which may have lost some), fetches waiting or not
+        self.count = 0
 
     def listen(self, channels: Sequence[bytes]) -> _Flag:
         flag = _Flag()
@@ -963,22 +973,49 @@ class _Wakeups:
                     del self._by_channel[c]
 
     def deliver(self, channel: bytes, data: bytes) -> None:
+        self.count += 1
         for flag in self._by_channel.get(channel, ()):
             flag.set()
 
     def reset(self) -> None:
+        self.count += 1
+        self.wake_all()
+
+    def wake_all(self) -> None:
         for group in self._by_channel.values():
             for flag in group:
                 flag.set()
+
+
+@dataclass(slots=True)
+class _Registration:
+    """This broker object standing registered as a waiter on some queues, after a claim that
+    found them empty. While it holds, a fetch on the same queues needs no claim of its own: an
+    enqueue hands it the message, and anything else that makes a message ready (a requeue, a
+    due scheduled message or lease) publishes a wake-up, which ends it."""
+
+    waiter: str
+    queues: tuple[str, ...]
+    until: float  # loop time, a margin before the server forgets the registration
+    left: int  # hand-offs it may still receive
+    wakes: int  # the broker's wake-up count when it was made
+    due: float | None  # loop time when a scheduled message or a lease comes due, if any
+
+    def holds(self, queues: tuple[str, ...], now: float, wakes: int) -> bool:
+        return (
+            queues == self.queues and self.left > 0 and now < self.until and wakes == self.wakes
+            and (self.due is None or now < self.due)
+        )  # fmt: skip
 
 
 class _Handed:
     """Messages an enqueue handed to this broker's blocked fetches (see ``hand()`` in the Lua):
     already leased to this process, kept until a fetch for their queue takes them."""
 
-    def __init__(self, channel: bytes, wakeups: _Wakeups) -> None:
+    def __init__(self, channel: bytes, wakeups: _Wakeups, on_handed: Callable[[str], None]) -> None:
         self._channel = channel
         self._wakeups = wakeups
+        self._on_handed = on_handed
         self._items: list[Delivery] = []
 
     def deliver(self, channel: bytes, data: bytes) -> None:
@@ -992,7 +1029,8 @@ class _Handed:
         message_id, queue = rest[at : at + n_id].decode(), rest[at + n_id : at + n_id + n_queue].decode()
         body = rest[at + n_id + n_queue :]
         self._items.append(Delivery(message_id, queue, body, deliveries, receipt=str(deliveries)))
-        self._wakeups.reset()  # wake every fetch: whichever listens on the queue takes it
+        self._on_handed(rest[:at].decode())
+        self._wakeups.wake_all()  # whichever fetch listens on the queue takes it
 
     def reset(self) -> None:
         """Pub/sub was rebuilt: a hand-off lost meanwhile comes back when its lease runs out."""
@@ -1027,7 +1065,8 @@ class RedisBroker(Broker):
         self._wakeups = _Wakeups()
         self._wake_subscribed: set[bytes] = set()
         self._hand_channel = f"{self._prefix}hand:{uuid.uuid4().hex}".encode()
-        self._handed = _Handed(self._hand_channel, self._wakeups)
+        self._handed = _Handed(self._hand_channel, self._wakeups, self._on_handed)
+        self._registration: _Registration | None = None
         register = self._cmds.pool.register_script
         self._enqueue = register(_LUA_COMMON + _LUA_ENQUEUE)
         self._claim = register(_LUA_COMMON + _LUA_CLAIM)
@@ -1073,14 +1112,13 @@ class RedisBroker(Broker):
     async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
         if limit <= 0 or not queues:
             return []
-        names = list(dict.fromkeys(queues))  # a queue named twice would be claimed from twice
+        names = tuple(dict.fromkeys(queues))  # a queue named twice would be claimed from twice
         channels = [f"{self._prefix}wake:{q}".encode() for q in names]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s, 0.0)
-        waiter = uuid.uuid4().hex
         # Listen, and be subscribed, before the first claim registers us as waiting: an enqueue
         # landing right after that claim publishes, and the message must reach us.
-        flag = self._wakeups.listen([*channels, self._hand_channel])
+        flag = self._wakeups.listen(channels)
         try:
             if timeout_s > 0:
                 await self._subscribe_wakeups([*channels, self._hand_channel])
@@ -1088,18 +1126,42 @@ class RedisBroker(Broker):
                 handed = self._handed.take(names, limit)
                 if handed:
                     return handed
-                left = deadline - loop.time()
-                got, next_in = await self._claim_once(names, limit, uuid.uuid4().hex, waiter, max(left, 0.0))
-                if got:
-                    return got
-                left = deadline - loop.time()
+                now = loop.time()
+                reg = self._registration
+                if reg is None or not reg.holds(names, now, self._wakeups.count):
+                    # Claim; finding nothing registers us, and the registration serves the next
+                    # fetches too while it lasts: an idle worker is handed messages without a
+                    # claim per message (see _Registration).
+                    reg = self._registration = None
+                    waiter = uuid.uuid4().hex
+                    left = max(deadline - now, 0.0)
+                    got, next_in = await self._claim_once(list(names), limit, uuid.uuid4().hex, waiter, left)
+                    if got:
+                        return got
+                    now = loop.time()
+                    due = None if next_in is None else now + next_in
+                    if left > 0:
+                        reg = _Registration(waiter, names, now + left + 1 - _REGISTRATION_MARGIN_S, limit,
+                                            self._wakeups.count, due)  # fmt: skip
+                        if self._hub.started:
+                            self._registration = reg
+                    if due is not None and due <= now:
+                        continue
+                left = deadline - now
                 if left <= 0:
                     return []
-                if next_in is not None:
-                    left = min(left, max(next_in, 0.001))
+                if reg is not None:
+                    left = min(left, max(reg.until - now, 0.001))
+                    if reg.due is not None:
+                        left = min(left, max(reg.due - now, 0.001))
                 await flag.wait(left)
         finally:
             self._wakeups.forget(channels, flag)
+
+    def _on_handed(self, waiter: str) -> None:
+        reg = self._registration
+        if reg is not None and reg.waiter == waiter:
+            reg.left -= 1
 
     async def _subscribe_wakeups(self, channels: list[bytes]) -> None:
         missing = [c for c in channels if c not in self._wake_subscribed]
@@ -1151,8 +1213,7 @@ class RedisBroker(Broker):
             await super().store_and_ack(store, states, ttl_s, final, deliveries)
             return
         # The results live here too: states and acks in one script, states first.
-        ttl_ms, done_ttl_ms, *triples = put_states_args(states, ttl_s, final)
-        args = [ttl_ms, done_ttl_ms, len(states), *triples, *(d.id for d in deliveries)]
+        args = settle_args(states, ttl_s, final, [d.id for d in deliveries])
         await self._cmds.script(self._settle, self._keys, args)
 
     async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
@@ -1288,6 +1349,14 @@ def put_states_args(
     for task_id, data in states:
         args += [task_id, data, "1" if task_id in final else "0"]
     return args
+
+
+def settle_args(
+    states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str], message_ids: Sequence[str]
+) -> list[str | bytes | int]:
+    """ARGV of the settle script: the states, then the messages to acknowledge."""
+    ttl_ms, done_ttl_ms, *triples = put_states_args(states, ttl_s, final)
+    return [ttl_ms, done_ttl_ms, len(states), *triples, *message_ids]
 
 
 def _ttl_ms(ttl_s: float | None) -> int | None:
