@@ -736,28 +736,6 @@ class SqliteBroker(Broker):
             conn.execute(_ACK_MANY, (self.namespace, json.dumps(ids)))
         return [None] * len(calls)
 
-    async def store_and_ack(
-        self,
-        store: Store,
-        states: Sequence[tuple[str, bytes]],
-        ttl_s: float | None,
-        final: Collection[str],
-        deliveries: Sequence[Delivery],
-    ) -> None:
-        if not (isinstance(store, SqliteStore) and store.url == self.url):
-            await super().store_and_ack(store, states, ttl_s, final, deliveries)
-            return
-        # The results are in this same file: one trip to its thread, states written first.
-        await self._h.call(self._store_and_ack, store, list(states), ttl_s, [d.id for d in deliveries])
-
-    def _store_and_ack(
-        self, conn: sqlite3.Connection, store: SqliteStore, states: list[tuple[str, bytes]], ttl_s: float | None, ids: list[str]
-    ) -> None:
-        if states:
-            store._put_states(conn, [(states, ttl_s)])
-        if ids:
-            self._ack(conn, [ids])
-
     async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
         await self._h.call(self._requeue, delivery, body, delay_s)
 
