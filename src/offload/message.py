@@ -66,19 +66,22 @@ class Envelope:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Envelope:
         try:
-            known = {f.name for f in fields(cls)}
-            env = cls(**{k: v for k, v in data.items() if k in known})
+            env = cls(**{k: v for k, v in data.items() if k in _ENVELOPE_NAMES})
         except TypeError as e:
             raise MessageError(f"not an offload envelope: {e}") from None
         if not isinstance(env.id, str) or not isinstance(env.name, str):
             raise MessageError("not an offload envelope: id and name must be strings")
         env.args = tuple(env.args)
         return env
+
+
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
+_ENVELOPE_NAMES = frozenset(_ENVELOPE_FIELDS)
 
 
 class Codec:

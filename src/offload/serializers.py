@@ -26,23 +26,41 @@ class Serializer(Protocol):
     def loads(self, data: bytes) -> Any: ...
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def _tag(value: Any) -> Any:
     """Turn a value into plain JSON types, tagging the ones JSON cannot hold."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    # Exact types first: the common case costs one set lookup per value.
+    kind = type(value)
+    if kind in _SCALARS:
         return value
-    if isinstance(value, list):
-        return [_tag(v) for v in value]
-    if isinstance(value, dict):
+    if kind is dict:
         out: dict[str, Any] = {}
         for k, v in value.items():
-            if not isinstance(k, str):
+            if type(k) is not str and not isinstance(k, str):
                 raise SerializationError(f"JSON object keys must be str, got {type(k).__name__} key {k!r}")
-            out[k] = _tag(v)
+            out[k] = v if type(v) in _SCALARS else _tag(v)
         if len(out) == 1 and next(iter(out)).startswith("$"):
             # Escaped as key/value pairs, so a decoder meeting objects innermost first never
             # mistakes the user's object for a tag.
             return {"$map": [[k, v] for k, v in out.items()]}
         return out
+    if kind is list:
+        return [v if type(v) in _SCALARS else _tag(v) for v in value]
+    if kind is tuple:
+        return {"$tuple": [v if type(v) in _SCALARS else _tag(v) for v in value]}
+    return _tag_other(value)
+
+
+def _tag_other(value: Any) -> Any:
+    """`_tag` for subclasses of the plain types and for the tagged types."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_tag(v) for v in value]
+    if isinstance(value, dict):
+        return _tag(dict(value))
     if isinstance(value, tuple):
         return {"$tuple": [_tag(v) for v in value]}
     if isinstance(value, dt.datetime):
