@@ -4,6 +4,7 @@ same local Redis, one library after another; then offload, Celery and Dramatiq o
     make bench-peers                                  # or: python benchmarks/peers.py
     python benchmarks/peers.py --quick                # 500 tasks, 100 round trips: a smoke run
     python benchmarks/peers.py --only offload,huey --brokers redis
+    python benchmarks/peers.py --rounds 3             # everything three times, in turn: the medians
 
 The peers live in their own virtual environment, benchmarks/.peers-venv, installed from
 benchmarks/requirements-peers.txt plus this checkout of offload (editable); the script creates
@@ -331,6 +332,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def medians(runs: list[Row]) -> list[Row]:
+    """One row per library and broker: the median of each figure over its rounds that succeeded."""
+    rows: list[Row] = []
+    for key in dict.fromkeys((r.library, r.broker) for r in runs):
+        group = [r for r in runs if (r.library, r.broker) == key]
+        good = [r for r in group if not r.error]
+        if not good:
+            rows.append(group[-1])
+            continue
+        row = dataclasses.replace(good[0])
+        for name in ("enqueue_per_s", "drain_per_s", "p50_ms", "p99_ms", "peak_rss_mb", "cpu_ms_per_task"):
+            setattr(row, name, statistics.median(getattr(r, name) for r in good))
+        rows.append(row)
+    return rows
+
+
 def ratios(rows: list[Row]) -> list[str]:
     """offload / the best peer, per broker and figure."""
     figures = [  # field, label, unit, whether higher is better
@@ -394,16 +411,20 @@ def orchestrate(args: argparse.Namespace) -> None:
     v = versions()
     load_before = os.getloadavg()
     started = dt.datetime.now(dt.UTC)
-    rows: list[Row] = []
-    for broker in brokers:
-        for name in names:
-            if broker == "amqp" and name not in ON_AMQP:
-                continue
-            print(f"{name} on {broker} ...", flush=True)
-            row = run_one(name, broker, args.db_base + list(LIBRARIES).index(name), args)
-            rows.append(row)
-            if row.error:
-                print(f"  {name} on {broker} failed: {row.error}", file=sys.stderr)
+    runs: list[Row] = []
+    # Every round runs every library once, in the same order; the figures are the median over the
+    # rounds, so a moment of load elsewhere on the machine weighs on one round, not on the ratio.
+    for round_no in range(1, args.rounds + 1):
+        for broker in brokers:
+            for name in names:
+                if broker == "amqp" and name not in ON_AMQP:
+                    continue
+                print(f"{name} on {broker}" + (f", round {round_no}" if args.rounds > 1 else "") + " ...", flush=True)
+                row = run_one(name, broker, args.db_base + list(LIBRARIES).index(name), args)
+                runs.append(row)
+                if row.error:
+                    print(f"  {name} on {broker} failed: {row.error}", file=sys.stderr)
+    rows = medians(runs)
     load_after = os.getloadavg()
 
     command = "python benchmarks/peers.py " + shlex.join(sys.argv[1:])
@@ -422,7 +443,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         "# offload and its peers, side by side",
         "",
         f"`{command.strip()}` on {started:%Y-%m-%d %H:%M} UTC: {args.n:,} tasks for enqueue and drain, "
-        f"{args.round_trips} round trips.",
+        f"{args.round_trips} round trips"
+        + (f"; each figure is the median of {args.rounds} rounds (every library once per round, in turn)." if args.rounds > 1 else "."),
         f"{os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}, "
         f"{servers}; load average {load_before[0]:.2f} before the run, "
         f"{load_after[0]:.2f} after.",
@@ -458,6 +480,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, help="tasks for the enqueue and drain runs (default 5000)")
     parser.add_argument("--round-trips", type=int, help="round trips (default 500)")
     parser.add_argument("--only", help="comma-separated libraries (default: all)")
+    parser.add_argument("--rounds", type=int, default=1, help="run everything this many times; report the medians")
     parser.add_argument("--brokers", default="redis,amqp", help="comma-separated: redis, amqp (default: both)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server, without a database")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="RabbitMQ URL")
