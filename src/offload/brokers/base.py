@@ -82,6 +82,8 @@ class Broker(abc.ABC):
     #: when the Store is this backend itself (same URL and namespace), does `enqueue` store
     #: `OutgoingMessage.state` with the message, saving the app a separate write?
     writes_initial_state: ClassVar[bool] = False
+    #: does `store_and_ack` lease the next messages when asked (its ``refill``)?
+    refills_on_ack: ClassVar[bool] = False
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         self.url = url
@@ -116,13 +118,19 @@ class Broker(abc.ABC):
         ttl_s: float | None,
         final: Collection[str],
         deliveries: Sequence[Delivery],
-    ) -> None:
+        refill: tuple[Sequence[str], int] | None = None,
+    ) -> list[Delivery]:
         """Store outcome states in ``store``, then acknowledge ``deliveries``. A broker that is
-        also the store (same backend) may do both in one step; it must never ack first."""
+        also the store (same backend) may do both in one step; it must never ack first.
+
+        ``refill`` (queues, limit), for a broker that `refills_on_ack`: then lease up to ``limit``
+        ready messages of those queues, as ``fetch(queues, limit, 0)`` would, and return them, so
+        a busy worker gets its next messages in the same round trip. Others return []."""
         if states:
             await store.put_states(states, ttl_s, final)
         if deliveries:
             await self.ack(deliveries)
+        return []
 
     @abc.abstractmethod
     async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:

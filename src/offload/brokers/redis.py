@@ -227,100 +227,101 @@ return id
 # ready; 0 = not at all), the caller's hand-off channel ('' = none), queue...
 # Returns {'1', id, queue, body, deliveries, ...} or {'0', seconds until something may become
 # ready ('' when nothing is scheduled or leased)}.
-_LUA_CLAIM = r"""
-local token, lease, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local waiter, wait_s, hand_channel = ARGV[4], tonumber(ARGV[5]), ARGV[6]
-local Q = 7
-local memo_key = P .. 'claim:' .. token
-local out = {'1'}
-local memo = redis.call('GET', memo_key)
-if memo then
-  -- The same call again: its reply was lost on a dropped connection. Hand out the same leases
-  -- rather than leaving them stranded until they run out.
-  for _, e in ipairs(cjson.decode(memo)) do
-    local v = redis.call('HMGET', P .. 'm:' .. e[1], 'q', 'b', 'd')
-    if v[1] and v[3] == e[2] and redis.call('ZSCORE', P .. 'lease', e[1]) then
-      out[#out + 1] = e[1]; out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = v[3]
+_LUA_CLAIM_FN = r"""
+local function claim(token, lease, limit, waiter, wait_s, hand_channel, queues)
+  local memo_key = P .. 'claim:' .. token
+  local out = {'1'}
+  local memo = redis.call('GET', memo_key)
+  if memo then
+    -- The same call again: its reply was lost on a dropped connection. Hand out the same leases
+    -- rather than leaving them stranded until they run out.
+    for _, e in ipairs(cjson.decode(memo)) do
+      local v = redis.call('HMGET', P .. 'm:' .. e[1], 'q', 'b', 'd')
+      if v[1] and v[3] == e[2] and redis.call('ZSCORE', P .. 'lease', e[1]) then
+        out[#out + 1] = e[1]; out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = v[3]
+      end
+    end
+    return out
+  end
+  local t = now()
+  surface(t)
+  local picked = {}
+  local nq = #queues
+  if nq == 1 then
+    local r = redis.call('ZPOPMIN', P .. 'q:' .. queues[1], limit)
+    for i = 1, #r, 2 do picked[#picked + 1] = r[i] end
+  else
+    -- Merge the heads of the queues: priority first, then the order the queues were given in,
+    -- then arrival.
+    local cands = {}
+    for qi = 1, nq do
+      local q = queues[qi]
+      local r = redis.call('ZRANGE', P .. 'q:' .. q, 0, limit - 1, 'WITHSCORES')
+      for i = 1, #r, 2 do
+        local s = tonumber(r[i + 1])
+        cands[#cands + 1] = {math.floor(s / 1e12), qi, s, r[i], q}
+      end
+    end
+    table.sort(cands, function(a, b)
+      if a[1] ~= b[1] then return a[1] < b[1] end
+      if a[2] ~= b[2] then return a[2] < b[2] end
+      return a[3] < b[3]
+    end)
+    for i = 1, math.min(limit, #cands) do
+      redis.call('ZREM', P .. 'q:' .. cands[i][5], cands[i][4])
+      picked[#picked + 1] = cands[i][4]
     end
   end
-  return out
-end
-local t = now()
-surface(t)
-local picked = {}
-local nq = #ARGV - Q + 1
-if nq == 1 then
-  local r = redis.call('ZPOPMIN', P .. 'q:' .. ARGV[Q], limit)
-  for i = 1, #r, 2 do picked[#picked + 1] = r[i] end
-else
-  -- Merge the heads of the queues: priority first, then the order the queues were given in,
-  -- then arrival.
-  local cands = {}
-  for qi = 1, nq do
-    local q = ARGV[Q + qi - 1]
-    local r = redis.call('ZRANGE', P .. 'q:' .. q, 0, limit - 1, 'WITHSCORES')
-    for i = 1, #r, 2 do
-      local s = tonumber(r[i + 1])
-      cands[#cands + 1] = {math.floor(s / 1e12), qi, s, r[i], q}
+  local deadline = fmt(t + lease)
+  local leased = {}
+  for _, id in ipairs(picked) do
+    local mk = P .. 'm:' .. id
+    local v = redis.call('HMGET', mk, 'q', 'b')
+    if v[1] then
+      local d = tostring(redis.call('HINCRBY', mk, 'd', 1))
+      redis.call('ZADD', P .. 'lease', deadline, id)
+      out[#out + 1] = id; out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = d
+      leased[#leased + 1] = {id, d}
     end
   end
-  table.sort(cands, function(a, b)
-    if a[1] ~= b[1] then return a[1] < b[1] end
-    if a[2] ~= b[2] then return a[2] < b[2] end
-    return a[3] < b[3]
-  end)
-  for i = 1, math.min(limit, #cands) do
-    redis.call('ZREM', P .. 'q:' .. cands[i][5], cands[i][4])
-    picked[#picked + 1] = cands[i][4]
+  if #leased > 0 then
+    -- Kept while a retry can still come (the caller's operation timeout) and the leases last.
+    local memo_ms = math.max(1, math.floor(math.min(lease, 35) * 1000))
+    redis.call('SET', memo_key, cjson.encode(leased), 'PX', memo_ms)
+    for _, q in ipairs(queues) do redis.call('ZREM', P .. 'waiters:' .. q, waiter) end
+    redis.call('DEL', P .. 'waiting:' .. waiter)
+    return out
   end
-end
-local deadline = fmt(t + lease)
-local leased = {}
-for _, id in ipairs(picked) do
-  local mk = P .. 'm:' .. id
-  local v = redis.call('HMGET', mk, 'q', 'b')
-  if v[1] then
-    local d = tostring(redis.call('HINCRBY', mk, 'd', 1))
-    redis.call('ZADD', P .. 'lease', deadline, id)
-    out[#out + 1] = id; out[#out + 1] = v[1]; out[#out + 1] = v[2]; out[#out + 1] = d
-    leased[#leased + 1] = {id, d}
+  if wait_s > 0 then
+    -- Registered in the same step that found the queues empty, so no enqueue can slip between.
+    -- The second of slack covers a caller that wakes a little after its own deadline.
+    for _, q in ipairs(queues) do
+      local wk = P .. 'waiters:' .. q
+      redis.call('ZREMRANGEBYSCORE', wk, '-inf', fmt(t))
+      redis.call('ZADD', wk, fmt(t + wait_s + 1), waiter)
+    end
+    if hand_channel ~= '' then
+      -- What an enqueue needs to hand this fetch a message (see hand()).
+      redis.call('SET', P .. 'waiting:' .. waiter, cjson.encode({lease, hand_channel, queues, limit}),
+        'PX', math.floor((wait_s + 1) * 1000))
+    end
   end
-end
-if #leased > 0 then
-  -- Kept while a retry can still come (the caller's operation timeout) and the leases last.
-  local memo_ms = math.max(1, math.floor(math.min(lease, 35) * 1000))
-  redis.call('SET', memo_key, cjson.encode(leased), 'PX', memo_ms)
-  for i = Q, #ARGV do redis.call('ZREM', P .. 'waiters:' .. ARGV[i], waiter) end
-  redis.call('DEL', P .. 'waiting:' .. waiter)
-  return out
-end
-if wait_s > 0 then
-  -- Registered in the same step that found the queues empty, so no enqueue can slip between.
-  -- The second of slack covers a caller that wakes a little after its own deadline.
-  local queues = {}
-  for i = Q, #ARGV do
-    local wk = P .. 'waiters:' .. ARGV[i]
-    redis.call('ZREMRANGEBYSCORE', wk, '-inf', fmt(t))
-    redis.call('ZADD', wk, fmt(t + wait_s + 1), waiter)
-    queues[#queues + 1] = ARGV[i]
+  local next_at = nil
+  for _, src in ipairs({'sched', 'lease'}) do
+    local r = redis.call('ZRANGE', P .. src, 0, 0, 'WITHSCORES')
+    if r[2] then
+      local s = tonumber(r[2])
+      if next_at == nil or s < next_at then next_at = s end
+    end
   end
-  if hand_channel ~= '' then
-    -- What an enqueue needs to hand this fetch a message (see hand()).
-    redis.call('SET', P .. 'waiting:' .. waiter, cjson.encode({lease, hand_channel, queues, limit}),
-      'PX', math.floor((wait_s + 1) * 1000))
-  end
+  if next_at == nil then return {'0', ''} end
+  return {'0', fmt(math.max(0, next_at - t))}
 end
-local next_at = nil
-for _, src in ipairs({'sched', 'lease'}) do
-  local r = redis.call('ZRANGE', P .. src, 0, 0, 'WITHSCORES')
-  if r[2] then
-    local s = tonumber(r[2])
-    if next_at == nil or s < next_at then next_at = s end
-  end
-end
-if next_at == nil then return {'0', ''} end
-return {'0', fmt(math.max(0, next_at - t))}
 """
+_LUA_CLAIM = (
+    "return claim(ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5]), ARGV[6], "
+    "{unpack(ARGV, 7)})"
+)
 
 # ARGV: id...
 _LUA_ACK = "return ack(1, #ARGV)"
@@ -511,11 +512,18 @@ end
 # ARGV: ttl in ms (0 = none), ttl of a done list in ms, then (task id, state, final) triples.
 _LUA_PUT_STATES = "put_states(tonumber(ARGV[1]), tonumber(ARGV[2]), 3, #ARGV) return 1"
 
-# ARGV: ttl, done ttl, number of states n, n (task id, state, final) triples, then message ids.
+# ARGV: ttl, done ttl, number of states n, n (task id, state, final) triples, number of acks m,
+# m message ids, then optionally a claim without waiting: token, lease_s, limit, queue...
+# Returns the claim's reply ({'0', ''} without one).
 _LUA_SETTLE = r"""
 local n = tonumber(ARGV[3])
 put_states(tonumber(ARGV[1]), tonumber(ARGV[2]), 4, 3 + 3 * n)
-return ack(4 + 3 * n, #ARGV)
+local a = 4 + 3 * n
+local m = tonumber(ARGV[a])
+ack(a + 1, a + m)
+local c = a + m + 1
+if c > #ARGV then return {'0', ''} end
+return claim(ARGV[c], tonumber(ARGV[c + 1]), tonumber(ARGV[c + 2]), '', 0, '', {unpack(ARGV, c + 3)})
 """
 
 # KEYS[1]: the counter. ARGV: amount, ttl in ms (0 = none).
@@ -1054,6 +1062,7 @@ class _Handed:
 
 class RedisBroker(Broker):
     writes_initial_state = True
+    refills_on_ack = True
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         super().__init__(url, namespace)
@@ -1069,9 +1078,9 @@ class RedisBroker(Broker):
         self._registration: _Registration | None = None
         register = self._cmds.pool.register_script
         self._enqueue = register(_LUA_COMMON + _LUA_ENQUEUE)
-        self._claim = register(_LUA_COMMON + _LUA_CLAIM)
+        self._claim = register(_LUA_COMMON + _LUA_CLAIM_FN + _LUA_CLAIM)
         self._ack = register(_LUA_COMMON + _LUA_OUTCOMES + _LUA_ACK)
-        self._settle = register(_LUA_COMMON + _LUA_OUTCOMES + _LUA_SETTLE)
+        self._settle = register(_LUA_COMMON + _LUA_OUTCOMES + _LUA_CLAIM_FN + _LUA_SETTLE)
         self._extend = register(_LUA_COMMON + _LUA_EXTEND)
         self._requeue = register(_LUA_COMMON + _LUA_REQUEUE)
         self._dead = register(_LUA_COMMON + _LUA_DEAD)
@@ -1183,19 +1192,7 @@ class RedisBroker(Broker):
         With ``wait_s`` > 0 and nothing ready, ``waiter`` is registered as waiting on the queues."""
         hand = self._hand_channel.decode() if wait_s > 0 and self._hub.started else ""
         args = [token, repr(float(self.lease_s)), limit, waiter, repr(wait_s), hand, *queues]
-        reply = await self._cmds.script(self._claim, self._keys, args)
-        if reply[0] == b"0":
-            return [], float(reply[1]) if reply[1] else None
-        return [
-            Delivery(
-                id=_s(reply[i]),
-                queue=_s(reply[i + 1]),
-                body=reply[i + 2],
-                deliveries=int(reply[i + 3]),
-                receipt=_s(reply[i + 3]),
-            )
-            for i in range(1, len(reply), 4)
-        ], None
+        return _claimed(await self._cmds.script(self._claim, self._keys, args))
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         if deliveries:
@@ -1208,13 +1205,16 @@ class RedisBroker(Broker):
         ttl_s: float | None,
         final: Collection[str],
         deliveries: Sequence[Delivery],
-    ) -> None:
+        refill: tuple[Sequence[str], int] | None = None,
+    ) -> list[Delivery]:
         if not (isinstance(store, RedisStore) and store.url == self.url and store.namespace == self.namespace):
-            await super().store_and_ack(store, states, ttl_s, final, deliveries)
-            return
-        # The results live here too: states and acks in one script, states first.
+            return await super().store_and_ack(store, states, ttl_s, final, deliveries, refill)
+        # The results live here too: states, acks and the next claim in one script, in that order.
         args = settle_args(states, ttl_s, final, [d.id for d in deliveries])
-        await self._cmds.script(self._settle, self._keys, args)
+        if refill is not None:
+            queues, limit = refill
+            args += [uuid.uuid4().hex, repr(float(self.lease_s)), limit, *dict.fromkeys(queues)]
+        return _claimed(await self._cmds.script(self._settle, self._keys, args))[0]
 
     async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
         args = [
@@ -1261,6 +1261,16 @@ class RedisBroker(Broker):
 
     async def flush_namespace(self) -> None:
         await self._cmds.run(lambda c: _unlink_prefix(c, self._prefix))
+
+
+def _claimed(reply: list[Any]) -> tuple[list[Delivery], float | None]:
+    """A claim's reply: the leased deliveries, or none and when something may become ready."""
+    if reply[0] == b"0":
+        return [], float(reply[1]) if reply[1] else None
+    return [
+        Delivery(id=_s(reply[i]), queue=_s(reply[i + 1]), body=reply[i + 2], deliveries=int(reply[i + 3]), receipt=_s(reply[i + 3]))
+        for i in range(1, len(reply), 4)
+    ], None
 
 
 def _receipt(delivery: Delivery) -> str:
@@ -1356,7 +1366,7 @@ def settle_args(
 ) -> list[str | bytes | int]:
     """ARGV of the settle script: the states, then the messages to acknowledge."""
     ttl_ms, done_ttl_ms, *triples = put_states_args(states, ttl_s, final)
-    return [ttl_ms, done_ttl_ms, len(states), *triples, *message_ids]
+    return [ttl_ms, done_ttl_ms, len(states), *triples, len(message_ids), *message_ids]
 
 
 def _ttl_ms(ttl_s: float | None) -> int | None:

@@ -111,6 +111,7 @@ class Worker:
         self._stopping: asyncio.Event | None = None
         self._abandoned = False
         self._signals_seen = 0
+        self._background: set[asyncio.Future[Any]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def stop(self, now: bool = False) -> None:
@@ -142,7 +143,11 @@ class Worker:
         backends = await self.app._backends()
         self.broker: Broker = backends.broker
         self.store: Store = backends.store
-        self.writer = StateWriter(self.store, self.broker, self.app.result_ttl_s)
+        self._capacity = self.concurrency + self.prefetch
+        self._reserved = 0  # places promised to a fetch or a refill in flight
+        self._backlog = False  # the last claim filled every place asked: the queues have more
+        refill = self if self.app.results_url is self.app.url else None
+        self.writer = StateWriter(self.store, self.broker, self.app.result_ttl_s, refill)
         # With the async pool, a sync task still needs somewhere to run that is not the loop.
         self.threads = ThreadRunner(self.concurrency if self.pool == "thread" else 8) if self.pool != "process" else None
         self.procs = None
@@ -167,6 +172,7 @@ class Worker:
                 h.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
             await self.writer.flush()
+            await asyncio.gather(*self._background, return_exceptions=True)
             if self.threads is not None:
                 self.threads.close()
             if self.procs is not None:
@@ -179,16 +185,19 @@ class Worker:
 
     async def _fetch_loop(self) -> None:
         assert self._stopping is not None
-        capacity = self.concurrency + self.prefetch
+        capacity = self._capacity
         failures = 0
         while not self._stopping.is_set():
-            free = capacity - len(self._held)
+            free = capacity - len(self._held) - self._reserved
             # Claim when at least half the places are free (or all, when idle), so that one
-            # round trip to the broker serves several tasks instead of one.
-            if free <= 0 or (self._held and free < (capacity + 1) // 2):
+            # round trip to the broker serves several tasks instead of one. While the queues
+            # have a backlog and the writer has a batch to write, the batch claims instead (a
+            # refill with its acks: see ask and got).
+            if free <= 0 or (self._held and free < (capacity + 1) // 2) or (self._backlog and self.writer.refilling):
                 self._space.clear()
                 await self._space.wait()  # set when a message is let go, and on stop
                 continue
+            self._reserved += free
             try:
                 deliveries = await self.broker.fetch(self.queues, free, BURST_FETCH_WAIT_S if self.burst else FETCH_WAIT_S)
                 failures = 0
@@ -198,14 +207,54 @@ class Worker:
                 log.warning("fetch failed (%s); retrying in %.1f s", e, pause)
                 await _first(asyncio.sleep(pause), self._stopping.wait())
                 continue
-            for d in deliveries:
-                held = self._held[d.id] = _Held(d)
-                held.task = asyncio.create_task(self._handle(held))
+            finally:
+                self._reserved -= free
+            self._backlog = len(deliveries) == free
+            self._start(deliveries)
             if deliveries:
                 # Let the new tasks start (up to their first wait) before the next fetch goes out.
                 await asyncio.sleep(0)
             if self.burst and not deliveries and not self._held:
                 return
+
+    def _start(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            held = self._held[d.id] = _Held(d)
+            held.task = asyncio.create_task(self._handle(held))
+
+    # -- the writer's refill (see StateWriter): claims that ride along with a batch of acks ------
+    def ask(self) -> tuple[list[str], int] | None:
+        assert self._stopping is not None
+        free = self._capacity - len(self._held) - self._reserved
+        if not self._backlog or free <= 0 or self._stopping.is_set():
+            return None
+        self._reserved += free
+        return self.queues, free
+
+    def got(self, asked: tuple[list[str], int] | None, deliveries: list[Delivery]) -> None:
+        assert self._stopping is not None
+        if asked is None:
+            self._space.set()  # a batch went out: the fetch loop looks again
+            return
+        self._reserved -= asked[1]
+        self._backlog = len(deliveries) == asked[1]
+        if self._stopping.is_set():
+            for d in deliveries:  # too late to start: back to the queue at once
+                self._loop_task(self._give_back(d))
+        else:
+            self._start(deliveries)
+        self._space.set()  # the fetch loop looks again (and takes over if the queues ran dry)
+
+    def _loop_task(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _give_back(self, delivery: Delivery) -> None:
+        try:
+            await self.broker.requeue(delivery)
+        except Exception as e:  # its lease runs out and it comes back anyway
+            log.warning("could not put back %s (%s); it returns when its lease runs out", delivery.id, e)
 
     async def _drain(self) -> None:
         """Shutdown: put back what has not started; give running tasks the grace period."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from offload.brokers.base import Broker, Delivery, Store
 
@@ -23,9 +24,19 @@ log = logging.getLogger("offload.worker")
 RETRY_PAUSE_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
+class Refill(Protocol):
+    """What the worker answers when a batch of acks goes out: which queues, and how many places
+    the broker may fill in the same round trip (see `Broker.store_and_ack`)."""
+
+    def ask(self) -> tuple[list[str], int] | None: ...
+    def got(self, asked: tuple[list[str], int] | None, deliveries: list[Delivery]) -> None:
+        """After every batch written: what the refill brought, if one was asked."""
+
+
 class StateWriter:
-    def __init__(self, store: Store, broker: Broker, ttl_s: float | None) -> None:
+    def __init__(self, store: Store, broker: Broker, ttl_s: float | None, refill: Refill | None = None) -> None:
         self._store, self._broker, self._ttl_s = store, broker, ttl_s
+        self._refill = refill if broker.refills_on_ack else None
         self._states: dict[str, Pending] = {}
         self._final: set[str] = set()
         self._deferred: dict[str, asyncio.TimerHandle] = {}
@@ -73,17 +84,29 @@ class StateWriter:
                 if not w.done():
                     w.set_result(None)
 
+    @property
+    def refilling(self) -> bool:
+        """Batches are being written that will ask for a refill: the worker leaves the claiming to them."""
+        return self._refill is not None and self._task is not None and not self._task.done()
+
     async def _write(self, states: Sequence[tuple[str, bytes]], acks: Sequence[Delivery], final: set[str]) -> None:
         # Keep trying: a state that was not stored must not be acknowledged, and dropping it
         # would lose the outcome. The lease heartbeat keeps the messages ours meanwhile.
         attempt = 0
+        asked = self._refill.ask() if self._refill is not None and acks else None
         while True:
             try:
-                await self._broker.store_and_ack(self._store, states, self._ttl_s, final, acks)
+                got = await self._broker.store_and_ack(self._store, states, self._ttl_s, final, acks, asked)
+                if self._refill is not None:
+                    self._refill.got(asked, got)
                 return
             except Exception as e:
                 pause = RETRY_PAUSE_S[min(attempt, len(RETRY_PAUSE_S) - 1)]
                 log.warning("storing %d outcome(s) failed (%s); retrying in %.1f s", len(states) or len(acks), e, pause)
+                if asked is not None and attempt == 0:
+                    assert self._refill is not None
+                    self._refill.got(asked, [])  # retried without: the fetch loop takes over
+                    asked = None
                 attempt += 1
                 await asyncio.sleep(pause)
 
