@@ -338,7 +338,7 @@ class Offload:
             return self._portal.run(self.enqueue_envelope(env))
         message, _ = self._outgoing(env, with_state=True)
         direct.enqueue(message)
-        return Result(self, env.id)
+        return Result(self, env.id, sent_here=True)
 
     async def _wait_for_finished_holder(self, broker: Broker, message: OutgoingMessage, holder: str) -> str:
         # A task's final state is stored a moment before its ack releases its dedup key. A caller

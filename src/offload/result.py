@@ -118,11 +118,13 @@ class TaskState:
 class Result(Generic[R]):
     """A handle on one task: `r.get()`, `await r`, `r.state()`, `r.cancel()`, `r.token()`."""
 
-    __slots__ = ("app", "id")
+    __slots__ = ("_sent_here", "app", "id")
 
-    def __init__(self, app: Offload, task_id: str) -> None:
+    def __init__(self, app: Offload, task_id: str, sent_here: bool = False) -> None:
         self.app = app
         self.id = task_id
+        # Returned by this process's own delay(): its state is known to exist.
+        self._sent_here = sent_here
 
     def __repr__(self) -> str:
         return f"<Result {self.id}>"
@@ -169,7 +171,7 @@ class Result(Generic[R]):
         direct = self.app._direct()
         if direct is None:
             return self.app._portal.run(self.wait(timeout))
-        return wait_state_direct(self.app, direct, self.id, timeout).outcome()  # type: ignore[no-any-return]
+        return wait_state_direct(self.app, direct, self.id, timeout, self._sent_here).outcome()  # type: ignore[no-any-return]
 
     def cancel(self) -> None:
         self.app._portal.run(self.acancel())
@@ -201,11 +203,20 @@ async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, m
             await watch.wait(max(left, 0.0))
 
 
-def wait_state_direct(app: Offload, direct: Direct, task_id: str, timeout: float | None) -> TaskState:
+def wait_state_direct(
+    app: Offload, direct: Direct, task_id: str, timeout: float | None, exists: bool = False
+) -> TaskState:
     """`wait_states` for one task from a blocking caller's own thread, through the store's
     `Direct` face: read the state; if it is not final, block until the store hands over the
-    final one (re-reading at least every SAFETY_POLL_S, as `wait_states` does)."""
+    final one (re-reading at least every SAFETY_POLL_S, as `wait_states` does). A task known
+    to ``exist`` (sent by this process) is waited for first and read only if that times out."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    if exists:
+        raw = direct.wait_final(task_id, SAFETY_POLL_S if deadline is None else min(timeout or 0.0, SAFETY_POLL_S))
+        if raw is not None:
+            state = app.decode_state(raw)
+            if state.done:
+                return state
     while True:
         [raw] = direct.get_states([task_id])
         if raw is None:
