@@ -16,12 +16,14 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from offload.brokers import make_broker, make_store
+from offload.brokers._amqp_acks import Acker, Settled
 from offload.brokers.amqp import AmqpBroker
-from offload.brokers.base import OutgoingMessage
+from offload.brokers.base import Delivery, OutgoingMessage
 from offload.config import parse_url
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
 from tests.conftest import AMQP_URL, require_server
@@ -420,3 +422,87 @@ async def test_connect_never_hangs(url: str, namespace: str) -> None:
         await broker.connect()
     assert time.monotonic() - started < 4
     assert "s3cret-pw" not in str(info.value)
+
+
+async def test_a_batch_of_acks_settles_only_its_own_deliveries(amqp: MakeBroker) -> None:
+    other, worker = await amqp(), await amqp()  # the first one flushes the namespace at the end
+    backlog = [msg() for _ in range(5)]
+    for m in backlog:
+        await worker.enqueue(m)
+    got: list[Delivery] = []
+    while len(got) < 5:
+        fetched = await worker.fetch(["default"], 5, timeout_s=2)
+        assert fetched, "messages missing"
+        got += fetched
+    # One queue, one priority: handed out in delivery order, so in delivery-tag order
+    first, second, held, fourth, fifth = got
+    # When two batches are acked around a delivery still held
+    await worker.ack([second, first])
+    await worker.ack([fifth, fourth])
+    # Then closing the worker's connection gives back the held one only
+    await worker.close()
+    again = await other.fetch(["default"], 5, timeout_s=5)
+    assert [d.id for d in again] == [held.id]
+    await other.ack(again)
+    assert await other.fetch(["default"], 5, timeout_s=0.3) == []
+
+
+class _FakeChannel:
+    is_closed = False
+
+
+class _FakeMessage:
+    """What Acker uses of an incoming message; records the frames it would send."""
+
+    def __init__(self, channel: _FakeChannel, tag: int, sent: list[tuple[str, int, bool]], fail: bool = False) -> None:
+        self.channel, self.delivery_tag, self._sent, self._fail = channel, tag, sent, fail
+
+    async def ack(self, multiple: bool = False) -> None:
+        if self._fail:
+            raise ConnectionError("connection lost")
+        self._sent.append(("ack", self.delivery_tag, multiple))
+
+    async def nack(self, requeue: bool = True) -> None:
+        self._sent.append(("nack", self.delivery_tag, False))
+
+
+def _fakes(count: int, fail: bool = False) -> tuple[list[Any], list[tuple[str, int, bool]]]:
+    channel, sent = _FakeChannel(), []
+    messages: list[Any] = [_FakeMessage(channel, tag, sent, fail) for tag in range(1, count + 1)]
+    return messages, sent
+
+
+async def test_acks_of_a_run_of_tags_go_out_as_one_multiple_ack() -> None:
+    acker, (m1, m2, m3, m4, m5), sent = Acker(), *_fakes(5)
+    for m in (m1, m2, m3, m4, m5):
+        acker.track(m)
+    # Tags 1-2 in one frame; 4 is not covered while 3 is held
+    assert await acker.ack([m2, m1, m4], (ConnectionError,)) == [Settled.ACKED] * 3
+    assert sent == [("ack", 2, True), ("ack", 4, False)]
+    sent.clear()
+    # Once 3 goes, a frame naming 5 covers 3 and 5 (4 is settled already)
+    assert await acker.ack([m5, m3], (ConnectionError,)) == [Settled.ACKED] * 2
+    assert sent == [("ack", 5, True)]
+    sent.clear()
+    # Settled deliveries send nothing again, acked or put back
+    assert await acker.ack([m1, m5], (ConnectionError,)) == [Settled.BEFORE] * 2
+    await acker.give_back(m3, (ConnectionError,))
+    assert sent == []
+
+
+async def test_an_unsettled_lower_tag_stops_the_multiple_ack() -> None:
+    acker, (m1, m2, m3), sent = Acker(), *_fakes(3)
+    acker.track(m2)
+    # Tag 1 was delivered but is neither settled nor in the batch (say, its callback has not
+    # run yet): a multiple ack would settle it behind its back
+    assert await acker.ack([m2, m3], (ConnectionError,)) == [Settled.ACKED] * 2
+    assert sent == [("ack", 2, False), ("ack", 3, False)]
+    sent.clear()
+    await acker.give_back(m1, (ConnectionError,))
+    assert sent == [("nack", 1, False)]
+
+
+async def test_a_batch_whose_frames_fail_is_reported_lost() -> None:
+    acker, (m1, m2), _ = Acker(), *_fakes(2, fail=True)
+    acker.track(m1)
+    assert await acker.ack([m1, m2], (ConnectionError,)) == [Settled.LOST] * 2

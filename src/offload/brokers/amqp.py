@@ -80,6 +80,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
 from aio_pika.connection import make_url
 
+from offload.brokers._amqp_acks import Acker, Settled
 from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
 from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
@@ -246,6 +247,7 @@ class AmqpBroker(Broker):
         self._fetching = 0
         self._hops: set[asyncio.Task[None]] = set()
         self._leased: dict[str, Delivery] = {}  # by copy token
+        self._acks = Acker()  # every ack and nack of the consumer channel's deliveries
         # Copies whose ack was lost with their channel: when RabbitMQ hands them back to this
         # process, they are acked instead of run a second time.
         self._lost_acks: OrderedDict[str, None] = OrderedDict()
@@ -423,6 +425,7 @@ class AmqpBroker(Broker):
         self._active.clear()
         self._buffer.clear()
         self._leased.clear()
+        self._acks.clear()
         self._topology_ready = False
         for conn in conns:
             if conn is not None:
@@ -698,14 +701,12 @@ class AmqpBroker(Broker):
         for item in returned:
             await self._give_back(item.message)
 
-    @staticmethod
-    async def _give_back(message: AbstractIncomingMessage) -> None:
-        if _is_stale(message):
-            return  # its channel closed: RabbitMQ has put it back already
-        with contextlib.suppress(*_TRANSIENT, aio_pika.exceptions.MessageProcessError):
-            await message.nack(requeue=True)
+    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+        # Nothing to do when its channel closed: RabbitMQ has put it back already.
+        await self._acks.give_back(message, _TRANSIENT)
 
     async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
+        self._acks.track(message)
         if queue not in self._active:
             await self._give_back(message)  # raced with the consumer's cancellation
             return
@@ -736,7 +737,9 @@ class AmqpBroker(Broker):
                 key=_text(headers.get(_H_KEY)),
                 deliveries=int(_number(headers.get(_H_DELIVERIES)) or 0),
             )
-            await message.ack()
+            # Lost with its channel, the old copy comes back and hops again: a duplicate
+            # delivery, never a lost one.
+            await self._acks.ack([message], _TRANSIENT)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -797,7 +800,7 @@ class AmqpBroker(Broker):
                     settled.add(id(item))
                 elif copy in self._lost_acks:
                     del self._lost_acks[copy]
-                    await item.message.ack()
+                    await self._acks.ack([item.message], _TRANSIENT)
                     settled.add(id(item))
                     await self._release_key(_text(headers.get(_H_KEY)), message_id)
                 else:
@@ -807,7 +810,7 @@ class AmqpBroker(Broker):
                 headers = item.message.headers or {}
                 if revoked:
                     log.info("dropping cancelled message %s", message_id)
-                    await item.message.ack()
+                    await self._acks.ack([item.message], _TRANSIENT)
                     settled.add(id(item))
                     await self._release_key(_text(headers.get(_H_KEY)), message_id)
                     continue
@@ -842,34 +845,34 @@ class AmqpBroker(Broker):
         if copy is not None and self._leased.get(copy) is delivery:
             del self._leased[copy]
 
-    async def _settle(self, delivery: Delivery, *, release_key: bool) -> None:
-        message = delivery.receipt
-        if message is None:
-            raise BrokerError(f"delivery {delivery.id} did not come from this amqp broker")
-        self._forget(delivery)
-        headers = message.headers or {}
-        try:
-            await message.ack()
-        except aio_pika.exceptions.MessageProcessError:
-            return  # settled before
-        except (*_TRANSIENT, aiormq.exceptions.AMQPError):
-            copy = _text(headers.get(_H_COPY))
-            if copy is not None:
-                self._lost_acks[copy] = None
-                while len(self._lost_acks) > _LOST_ACKS_KEPT:
-                    self._lost_acks.popitem(last=False)
-            log.warning(
-                "ack of %s lost with its channel: RabbitMQ will deliver it again (a copy coming back "
-                "to this process is acked on arrival)",
-                delivery.id,
-            )
-            return
-        if release_key:
-            await self._release_key(_text(headers.get(_H_KEY)), delivery.id)
+    async def _settle(self, deliveries: Sequence[Delivery], *, release_key: bool) -> None:
+        messages: list[AbstractIncomingMessage] = []
+        for delivery in deliveries:
+            if delivery.receipt is None:
+                raise BrokerError(f"delivery {delivery.id} did not come from this amqp broker")
+            messages.append(delivery.receipt)
+        for delivery in deliveries:
+            self._forget(delivery)
+        # One batch: the acks of a run of delivery tags go out as one frame.
+        outcomes = await self._acks.ack(messages, _TRANSIENT)
+        for delivery, message, outcome in zip(deliveries, messages, outcomes, strict=True):
+            headers = message.headers or {}
+            if outcome is Settled.LOST:
+                copy = _text(headers.get(_H_COPY))
+                if copy is not None:
+                    self._lost_acks[copy] = None
+                    while len(self._lost_acks) > _LOST_ACKS_KEPT:
+                        self._lost_acks.popitem(last=False)
+                log.warning(
+                    "ack of %s lost with its channel: RabbitMQ will deliver it again (a copy coming back "
+                    "to this process is acked on arrival)",
+                    delivery.id,
+                )
+            elif outcome is Settled.ACKED and release_key:
+                await self._release_key(_text(headers.get(_H_KEY)), delivery.id)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        for delivery in deliveries:
-            await self._settle(delivery, release_key=True)
+        await self._settle(deliveries, release_key=True)
 
     async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
         message = delivery.receipt
@@ -891,7 +894,7 @@ class AmqpBroker(Broker):
             key=_text(headers.get(_H_KEY)),
             deliveries=delivery.deliveries,
         )
-        await self._settle(delivery, release_key=False)
+        await self._settle([delivery], release_key=False)
 
     async def extend(self, deliveries: Sequence[Delivery]) -> None:
         """Nothing to do: RabbitMQ holds a delivery until its ack or until its channel closes
@@ -927,7 +930,7 @@ class AmqpBroker(Broker):
             await self._ensure_topology()
 
         await self._publish(self._dead_name, self._queue_name(delivery.queue), build, redeclare)
-        await self._settle(delivery, release_key=True)
+        await self._settle([delivery], release_key=True)
 
     # -- reading queues with basic.get --------------------------------------------------
     async def _get(self, queue_name: str, *, no_ack: bool) -> AbstractIncomingMessage | None:
@@ -1036,9 +1039,7 @@ class AmqpBroker(Broker):
                 removed += await self._browse(self._level_name(ms), lambda m: m.routing_key == name)
         buffered = [b.message for b in self._buffer if b.queue == queue and not _is_stale(b.message)]
         self._buffer = [b for b in self._buffer if b.queue != queue]
-        for message in buffered:
-            with contextlib.suppress(*_TRANSIENT, aio_pika.exceptions.MessageProcessError):
-                await message.ack()
+        await self._acks.ack(buffered, _TRANSIENT)
         removed += buffered
         for message in removed:
             headers = message.headers or {}
@@ -1081,6 +1082,7 @@ class AmqpBroker(Broker):
             self._consumers.clear()
             self._active.clear()
             self._buffer.clear()
+            self._acks.clear()
         if consumer_conn is not None:
             await self._discard(consumer_conn)
         names = [
