@@ -21,6 +21,15 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
+# Errors after which the same call can succeed once the connection is back.
+TRANSIENT = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
 
 class Settled(enum.Enum):
     ACKED = "acked"
@@ -81,9 +90,9 @@ class Acker:
     def clear(self) -> None:
         self._ledgers.clear()
 
-    async def ack(self, messages: Sequence[AbstractIncomingMessage], transient: tuple[type[BaseException], ...]) -> list[Settled]:
-        """Ack the messages; per message, what became of it. Errors in ``transient`` (and AMQP
-        errors) mean the ack was lost with its channel."""
+    async def ack(self, messages: Sequence[AbstractIncomingMessage]) -> list[Settled]:
+        """Ack the messages; per message, what became of it. A `TRANSIENT` or AMQP error means
+        the ack was lost with its channel."""
         out = [Settled.ACKED] * len(messages)
         runs: dict[Any, dict[int, int]] = {}  # channel -> tag -> index in messages
         for i, message in enumerate(messages):
@@ -95,7 +104,7 @@ class Acker:
             ledger = self._ledgers.get(channel)
             tag = message.delivery_tag
             if ledger is None or tag is None:
-                out[i] = await self._ack_one(message, transient)
+                out[i] = await self._ack_one(message)
             elif ledger.is_settled(tag) or tag in runs.get(channel, {}):
                 out[i] = Settled.BEFORE
             else:
@@ -112,23 +121,23 @@ class Acker:
                     await messages[by_tag[top]].ack(multiple=True)
                 for tag in sorted(t for t in by_tag if t > top):
                     await messages[by_tag[tag]].ack()
-            except (*transient, aiormq.exceptions.AMQPError):
+            except (*TRANSIENT, aiormq.exceptions.AMQPError):
                 # Whether some frames went out is unknown: RabbitMQ redelivers what it missed.
                 for i in by_tag.values():
                     out[i] = Settled.LOST
         return out
 
     @staticmethod
-    async def _ack_one(message: AbstractIncomingMessage, transient: tuple[type[BaseException], ...]) -> Settled:
+    async def _ack_one(message: AbstractIncomingMessage) -> Settled:
         try:
             await message.ack()
         except aio_pika.exceptions.MessageProcessError:
             return Settled.BEFORE
-        except (*transient, aiormq.exceptions.AMQPError):
+        except (*TRANSIENT, aiormq.exceptions.AMQPError):
             return Settled.LOST
         return Settled.ACKED
 
-    async def give_back(self, message: AbstractIncomingMessage, transient: tuple[type[BaseException], ...]) -> None:
+    async def give_back(self, message: AbstractIncomingMessage) -> None:
         """Nack with requeue, unless settled already or its channel closed (RabbitMQ has put
         it back then)."""
         try:
@@ -143,5 +152,5 @@ class Acker:
             ledger.settle(tag)
         try:
             await message.nack(requeue=True)
-        except (*transient, aio_pika.exceptions.MessageProcessError):
+        except (*TRANSIENT, aio_pika.exceptions.MessageProcessError):
             pass

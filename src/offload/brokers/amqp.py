@@ -80,7 +80,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
 from aio_pika.connection import make_url
 
-from offload.brokers._amqp_acks import Acker, Settled
+from offload.brokers._amqp_acks import TRANSIENT, Acker, Settled
 from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
 from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
@@ -119,13 +119,7 @@ _H_REASON = "offload-reason"
 _H_DIED_AT = "offload-died-at"
 
 # Errors after which the same call can succeed once the connection is back.
-_TRANSIENT = (
-    aiormq.exceptions.AMQPConnectionError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-    OSError,
-    TimeoutError,
-)
+_TRANSIENT = TRANSIENT
 
 
 @dataclass(slots=True)
@@ -703,7 +697,7 @@ class AmqpBroker(Broker):
 
     async def _give_back(self, message: AbstractIncomingMessage) -> None:
         # Nothing to do when its channel closed: RabbitMQ has put it back already.
-        await self._acks.give_back(message, _TRANSIENT)
+        await self._acks.give_back(message)
 
     async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
         self._acks.track(message)
@@ -739,7 +733,7 @@ class AmqpBroker(Broker):
             )
             # Lost with its channel, the old copy comes back and hops again: a duplicate
             # delivery, never a lost one.
-            await self._acks.ack([message], _TRANSIENT)
+            await self._acks.ack([message])
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -800,7 +794,7 @@ class AmqpBroker(Broker):
                     settled.add(id(item))
                 elif copy in self._lost_acks:
                     del self._lost_acks[copy]
-                    await self._acks.ack([item.message], _TRANSIENT)
+                    await self._acks.ack([item.message])
                     settled.add(id(item))
                     await self._release_key(_text(headers.get(_H_KEY)), message_id)
                 else:
@@ -810,7 +804,7 @@ class AmqpBroker(Broker):
                 headers = item.message.headers or {}
                 if revoked:
                     log.info("dropping cancelled message %s", message_id)
-                    await self._acks.ack([item.message], _TRANSIENT)
+                    await self._acks.ack([item.message])
                     settled.add(id(item))
                     await self._release_key(_text(headers.get(_H_KEY)), message_id)
                     continue
@@ -854,7 +848,7 @@ class AmqpBroker(Broker):
         for delivery in deliveries:
             self._forget(delivery)
         # One batch: the acks of a run of delivery tags go out as one frame.
-        outcomes = await self._acks.ack(messages, _TRANSIENT)
+        outcomes = await self._acks.ack(messages)
         for delivery, message, outcome in zip(deliveries, messages, outcomes, strict=True):
             headers = message.headers or {}
             if outcome is Settled.LOST:
@@ -1039,7 +1033,7 @@ class AmqpBroker(Broker):
                 removed += await self._browse(self._level_name(ms), lambda m: m.routing_key == name)
         buffered = [b.message for b in self._buffer if b.queue == queue and not _is_stale(b.message)]
         self._buffer = [b for b in self._buffer if b.queue != queue]
-        await self._acks.ack(buffered, _TRANSIENT)
+        await self._acks.ack(buffered)
         removed += buffered
         for message in removed:
             headers = message.headers or {}
