@@ -69,7 +69,7 @@ import time
 import urllib.parse
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -239,7 +239,7 @@ class AmqpBroker(Broker):
         self._arrived = asyncio.Event()
         self._seq = itertools.count()
         self._fetching = 0
-        self._hops: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._leased: dict[str, Delivery] = {}  # by copy token
         self._acks = Acker()  # every ack and nack of the consumer channel's deliveries
         # Copies whose ack was lost with their channel: when RabbitMQ hands them back to this
@@ -409,9 +409,9 @@ class AmqpBroker(Broker):
             raise
 
     async def close(self) -> None:
-        for task in list(self._hops):
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._hops, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         conns = [self._consumer_conn, self._conn]
         self._consumer_conn = self._conn = None
         self._consumer_channel = self._publisher = self._admin = None
@@ -654,6 +654,8 @@ class AmqpBroker(Broker):
 
     # -- consuming ----------------------------------------------------------------------
     async def _start_consuming(self, queues: Sequence[str], limit: int) -> None:
+        if self._consumer_conn is not None and all(q in self._consumers for q in queues):
+            return  # the usual case, on every fetch of a running worker: nothing to take a lock for
         async with self._consumer_lock:
             if self._consumer_conn is None:
                 self._require_conn()
@@ -699,10 +701,12 @@ class AmqpBroker(Broker):
         # Nothing to do when its channel closed: RabbitMQ has put it back already.
         await self._acks.give_back(message)
 
-    async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
+    def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
+        # A plain function, not a coroutine: aio-pika then calls it without a task of its own
+        # per delivery. What must wait (giving back, hopping) runs in a task.
         self._acks.track(message)
         if queue not in self._active:
-            await self._give_back(message)  # raced with the consumer's cancellation
+            self._spawn(self._give_back(message))  # raced with the consumer's cancellation
             return
         headers = message.headers or {}
         eta = _number(headers.get(_H_ETA))
@@ -711,12 +715,16 @@ class AmqpBroker(Broker):
         if eta is not None and eta > now + _DUE_SLACK_S and not (expires is not None and expires <= now):
             # Back from a delay level too early: send it down the next one right away, so the
             # hops go on whether or not a fetch is waiting.
-            task = asyncio.create_task(self._hop(queue, message))
-            self._hops.add(task)
-            task.add_done_callback(self._hops.discard)
+            self._spawn(self._hop(queue, message))
             return
         self._buffer.append(_Buffered(queue, next(self._seq), message))
         self._arrived.set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task that `close` cancels."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _hop(self, queue: str, message: AbstractIncomingMessage) -> None:
         headers = message.headers or {}
