@@ -779,8 +779,11 @@ class AmqpBroker(Broker):
                 if left <= 0:
                     return []
                 self._arrived.clear()
+                # asyncio.timeout rather than wait_for: no task per wait, and an idle worker
+                # waits here once per delivery.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), left)
+                    async with asyncio.timeout(left):
+                        await self._arrived.wait()
         finally:
             self._fetching -= 1
 
