@@ -377,7 +377,11 @@ def test_amqp_cannot_be_the_result_store() -> None:
 
 async def test_what_another_process_deleted_is_declared_again(amqp: MakeBroker) -> None:
     broker, admin = await amqp(), await amqp()
+    # Given a broker that has published to its queue, a delay level and the dead letters
     await broker.enqueue(msg())
+    await broker.enqueue(msg(eta=time.time() + 60))
+    [before] = await broker.fetch(["default"], 1, timeout_s=2)
+    await broker.dead_letter(before, "before")
     # When another process flushes the namespace behind this broker's back
     await admin.flush_namespace()
     # Then enqueueing, delaying and dead-lettering declare what they need again

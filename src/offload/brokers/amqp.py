@@ -77,7 +77,13 @@ from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+)
 from aio_pika.connection import make_url
 
 from offload.brokers._amqp_acks import TRANSIENT, Acker, Settled
@@ -224,6 +230,9 @@ class AmqpBroker(Broker):
         self._conn: AbstractRobustConnection | None = None  # enqueue, admin
         self._consumer_conn: AbstractRobustConnection | None = None  # fetch, ack
         self._publisher: AbstractRobustChannel | None = None
+        # Exchange handles of the publisher channel, by name. A robust channel keeps its
+        # identity across reconnections, and so do these.
+        self._exchanges: dict[str, AbstractExchange] = {}
         self._admin: aiormq.abc.AbstractChannel | None = None
         self._admin_lock = asyncio.Lock()  # basic.get browsing and acking on the admin channel
         self._consumer_lock = asyncio.Lock()
@@ -415,6 +424,7 @@ class AmqpBroker(Broker):
         conns = [self._consumer_conn, self._conn]
         self._consumer_conn = self._conn = None
         self._consumer_channel = self._publisher = self._admin = None
+        self._exchanges.clear()
         self._consumers.clear()
         self._active.clear()
         self._buffer.clear()
@@ -557,7 +567,11 @@ class AmqpBroker(Broker):
             raise aiormq.exceptions.ChannelInvalidStateError("no publisher channel")
         if channel.is_closed:  # reopening after a lost connection or a channel error
             await asyncio.wait_for(channel.ready(), self._publish_timeout_s)
-        target = channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
+        target = channel.default_exchange if exchange == "" else self._exchanges.get(exchange)
+        if target is None:
+            # ensure=False: no round trip; publishing to a missing exchange fails like a
+            # missing queue, and is declared again by `_publish`.
+            target = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
         await target.publish(build(), routing_key, mandatory=True, timeout=self._publish_timeout_s)
 
     async def _send(
