@@ -30,14 +30,17 @@ on publishers never holds back acks), pushes deliveries into a local buffer; `fe
 the buffered ones by priority, then queue order, then arrival. The prefetch bounds how many
 deliveries per queue this process holds unacknowledged, handed out or not; RabbitMQ orders by
 priority only what it has not pushed yet. A fetch for other queues than the last one cancels the
-consumers it no longer needs and puts back what they had buffered.
+consumers it no longer needs and puts back what they had buffered. An `ack` of several
+deliveries sends one basic.ack with ``multiple`` for the run of delivery tags that no delivery
+still held interrupts (see ``_amqp_acks``), and one frame each for the others.
 
 What RabbitMQ cannot do is done with the key-value primitives of the bound `Store`
 (`bind_store`, called before `connect`):
 
 * dedup keys: ``set_if_absent`` at enqueue, deleted at ack or dead letter;
-* cancellation: each message has a claim key; `fetch` writes "leased", `cancel` writes
-  "revoked", and whoever writes first wins. `cancel` is True only when it won, so only when the
+* cancellation: each message has a claim key; `fetch` writes "leased" (for all the messages
+  it hands out, in one `set_many_if_absent`), `cancel` writes "revoked", and whoever writes
+  first wins. `cancel` is True only when it won, so only when the
   message was never handed out (or was put back by `requeue`); a revoked message is dropped
   when it reaches a consumer. An id this broker never saw also gives True. Claims expire after
   7 days;
@@ -55,6 +58,13 @@ delivery longer, and the message runs again elsewhere: raise it in rabbitmq.conf
 
 `stats().running` counts the deliveries this broker object holds: AMQP itself does not report
 unacknowledged counts (the management API does).
+
+Enqueue speed: an enqueue returns once RabbitMQ confirms the message, and it confirms a
+persistent message once it has written it. Version 2 of the classic queue storage (RabbitMQ
+3.10+) does so sooner (about 0.45 ms instead of 0.65 ms per confirm on a local server). Choose it
+with a policy, e.g. ``rabbitmqctl set_policy offload-cqv2 '^offload' '{"queue-version":2}'
+--apply-to queues``, not with the ``x-queue-version`` argument: RabbitMQ refuses to declare an
+existing queue again with another argument than it was created with.
 """
 
 from __future__ import annotations
