@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import shutil
 import socket
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from offload.brokers import make_broker, make_store
-from offload.brokers._amqp_acks import Acker, Settled
+from offload.brokers._amqp_acks import Acker, Settled, _Ledger
 from offload.brokers.amqp import AmqpBroker
 from offload.brokers.base import Delivery, OutgoingMessage
 from offload.config import parse_url
@@ -510,3 +511,36 @@ async def test_a_batch_whose_frames_fail_is_reported_lost() -> None:
     acker, (m1, m2), _ = Acker(), *_fakes(2, fail=True)
     acker.track(m1)
     assert await acker.ack([m1, m2]) == [Settled.LOST] * 2
+
+
+def test_the_ledger_stays_small_behind_a_long_held_delivery() -> None:
+    ledger = _Ledger()
+    # Tag 1 is held (a long task) while the next hundred thousand are acked in order
+    for tag in range(2, 100_002):
+        ledger.settle(tag)
+    assert not ledger.is_settled(1) and ledger.is_settled(2) and ledger.is_settled(100_001)
+    assert len(ledger.runs) == 1
+    assert ledger.multiple_upto({1}) == 1  # its own tag only: everything after it is settled
+    ledger.settle(1)
+    assert (ledger.floor, ledger.runs) == (100_001, [])
+    # Out of order too: the gaps close into one run, then into the floor
+    for tag in [*range(100_004, 100_100, 2), *range(100_003, 100_100, 2)]:
+        ledger.settle(tag)
+    assert ledger.runs == [[100_003, 100_099]]
+    ledger.settle(100_002)
+    assert (ledger.floor, ledger.runs) == (100_099, [])
+
+
+def test_the_ledger_agrees_with_a_plain_set_of_settled_tags() -> None:
+    rng = random.Random(7)
+    ledger, settled = _Ledger(), set[int]()
+    for _ in range(3000):
+        tag = rng.randint(1, 200)
+        batch = {t for t in rng.sample(range(1, 201), 4) if t not in settled}
+        below = [t for t in range(1, 202) if t not in settled and t not in batch]
+        reach = min(below) - 1  # every tag up to here is settled or in the batch
+        expected = max((t for t in batch if t <= reach), default=0)
+        assert ledger.multiple_upto(batch) == expected
+        ledger.settle(tag)
+        settled.add(tag)
+        assert all(ledger.is_settled(t) == (t in settled) for t in range(1, 202))

@@ -13,6 +13,7 @@ Tags are counted, not registered: a tag RabbitMQ delivered that this process has
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections.abc import Sequence
 from typing import Any
@@ -38,22 +39,47 @@ class Settled(enum.Enum):
 
 
 class _Ledger:
-    """The delivery tags of one channel that this process has acked or nacked."""
+    """The delivery tags of one channel that this process has acked or nacked.
 
-    __slots__ = ("above", "floor")
+    Kept as runs of consecutive tags above a floor: a delivery held for an hour while thousands
+    after it are acked stops the floor, and the tags settled meanwhile make one run, not a set
+    that grows by one entry per ack. There are about as many runs as deliveries still held.
+    """
+
+    __slots__ = ("floor", "runs")
 
     def __init__(self) -> None:
         self.floor = 0  # every tag up to here is settled (tags start at 1)
-        self.above: set[int] = set()  # settled tags above the floor
+        # Settled tags above the floor: [first, last] runs, sorted, neither touching nor
+        # overlapping, all above floor + 1 (which is unsettled, or it would be the floor).
+        self.runs: list[list[int]] = []
+
+    def _run_of(self, tag: int) -> list[int] | None:
+        i = bisect.bisect_right(self.runs, tag, key=lambda run: run[0])
+        return self.runs[i - 1] if i and self.runs[i - 1][1] >= tag else None
 
     def is_settled(self, tag: int) -> bool:
-        return tag <= self.floor or tag in self.above
+        return tag <= self.floor or self._run_of(tag) is not None
 
     def settle(self, tag: int) -> None:
-        self.above.add(tag)
-        while self.floor + 1 in self.above:
-            self.floor += 1
-            self.above.discard(self.floor)
+        if self.is_settled(tag):
+            return
+        runs = self.runs
+        i = bisect.bisect_right(runs, tag, key=lambda run: run[0])
+        joins_left = i > 0 and runs[i - 1][1] == tag - 1
+        joins_right = i < len(runs) and runs[i][0] == tag + 1
+        if joins_left and joins_right:
+            runs[i - 1][1] = runs[i][1]
+            del runs[i]
+        elif joins_left:
+            runs[i - 1][1] = tag
+        elif joins_right:
+            runs[i][0] = tag
+        else:
+            runs.insert(i, [tag, tag])
+        if tag == self.floor + 1:
+            self.floor = runs[0][1]
+            del runs[0]
 
     def multiple_upto(self, batch: set[int]) -> int:
         """The highest tag of ``batch`` that an ack with multiple=True may name (0: none): every
@@ -62,9 +88,11 @@ class _Ledger:
         while True:
             if tag in batch:
                 best = tag
-            elif tag not in self.above:
+                tag += 1
+            elif (run := self._run_of(tag)) is not None:
+                tag = run[1] + 1
+            else:
                 return best
-            tag += 1
 
 
 class Acker:
