@@ -725,9 +725,10 @@ class AmqpBroker(Broker):
         # Nothing to do when its channel closed: RabbitMQ has put it back already.
         await self._acks.give_back(message)
 
-    def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
-        # A plain function, not a coroutine: aio-pika then calls it without a task of its own
-        # per delivery. What must wait (giving back, hopping) runs in a task.
+    async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
+        # A coroutine, as aio-pika wants (it wraps a plain function in one anyway, with a
+        # deprecation warning per call), but one that never waits: what must wait (giving
+        # back, hopping) runs in a task of its own.
         self._acks.track(message)
         if queue not in self._active:
             self._spawn(self._give_back(message))  # raced with the consumer's cancellation
