@@ -544,3 +544,16 @@ def test_the_ledger_agrees_with_a_plain_set_of_settled_tags() -> None:
         ledger.settle(tag)
         settled.add(tag)
         assert all(ledger.is_settled(t) == (t in settled) for t in range(1, 202))
+
+
+async def test_a_message_due_within_the_slack_is_not_handed_out_before_its_eta(amqp: MakeBroker) -> None:
+    broker = await amqp()
+    assert await broker.fetch(["default"], 1, timeout_s=0.01) == []  # the consumer runs
+    for _ in range(10):
+        # Due so soon that it goes straight to its queue, and reaches the consumer before its eta
+        m = msg(eta=time.time() + 0.0019)
+        await broker.enqueue(m)
+        [d] = await broker.fetch(["default"], 1, timeout_s=2)
+        assert d.id == m.id
+        assert m.eta is not None and time.time() >= m.eta
+        await broker.ack([d])

@@ -606,9 +606,12 @@ class AmqpBroker(Broker):
         exchange = ""
         expiration = None
         now = time.time()
+        if eta is not None and eta > now:
+            # Due within the slack, it goes straight to its queue; the eta tells the consumer
+            # to hold it back until then.
+            headers[_H_ETA] = _timestamp(eta)
         if eta is not None and eta > now + _DUE_SLACK_S:
             await self._ensure_topology()
-            headers[_H_ETA] = _timestamp(eta)
             headers[_H_DELAY] = str(_level_ms(eta - now))
             exchange = self._delay_exchange
             # Expiring in a delay level sends the message on to its queue early, where a worker
@@ -737,10 +740,25 @@ class AmqpBroker(Broker):
         eta = _number(headers.get(_H_ETA))
         expires = _number(headers.get(_H_EXPIRES))
         now = time.time()
-        if eta is not None and eta > now + _DUE_SLACK_S and not (expires is not None and expires <= now):
+        expired = expires is not None and expires <= now
+        if eta is not None and eta > now + _DUE_SLACK_S and not expired:
             # Back from a delay level too early: send it down the next one right away, so the
             # hops go on whether or not a fetch is waiting.
             self._spawn(self._hop(queue, message))
+            return
+        # An expired message goes to a worker at once, whatever its eta: the worker records it
+        # as expired.
+        self._buffer_when_due(queue, message, None if expired else eta)
+
+    def _buffer_when_due(self, queue: str, message: AbstractIncomingMessage, eta: float | None) -> None:
+        """Buffer the message, or, when it is due within the slack (too soon for another hop),
+        once its eta has passed: it is never handed out before its eta."""
+        left = 0.0 if eta is None else eta - time.time()
+        if left > 0:
+            asyncio.get_running_loop().call_later(left, self._buffer_when_due, queue, message, eta)
+            return
+        if queue not in self._active:  # its consumer was cancelled while it waited
+            self._spawn(self._give_back(message))
             return
         self._buffer.append(_Buffered(queue, next(self._seq), message))
         self._arrived.set()
