@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import shutil
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 from offload.brokers import make_broker, make_store
+from offload.brokers._amqp_acks import Acker, Settled, _Ledger
 from offload.brokers.amqp import AmqpBroker
-from offload.brokers.base import OutgoingMessage
+from offload.brokers.base import Delivery, OutgoingMessage
 from offload.config import parse_url
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
 from tests.conftest import AMQP_URL, require_server
@@ -375,7 +378,11 @@ def test_amqp_cannot_be_the_result_store() -> None:
 
 async def test_what_another_process_deleted_is_declared_again(amqp: MakeBroker) -> None:
     broker, admin = await amqp(), await amqp()
+    # Given a broker that has published to its queue, a delay level and the dead letters
     await broker.enqueue(msg())
+    await broker.enqueue(msg(eta=time.time() + 60))
+    [before] = await broker.fetch(["default"], 1, timeout_s=2)
+    await broker.dead_letter(before, "before")
     # When another process flushes the namespace behind this broker's back
     await admin.flush_namespace()
     # Then enqueueing, delaying and dead-lettering declare what they need again
@@ -420,3 +427,133 @@ async def test_connect_never_hangs(url: str, namespace: str) -> None:
         await broker.connect()
     assert time.monotonic() - started < 4
     assert "s3cret-pw" not in str(info.value)
+
+
+async def test_a_batch_of_acks_settles_only_its_own_deliveries(amqp: MakeBroker) -> None:
+    other, worker = await amqp(), await amqp()  # the first one flushes the namespace at the end
+    backlog = [msg() for _ in range(5)]
+    for m in backlog:
+        await worker.enqueue(m)
+    got: list[Delivery] = []
+    while len(got) < 5:
+        fetched = await worker.fetch(["default"], 5, timeout_s=2)
+        assert fetched, "messages missing"
+        got += fetched
+    # One queue, one priority: handed out in delivery order, so in delivery-tag order
+    first, second, held, fourth, fifth = got
+    # When two batches are acked around a delivery still held
+    await worker.ack([second, first])
+    await worker.ack([fifth, fourth])
+    # Then closing the worker's connection gives back the held one only
+    await worker.close()
+    again = await other.fetch(["default"], 5, timeout_s=5)
+    assert [d.id for d in again] == [held.id]
+    await other.ack(again)
+    assert await other.fetch(["default"], 5, timeout_s=0.3) == []
+
+
+class _FakeChannel:
+    is_closed = False
+
+
+class _FakeMessage:
+    """What Acker uses of an incoming message; records the frames it would send."""
+
+    def __init__(self, channel: _FakeChannel, tag: int, sent: list[tuple[str, int, bool]], fail: bool = False) -> None:
+        self.channel, self.delivery_tag, self._sent, self._fail = channel, tag, sent, fail
+
+    async def ack(self, multiple: bool = False) -> None:
+        if self._fail:
+            raise ConnectionError("connection lost")
+        self._sent.append(("ack", self.delivery_tag, multiple))
+
+    async def nack(self, requeue: bool = True) -> None:
+        self._sent.append(("nack", self.delivery_tag, False))
+
+
+def _fakes(count: int, fail: bool = False) -> tuple[list[Any], list[tuple[str, int, bool]]]:
+    channel, sent = _FakeChannel(), list[tuple[str, int, bool]]()
+    messages: list[Any] = [_FakeMessage(channel, tag, sent, fail) for tag in range(1, count + 1)]
+    return messages, sent
+
+
+async def test_acks_of_a_run_of_tags_go_out_as_one_multiple_ack() -> None:
+    acker, (m1, m2, m3, m4, m5), sent = Acker(), *_fakes(5)
+    for m in (m1, m2, m3, m4, m5):
+        acker.track(m)
+    # Tags 1-2 in one frame; 4 is not covered while 3 is held
+    assert await acker.ack([m2, m1, m4]) == [Settled.ACKED] * 3
+    assert sent == [("ack", 2, True), ("ack", 4, False)]
+    sent.clear()
+    # Once 3 goes, a frame naming 5 covers 3 and 5 (4 is settled already)
+    assert await acker.ack([m5, m3]) == [Settled.ACKED] * 2
+    assert sent == [("ack", 5, True)]
+    sent.clear()
+    # Settled deliveries send nothing again, acked or put back
+    assert await acker.ack([m1, m5]) == [Settled.BEFORE] * 2
+    await acker.give_back(m3)
+    assert sent == []
+
+
+async def test_an_unsettled_lower_tag_stops_the_multiple_ack() -> None:
+    acker, (m1, m2, m3), sent = Acker(), *_fakes(3)
+    acker.track(m2)
+    # Tag 1 was delivered but is neither settled nor in the batch (say, its callback has not
+    # run yet): a multiple ack would settle it behind its back
+    assert await acker.ack([m2, m3]) == [Settled.ACKED] * 2
+    assert sent == [("ack", 2, False), ("ack", 3, False)]
+    sent.clear()
+    await acker.give_back(m1)
+    assert sent == [("nack", 1, False)]
+
+
+async def test_a_batch_whose_frames_fail_is_reported_lost() -> None:
+    acker, (m1, m2), _ = Acker(), *_fakes(2, fail=True)
+    acker.track(m1)
+    assert await acker.ack([m1, m2]) == [Settled.LOST] * 2
+
+
+def test_the_ledger_stays_small_behind_a_long_held_delivery() -> None:
+    ledger = _Ledger()
+    # Tag 1 is held (a long task) while the next hundred thousand are acked in order
+    for tag in range(2, 100_002):
+        ledger.settle(tag)
+    assert not ledger.is_settled(1) and ledger.is_settled(2) and ledger.is_settled(100_001)
+    assert len(ledger.runs) == 1
+    assert ledger.multiple_upto({1}) == 1  # its own tag only: everything after it is settled
+    ledger.settle(1)
+    assert (ledger.floor, ledger.runs) == (100_001, [])
+    # Out of order too: the gaps close into one run, then into the floor
+    for tag in [*range(100_004, 100_100, 2), *range(100_003, 100_100, 2)]:
+        ledger.settle(tag)
+    assert ledger.runs == [[100_003, 100_099]]
+    ledger.settle(100_002)
+    assert (ledger.floor, ledger.runs) == (100_099, [])
+
+
+def test_the_ledger_agrees_with_a_plain_set_of_settled_tags() -> None:
+    rng = random.Random(7)
+    ledger, settled = _Ledger(), set[int]()
+    for _ in range(3000):
+        tag = rng.randint(1, 200)
+        batch = {t for t in rng.sample(range(1, 201), 4) if t not in settled}
+        below = [t for t in range(1, 202) if t not in settled and t not in batch]
+        reach = min(below) - 1  # every tag up to here is settled or in the batch
+        expected = max((t for t in batch if t <= reach), default=0)
+        assert ledger.multiple_upto(batch) == expected
+        ledger.settle(tag)
+        settled.add(tag)
+        assert all(ledger.is_settled(t) == (t in settled) for t in range(1, 202))
+
+
+async def test_a_message_due_within_the_slack_is_not_handed_out_before_its_eta(amqp: MakeBroker) -> None:
+    broker = await amqp()
+    assert await broker.fetch(["default"], 1, timeout_s=0.01) == []  # the consumer runs
+    for _ in range(10):
+        # Due so soon that it goes straight to its queue, and reaches the consumer before its eta
+        m = msg(eta=time.time() + 0.0019)
+        await broker.enqueue(m)
+        [d] = await broker.fetch(["default"], 1, timeout_s=2)
+        assert d.id == m.id
+        assert m.eta is not None and time.time() >= m.eta
+        await broker.ack([d])

@@ -231,6 +231,20 @@ async def test_key_value_primitives(backends: tuple[Broker, Store]) -> None:
     assert await store.set_if_absent("short", b"y", ttl_s=5) is True
 
 
+async def test_set_many_if_absent_stores_the_free_keys_and_reads_the_held_ones(backends: tuple[Broker, Store]) -> None:
+    _, store = backends
+    assert await store.set_many_if_absent([]) == []
+    assert await store.set_if_absent("held", b"old") is True
+    got = await store.set_many_if_absent([("free", b"a"), ("held", b"b"), ("free", b"c")], ttl_s=5)
+    # The second "free" finds the value the first one stored a moment before.
+    assert got == [None, b"old", b"a"]
+    assert await store.get_value("free") == b"a"
+    assert await store.get_value("held") == b"old"
+    assert await store.set_many_if_absent([("short", b"x")], ttl_s=0.2) == [None]
+    await asyncio.sleep(0.4)  # the TTL itself is what is tested
+    assert await store.set_many_if_absent([("short", b"y")]) == [None]
+
+
 async def test_first_state_is_stored_with_the_message(backends: tuple[Broker, Store]) -> None:
     broker, store = backends
     if not broker.writes_initial_state:

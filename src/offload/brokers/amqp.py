@@ -30,14 +30,17 @@ on publishers never holds back acks), pushes deliveries into a local buffer; `fe
 the buffered ones by priority, then queue order, then arrival. The prefetch bounds how many
 deliveries per queue this process holds unacknowledged, handed out or not; RabbitMQ orders by
 priority only what it has not pushed yet. A fetch for other queues than the last one cancels the
-consumers it no longer needs and puts back what they had buffered.
+consumers it no longer needs and puts back what they had buffered. An `ack` of several
+deliveries sends one basic.ack with ``multiple`` for the run of delivery tags that no delivery
+still held interrupts (see ``_amqp_acks``), and one frame each for the others.
 
 What RabbitMQ cannot do is done with the key-value primitives of the bound `Store`
 (`bind_store`, called before `connect`):
 
 * dedup keys: ``set_if_absent`` at enqueue, deleted at ack or dead letter;
-* cancellation: each message has a claim key; `fetch` writes "leased", `cancel` writes
-  "revoked", and whoever writes first wins. `cancel` is True only when it won, so only when the
+* cancellation: each message has a claim key; `fetch` writes "leased" (for all the messages
+  it hands out, in one `set_many_if_absent`), `cancel` writes "revoked", and whoever writes
+  first wins. `cancel` is True only when it won, so only when the
   message was never handed out (or was put back by `requeue`); a revoked message is dropped
   when it reaches a consumer. An id this broker never saw also gives True. Claims expire after
   7 days;
@@ -55,6 +58,13 @@ delivery longer, and the message runs again elsewhere: raise it in rabbitmq.conf
 
 `stats().running` counts the deliveries this broker object holds: AMQP itself does not report
 unacknowledged counts (the management API does).
+
+Enqueue speed: an enqueue returns once RabbitMQ confirms the message, and it confirms a
+persistent message once it has written it. Version 2 of the classic queue storage (RabbitMQ
+3.10+) does so sooner (about 0.45 ms instead of 0.65 ms per confirm on a local server). Choose it
+with a policy, e.g. ``rabbitmqctl set_policy offload-cqv2 '^offload' '{"queue-version":2}'
+--apply-to queues``, not with the ``x-queue-version`` argument: RabbitMQ refuses to declare an
+existing queue again with another argument than it was created with.
 """
 
 from __future__ import annotations
@@ -69,7 +79,7 @@ import time
 import urllib.parse
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -77,9 +87,16 @@ from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+)
 from aio_pika.connection import make_url
 
+from offload.brokers._amqp_acks import TRANSIENT, Acker, Settled
 from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
 from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
@@ -118,13 +135,7 @@ _H_REASON = "offload-reason"
 _H_DIED_AT = "offload-died-at"
 
 # Errors after which the same call can succeed once the connection is back.
-_TRANSIENT = (
-    aiormq.exceptions.AMQPConnectionError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    ConnectionError,
-    OSError,
-    TimeoutError,
-)
+_TRANSIENT = TRANSIENT
 
 
 @dataclass(slots=True)
@@ -229,6 +240,9 @@ class AmqpBroker(Broker):
         self._conn: AbstractRobustConnection | None = None  # enqueue, admin
         self._consumer_conn: AbstractRobustConnection | None = None  # fetch, ack
         self._publisher: AbstractRobustChannel | None = None
+        # Exchange handles of the publisher channel, by name. A robust channel keeps its
+        # identity across reconnections, and so do these.
+        self._exchanges: dict[str, AbstractExchange] = {}
         self._admin: aiormq.abc.AbstractChannel | None = None
         self._admin_lock = asyncio.Lock()  # basic.get browsing and acking on the admin channel
         self._consumer_lock = asyncio.Lock()
@@ -244,8 +258,9 @@ class AmqpBroker(Broker):
         self._arrived = asyncio.Event()
         self._seq = itertools.count()
         self._fetching = 0
-        self._hops: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._leased: dict[str, Delivery] = {}  # by copy token
+        self._acks = Acker()  # every ack and nack of the consumer channel's deliveries
         # Copies whose ack was lost with their channel: when RabbitMQ hands them back to this
         # process, they are acked instead of run a second time.
         self._lost_acks: OrderedDict[str, None] = OrderedDict()
@@ -413,16 +428,18 @@ class AmqpBroker(Broker):
             raise
 
     async def close(self) -> None:
-        for task in list(self._hops):
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._hops, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         conns = [self._consumer_conn, self._conn]
         self._consumer_conn = self._conn = None
         self._consumer_channel = self._publisher = self._admin = None
+        self._exchanges.clear()
         self._consumers.clear()
         self._active.clear()
         self._buffer.clear()
         self._leased.clear()
+        self._acks.clear()
         self._topology_ready = False
         for conn in conns:
             if conn is not None:
@@ -560,7 +577,11 @@ class AmqpBroker(Broker):
             raise aiormq.exceptions.ChannelInvalidStateError("no publisher channel")
         if channel.is_closed:  # reopening after a lost connection or a channel error
             await asyncio.wait_for(channel.ready(), self._publish_timeout_s)
-        target = channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
+        target = channel.default_exchange if exchange == "" else self._exchanges.get(exchange)
+        if target is None:
+            # ensure=False: no round trip; publishing to a missing exchange fails like a
+            # missing queue, and is declared again by `_publish`.
+            target = self._exchanges[exchange] = await channel.get_exchange(exchange, ensure=False)
         await target.publish(build(), routing_key, mandatory=True, timeout=self._publish_timeout_s)
 
     async def _send(
@@ -585,9 +606,12 @@ class AmqpBroker(Broker):
         exchange = ""
         expiration = None
         now = time.time()
+        if eta is not None and eta > now:
+            # Due within the slack, it goes straight to its queue; the eta tells the consumer
+            # to hold it back until then.
+            headers[_H_ETA] = _timestamp(eta)
         if eta is not None and eta > now + _DUE_SLACK_S:
             await self._ensure_topology()
-            headers[_H_ETA] = _timestamp(eta)
             headers[_H_DELAY] = str(_level_ms(eta - now))
             exchange = self._delay_exchange
             # Expiring in a delay level sends the message on to its queue early, where a worker
@@ -657,6 +681,8 @@ class AmqpBroker(Broker):
 
     # -- consuming ----------------------------------------------------------------------
     async def _start_consuming(self, queues: Sequence[str], limit: int) -> None:
+        if self._consumer_conn is not None and all(q in self._consumers for q in queues):
+            return  # the usual case, on every fetch of a running worker: nothing to take a lock for
         async with self._consumer_lock:
             if self._consumer_conn is None:
                 self._require_conn()
@@ -698,30 +724,50 @@ class AmqpBroker(Broker):
         for item in returned:
             await self._give_back(item.message)
 
-    @staticmethod
-    async def _give_back(message: AbstractIncomingMessage) -> None:
-        if _is_stale(message):
-            return  # its channel closed: RabbitMQ has put it back already
-        with contextlib.suppress(*_TRANSIENT, aio_pika.exceptions.MessageProcessError):
-            await message.nack(requeue=True)
+    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+        # Nothing to do when its channel closed: RabbitMQ has put it back already.
+        await self._acks.give_back(message)
 
     async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
+        # A coroutine, as aio-pika wants (it wraps a plain function in one anyway, with a
+        # deprecation warning per call), but one that never waits: what must wait (giving
+        # back, hopping) runs in a task of its own.
+        self._acks.track(message)
         if queue not in self._active:
-            await self._give_back(message)  # raced with the consumer's cancellation
+            self._spawn(self._give_back(message))  # raced with the consumer's cancellation
             return
         headers = message.headers or {}
         eta = _number(headers.get(_H_ETA))
         expires = _number(headers.get(_H_EXPIRES))
         now = time.time()
-        if eta is not None and eta > now + _DUE_SLACK_S and not (expires is not None and expires <= now):
+        expired = expires is not None and expires <= now
+        if eta is not None and eta > now + _DUE_SLACK_S and not expired:
             # Back from a delay level too early: send it down the next one right away, so the
             # hops go on whether or not a fetch is waiting.
-            task = asyncio.create_task(self._hop(queue, message))
-            self._hops.add(task)
-            task.add_done_callback(self._hops.discard)
+            self._spawn(self._hop(queue, message))
+            return
+        # An expired message goes to a worker at once, whatever its eta: the worker records it
+        # as expired.
+        self._buffer_when_due(queue, message, None if expired else eta)
+
+    def _buffer_when_due(self, queue: str, message: AbstractIncomingMessage, eta: float | None) -> None:
+        """Buffer the message, or, when it is due within the slack (too soon for another hop),
+        once its eta has passed: it is never handed out before its eta."""
+        left = 0.0 if eta is None else eta - time.time()
+        if left > 0:
+            asyncio.get_running_loop().call_later(left, self._buffer_when_due, queue, message, eta)
+            return
+        if queue not in self._active:  # its consumer was cancelled while it waited
+            self._spawn(self._give_back(message))
             return
         self._buffer.append(_Buffered(queue, next(self._seq), message))
         self._arrived.set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task that `close` cancels."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _hop(self, queue: str, message: AbstractIncomingMessage) -> None:
         headers = message.headers or {}
@@ -736,7 +782,9 @@ class AmqpBroker(Broker):
                 key=_text(headers.get(_H_KEY)),
                 deliveries=int(_number(headers.get(_H_DELIVERIES)) or 0),
             )
-            await message.ack()
+            # Lost with its channel, the old copy comes back and hops again: a duplicate
+            # delivery, never a lost one.
+            await self._acks.ack([message])
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -774,8 +822,11 @@ class AmqpBroker(Broker):
                 if left <= 0:
                     return []
                 self._arrived.clear()
+                # asyncio.timeout rather than wait_for: no task per wait, and an idle worker
+                # waits here once per delivery.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), left)
+                    async with asyncio.timeout(left):
+                        await self._arrived.wait()
         finally:
             self._fetching -= 1
 
@@ -797,7 +848,7 @@ class AmqpBroker(Broker):
                     settled.add(id(item))
                 elif copy in self._lost_acks:
                     del self._lost_acks[copy]
-                    await item.message.ack()
+                    await self._acks.ack([item.message])
                     settled.add(id(item))
                     await self._release_key(_text(headers.get(_H_KEY)), message_id)
                 else:
@@ -807,7 +858,7 @@ class AmqpBroker(Broker):
                 headers = item.message.headers or {}
                 if revoked:
                     log.info("dropping cancelled message %s", message_id)
-                    await item.message.ack()
+                    await self._acks.ack([item.message])
                     settled.add(id(item))
                     await self._release_key(_text(headers.get(_H_KEY)), message_id)
                     continue
@@ -830,13 +881,9 @@ class AmqpBroker(Broker):
         if store is None or not message_ids:
             return [False] * len(message_ids)
 
-        async def one(message_id: str) -> bool:
-            claim = self._claim_key(message_id)
-            if await store.set_if_absent(claim, _LEASED, ttl_s=_CLAIM_TTL_S):
-                return False
-            return await store.get_value(claim) == _REVOKED
-
-        return list(await asyncio.gather(*(one(m) for m in message_ids)))
+        # One round trip for the whole fetch: the claim is on the way of every task.
+        held = await store.set_many_if_absent([(self._claim_key(m), _LEASED) for m in message_ids], ttl_s=_CLAIM_TTL_S)
+        return [value == _REVOKED for value in held]
 
     # -- settling -----------------------------------------------------------------------
     def _forget(self, delivery: Delivery) -> None:
@@ -846,34 +893,34 @@ class AmqpBroker(Broker):
         if copy is not None and self._leased.get(copy) is delivery:
             del self._leased[copy]
 
-    async def _settle(self, delivery: Delivery, *, release_key: bool) -> None:
-        message = delivery.receipt
-        if message is None:
-            raise BrokerError(f"delivery {delivery.id} did not come from this amqp broker")
-        self._forget(delivery)
-        headers = message.headers or {}
-        try:
-            await message.ack()
-        except aio_pika.exceptions.MessageProcessError:
-            return  # settled before
-        except (*_TRANSIENT, aiormq.exceptions.AMQPError):
-            copy = _text(headers.get(_H_COPY))
-            if copy is not None:
-                self._lost_acks[copy] = None
-                while len(self._lost_acks) > _LOST_ACKS_KEPT:
-                    self._lost_acks.popitem(last=False)
-            log.warning(
-                "ack of %s lost with its channel: RabbitMQ will deliver it again (a copy coming back "
-                "to this process is acked on arrival)",
-                delivery.id,
-            )
-            return
-        if release_key:
-            await self._release_key(_text(headers.get(_H_KEY)), delivery.id)
+    async def _settle(self, deliveries: Sequence[Delivery], *, release_key: bool) -> None:
+        messages: list[AbstractIncomingMessage] = []
+        for delivery in deliveries:
+            if delivery.receipt is None:
+                raise BrokerError(f"delivery {delivery.id} did not come from this amqp broker")
+            messages.append(delivery.receipt)
+        for delivery in deliveries:
+            self._forget(delivery)
+        # One batch: the acks of a run of delivery tags go out as one frame.
+        outcomes = await self._acks.ack(messages)
+        for delivery, message, outcome in zip(deliveries, messages, outcomes, strict=True):
+            headers = message.headers or {}
+            if outcome is Settled.LOST:
+                copy = _text(headers.get(_H_COPY))
+                if copy is not None:
+                    self._lost_acks[copy] = None
+                    while len(self._lost_acks) > _LOST_ACKS_KEPT:
+                        self._lost_acks.popitem(last=False)
+                log.warning(
+                    "ack of %s lost with its channel: RabbitMQ will deliver it again (a copy coming back "
+                    "to this process is acked on arrival)",
+                    delivery.id,
+                )
+            elif outcome is Settled.ACKED and release_key:
+                await self._release_key(_text(headers.get(_H_KEY)), delivery.id)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        for delivery in deliveries:
-            await self._settle(delivery, release_key=True)
+        await self._settle(deliveries, release_key=True)
 
     async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
         message = delivery.receipt
@@ -895,7 +942,7 @@ class AmqpBroker(Broker):
             key=_text(headers.get(_H_KEY)),
             deliveries=delivery.deliveries,
         )
-        await self._settle(delivery, release_key=False)
+        await self._settle([delivery], release_key=False)
 
     async def extend(self, deliveries: Sequence[Delivery]) -> None:
         """Nothing to do: RabbitMQ holds a delivery until its ack or until its channel closes
@@ -931,7 +978,7 @@ class AmqpBroker(Broker):
             await self._ensure_topology()
 
         await self._publish(self._dead_name, self._queue_name(delivery.queue), build, redeclare)
-        await self._settle(delivery, release_key=True)
+        await self._settle([delivery], release_key=True)
 
     # -- reading queues with basic.get --------------------------------------------------
     async def _get(self, queue_name: str, *, no_ack: bool) -> AbstractIncomingMessage | None:
@@ -1040,9 +1087,7 @@ class AmqpBroker(Broker):
                 removed += await self._browse(self._level_name(ms), lambda m: m.routing_key == name)
         buffered = [b.message for b in self._buffer if b.queue == queue and not _is_stale(b.message)]
         self._buffer = [b for b in self._buffer if b.queue != queue]
-        for message in buffered:
-            with contextlib.suppress(*_TRANSIENT, aio_pika.exceptions.MessageProcessError):
-                await message.ack()
+        await self._acks.ack(buffered)
         removed += buffered
         for message in removed:
             headers = message.headers or {}
@@ -1085,6 +1130,7 @@ class AmqpBroker(Broker):
             self._consumers.clear()
             self._active.clear()
             self._buffer.clear()
+            self._acks.clear()
         if consumer_conn is not None:
             await self._discard(consumer_conn)
         names = [

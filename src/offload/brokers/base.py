@@ -227,6 +227,15 @@ class Store(abc.ABC):
     async def set_if_absent(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
         """Store the value unless the key exists; True if stored. Atomic across processes."""
 
+    async def set_many_if_absent(self, items: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> list[bytes | None]:
+        """`set_if_absent` for each (key, value), each key atomically: None where the value was
+        stored, else the value the key held. Stores override it to answer in one round trip."""
+        out: list[bytes | None] = []
+        for key, value in items:
+            # Not atomic across the two calls: a key deleted in between gives None too.
+            out.append(None if await self.set_if_absent(key, value, ttl_s) else await self.get_value(key))
+        return out
+
     @abc.abstractmethod
     async def get_value(self, key: str) -> bytes | None: ...
 

@@ -331,6 +331,17 @@ class MemoryStore(Store):
             self._s.values[k] = (value, time.time() + ttl_s if ttl_s else None)
             return True
 
+    async def set_many_if_absent(self, items: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> list[bytes | None]:
+        with self._s.lock:
+            out: list[bytes | None] = []
+            for key, value in items:
+                k = (self.namespace, key)
+                held = _alive(self._s.values.get(k))
+                if held is None:
+                    self._s.values[k] = (value, time.time() + ttl_s if ttl_s else None)
+                out.append(held)
+            return out
+
     async def get_value(self, key: str) -> bytes | None:
         with self._s.lock:
             return _alive(self._s.values.get((self.namespace, key)))

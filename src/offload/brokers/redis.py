@@ -527,6 +527,23 @@ return claim(ARGV[c], tonumber(ARGV[c + 1]), tonumber(ARGV[c + 2]), '', 0, '', {
 """
 
 # KEYS[1]: the counter. ARGV: amount, ttl in ms (0 = none).
+# KEYS: the keys; ARGV[1]: TTL in ms (0: none), then one value per key. Returns per key nil
+# where the value was stored, else the value held.
+_LUA_SET_MANY_IF_ABSENT = r"""
+local ttl = tonumber(ARGV[1])
+local out = {}
+for i = 1, #KEYS do
+  local stored
+  if ttl > 0 then
+    stored = redis.call('SET', KEYS[i], ARGV[i + 1], 'NX', 'PX', ttl)
+  else
+    stored = redis.call('SET', KEYS[i], ARGV[i + 1], 'NX')
+  end
+  if stored then out[i] = false else out[i] = redis.call('GET', KEYS[i]) end
+end
+return out
+"""
+
 _LUA_INCR = r"""
 local existed = redis.call('EXISTS', KEYS[1])
 local v = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -1385,6 +1402,7 @@ class RedisStore(Store):
         self._hub = _Hub(self._ps_client, url.masked)
         self._put_states = self._cmds.pool.register_script(_LUA_COMMON + _LUA_OUTCOMES + _LUA_PUT_STATES)
         self._incr = self._cmds.pool.register_script(_LUA_INCR)
+        self._set_many = self._cmds.pool.register_script(_LUA_SET_MANY_IF_ABSENT)
 
     async def connect(self) -> None:
         # Workers only write states, so the pub/sub connection opens on the first watch or
@@ -1460,6 +1478,14 @@ class RedisStore(Store):
     async def set_if_absent(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
         k, px = self._kv(key), _ttl_ms(ttl_s)
         return bool(await self._cmds.run(lambda c: c.set(k, value, nx=True, px=px)))
+
+    async def set_many_if_absent(self, items: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> list[bytes | None]:
+        if not items:
+            return []
+        # One script: one round trip for all the keys (the script loads itself on first use).
+        keys = [self._kv(k) for k, _ in items]
+        args: list[bytes | int] = [_ttl_ms(ttl_s) or 0, *(v for _, v in items)]
+        return cast("list[bytes | None]", await self._cmds.script(self._set_many, keys, args))
 
     async def get_value(self, key: str) -> bytes | None:
         k = self._kv(key)

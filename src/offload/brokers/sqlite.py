@@ -996,6 +996,13 @@ class SqliteStore(Store):
         self._maybe_prune(now)
         return cur.rowcount == 1
 
+    async def set_many_if_absent(self, items: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> list[bytes | None]:
+        return await self._h.call(self._set_many_if_absent, list(items), ttl_s)
+
+    def _set_many_if_absent(self, conn: sqlite3.Connection, items: list[tuple[str, bytes]], ttl_s: float | None) -> list[bytes | None]:
+        # One trip to the database thread; each key is as atomic as `set_if_absent`.
+        return [None if self._set_if_absent(conn, k, v, ttl_s) else self._get_value(conn, k) for k, v in items]
+
     async def get_value(self, key: str) -> bytes | None:
         return await self._h.call(self._get_value, key)
 
