@@ -376,19 +376,24 @@ async def test_watches_coming_and_going_never_miss_a_change(url: str, namespace:
         await asyncio.wait_for(asyncio.gather(*(watcher(i) for i in range(50))), 30)
 
 
+def counted(monkeypatch: pytest.MonkeyPatch, target: object, name: str) -> collections.Counter[str]:
+    """Count the calls of the coroutine method ``name`` of ``target`` (an object or a class)."""
+    calls: collections.Counter[str] = collections.Counter()
+    original = getattr(target, name)
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        calls[name] += 1
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, counting)
+    return calls
+
+
 async def test_an_idle_fetch_does_not_poll(url: str, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
     async with opened_broker(url, namespace) as broker:
-        claims = 0
-        claim_once = broker._claim_once  # type: ignore[attr-defined]
-
-        async def counting(*args: object, **kwargs: object) -> object:
-            nonlocal claims
-            claims += 1
-            return await claim_once(*args, **kwargs)
-
-        monkeypatch.setattr(broker, "_claim_once", counting)
+        calls = counted(monkeypatch, broker, "_claim_once")
         assert await broker.fetch(["default"], 1, timeout_s=1.0) == []
-        assert claims <= 2  # one on entry, one when the wait ends
+        assert calls["_claim_once"] <= 2  # one on entry, one when the wait ends
 
 
 async def test_equal_priorities_follow_the_order_of_the_queues(url: str, namespace: str) -> None:
@@ -459,21 +464,13 @@ async def test_a_blocked_fetch_is_handed_the_message_without_claiming(
     url: str, namespace: str, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with opened_broker(url, namespace) as consumer, opened_broker(url, namespace) as producer:
-        claims = 0
-        claim_once = consumer._claim_once  # type: ignore[attr-defined]
-
-        async def counting(*args: object, **kwargs: object) -> object:
-            nonlocal claims
-            claims += 1
-            return await claim_once(*args, **kwargs)
-
-        monkeypatch.setattr(consumer, "_claim_once", counting)
+        calls = counted(monkeypatch, consumer, "_claim_once")
         fetching = asyncio.create_task(consumer.fetch(["default"], 2, timeout_s=5))
         await _registered(admin, namespace)
         m = msg()
         await producer.enqueue(m)
         [got] = await asyncio.wait_for(fetching, 5)
-        assert (got.id, got.body, got.deliveries, claims) == (m.id, m.body, 1, 1)
+        assert (got.id, got.body, got.deliveries, calls["_claim_once"]) == (m.id, m.body, 1, 1)
         # It is leased like a claimed message: nobody else gets it, the ack settles it.
         assert await producer.fetch(["default"], 1, timeout_s=0) == []
         assert (await producer.stats()).running == 1
@@ -484,14 +481,14 @@ async def test_a_blocked_fetch_is_handed_the_message_without_claiming(
         second = msg()
         await producer.enqueue(second)
         [got] = await consumer.fetch(["default"], 2, timeout_s=2)
-        assert (got.id, claims) == (second.id, 1)
+        assert (got.id, calls["_claim_once"]) == (second.id, 1)
         await consumer.ack([got])
         # Then it is used up: the third waits in the queue for a claim.
         third = msg()
         await producer.enqueue(third)
         assert (await producer.stats()).queued == {"default": 1}
         [got] = await consumer.fetch(["default"], 2, timeout_s=2)
-        assert (got.id, claims) == (third.id, 2)
+        assert (got.id, calls["_claim_once"]) == (third.id, 2)
         await consumer.ack([got])
 
 
@@ -559,8 +556,11 @@ async def test_acks_can_bring_the_next_messages_in_the_same_round_trip(url: str,
         assert (await broker.stats()).running == 0
 
 
-def test_a_busy_worker_takes_its_next_messages_with_its_acks(url: str, namespace: str) -> None:
+def test_a_busy_worker_takes_its_next_messages_with_its_acks(
+    url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from offload import Offload
+    from offload.brokers.redis import RedisBroker
     from tests.apps import basic
     from tests.support import flush_namespace, thread_worker
 
@@ -571,29 +571,16 @@ def test_a_busy_worker_takes_its_next_messages_with_its_acks(url: str, namespace
         return [(await noop.adelay()).id for _ in range(200)]
 
     ids = app._portal.run(enqueue())
+    calls = counted(monkeypatch, RedisBroker, "fetch")  # every fetch, the worker's first included
     worker = thread_worker(app, concurrency=2)
-    fetches = 0
-    fetch = None
     try:
-        w = worker.worker  # type: ignore[attr-defined]
-        deadline = time.monotonic() + 10
-        while not hasattr(w, "broker"):
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        fetch = w.broker.fetch
-
-        async def counting(*args: object, **kwargs: object) -> object:
-            nonlocal fetches
-            fetches += 1
-            return await fetch(*args, **kwargs)
-
-        w.broker.fetch = counting
         for task_id in ids:
             app.result(task_id).get(timeout=30)
     finally:
         worker.stop()
         app._portal.run(flush_namespace(app))
         app.close()
+    fetches = calls["fetch"]
     # Claiming on its own, the fetch loop would need one fetch per two tasks (it claims once
     # half of its four places are free); the acks' refills take most of that over.
     assert fetches < len(ids) / 5, fetches
