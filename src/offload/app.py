@@ -47,6 +47,12 @@ class _Backends:
     store: Store
 
 
+def _drop_outcome(future: asyncio.Future[Any]) -> None:
+    """Done callback that retrieves a future's error, so that nobody is told it went unread."""
+    if not future.cancelled():
+        future.exception()
+
+
 def new_task_id() -> str:
     """128 random bits, URL-safe (22 characters)."""
     return secrets.token_urlsafe(16)
@@ -319,16 +325,37 @@ class Offload:
     async def enqueue_envelope(self, env: Envelope) -> Result[Any]:
         message, state = self._outgoing(env, with_state=True)
         backends = await self._backends()
-        # When the store is the broker's own backend, the state goes in the same step.
-        if not (backends.broker.writes_initial_state and self.results_url is self.url):
-            message = dataclasses.replace(message, state=None, state_ttl_s=None)
-            # The QUEUED state is written before the message exists, so a fast worker's final
-            # state can never be overwritten by it.
+        if backends.broker.writes_initial_state and self.results_url is self.url:
+            # The store is the broker's own backend: the state goes in the same step.
+            holder = await backends.broker.enqueue(message)
+        elif env.key is None:
+            holder = await self._send_beside_state(backends, dataclasses.replace(message, state=None, state_ttl_s=None), state)
+        else:
+            # A keyed message may not be sent at all (its key is held by another): its state
+            # is written first, as it was before write-if-absent existed, then the message.
             await backends.store.put_states([(env.id, state)], self.result_ttl_s)
-        holder = await backends.broker.enqueue(message)
+            holder = await backends.broker.enqueue(dataclasses.replace(message, state=None, state_ttl_s=None))
         if holder != env.id:
             holder = await self._wait_for_finished_holder(backends.broker, message, holder)
-        return Result(self, holder)
+        return Result(self, holder, sent_here=holder == env.id)
+
+    async def _send_beside_state(self, backends: _Backends, message: OutgoingMessage, state: bytes) -> str:
+        """Send the message and store its QUEUED state at the same time: the send does not wait
+        for a second server. The state is written only where none is stored, so the final state
+        of a worker that was quicker than the write stays."""
+        write = asyncio.ensure_future(backends.store.put_states_if_absent([(message.id, state)], self.result_ttl_s))
+        try:
+            holder = await backends.broker.enqueue(message)
+        except BaseException:
+            # The send's error is the one to report; the write's, if any, is dropped with it.
+            write.add_done_callback(_drop_outcome)
+            raise
+        try:
+            await write
+        except Exception as e:
+            e.add_note(f"task {message.id} was sent all the same; only its QUEUED state is missing")
+            raise
+        return holder
 
     def _send_sync(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options) -> Result[Any]:
         """`delay()`: straight from the caller's thread when the backend allows, else via the loop."""

@@ -20,14 +20,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio
 
+from offload import Offload
 from offload.brokers import make_broker, make_store
 from offload.brokers._amqp_acks import Acker, Settled, _Ledger
 from offload.brokers.amqp import AmqpBroker
 from offload.brokers.base import Delivery, OutgoingMessage
 from offload.config import parse_url
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
-from tests.conftest import AMQP_URL, require_server
+from offload.result import Status, TaskState
+from offload.task import Options
+from tests.conftest import AMQP_URL, REDIS_URL, require_server
+from tests.support import flush_namespace
 
 MakeBroker = Callable[..., Awaitable[AmqpBroker]]
 
@@ -557,3 +562,51 @@ async def test_a_message_due_within_the_slack_is_not_handed_out_before_its_eta(a
         assert d.id == m.id
         assert m.eta is not None and time.time() >= m.eta
         await broker.ack([d])
+
+
+# -- the app on amqp: the message and its QUEUED state go out together -------------------------
+async def test_the_queued_state_never_replaces_a_state_already_stored(namespace: str) -> None:
+    """A worker can store a task's outcome before the QUEUED state written beside the publish
+    lands: the outcome stays."""
+    require_server("amqp")
+    require_server("redis")
+    app = Offload(AMQP_URL, namespace=namespace, results=REDIS_URL)
+    try:
+        env = app.build("tests.apps.basic.add", (1, 2), {}, Options(), task_id=uuid.uuid4().hex)
+        finished = TaskState(id=env.id, name=env.name, status=Status.SUCCEEDED, result=3)
+        await app._write_states([finished])
+        result = await app.enqueue_envelope(env)
+        assert (await result.astate()).status is Status.SUCCEEDED
+        fresh = await app.enqueue_envelope(app.build("tests.apps.basic.add", (1, 2), {}, Options()))
+        assert (await fresh.astate()).status is Status.QUEUED
+        assert (await (await app._backends()).broker.stats()).queued == {"default": 2}
+    finally:
+        await flush_namespace(app)
+        await app.aclose()
+
+
+async def test_a_results_store_that_refuses_the_queued_state_is_reported_and_the_task_still_sent(
+    namespace: str,
+) -> None:
+    require_server("amqp")
+    require_server("redis")
+    admin = redis.asyncio.Redis.from_url(REDIS_URL)
+    user, password = f"offload-test-{namespace}", uuid.uuid4().hex
+    # Everything but scripts: connecting and loading them work, storing a state does not.
+    await admin.acl_setuser(
+        user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
+        commands=["+@all", "-evalsha", "-eval"],
+    )  # fmt: skip
+    results = REDIS_URL.replace("redis://", f"redis://{user}:{password}@", 1)
+    app = Offload(AMQP_URL, namespace=namespace, results=results)
+    try:
+        with pytest.raises(BrokerError, match=r"no permissions to run the 'evalsha' command") as info:
+            await app.enqueue_envelope(app.build("tests.apps.basic.add", (1, 2), {}, Options()))
+        assert password not in str(info.value)
+        assert any("was sent all the same" in note for note in getattr(info.value, "__notes__", []))
+        assert (await (await app._backends()).broker.stats()).queued == {"default": 1}
+    finally:
+        await (await app._backends()).broker.flush_namespace()
+        await app.aclose()
+        await admin.acl_deluser(user)
+        await admin.aclose()

@@ -207,6 +207,20 @@ async def test_states_round_trip_and_watch_wakes(backends: tuple[Broker, Store])
     assert await store.get_states(["a", "b"]) == [b"state-1", None]
 
 
+async def test_put_states_if_absent_keeps_a_state_already_stored(backends: tuple[Broker, Store]) -> None:
+    _, store = backends
+    await store.put_states([("finished", b"succeeded")], ttl_s=60, final={"finished"})
+    async with store.watch(["new"]) as watch:
+        await store.put_states_if_absent([("finished", b"queued"), ("new", b"queued")], ttl_s=60)
+        assert await watch.wait(2) is True
+    assert await store.get_states(["finished", "new"]) == [b"succeeded", b"queued"]
+    # An expired state counts as absent.
+    await store.put_states([("old", b"succeeded")], ttl_s=0.2)
+    await asyncio.sleep(0.4)  # the TTL itself is what is tested
+    await store.put_states_if_absent([("old", b"queued")])
+    assert await store.get_states(["old"]) == [b"queued"]
+
+
 async def test_pubsub_reaches_every_subscriber(backends: tuple[Broker, Store]) -> None:
     _, store = backends
     async with store.subscribe("news") as sub1, store.subscribe("news") as sub2:

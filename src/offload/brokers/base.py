@@ -202,6 +202,12 @@ class Store(abc.ABC):
         `Direct.wait_final` callers."""
 
     @abc.abstractmethod
+    async def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+        """`put_states` for the ids that have no state yet (or an expired one), each atomically;
+        the others keep theirs. For the QUEUED state written while the message is being sent:
+        a worker that was quicker has stored a later state, which must stay."""
+
+    @abc.abstractmethod
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         """The stored states, None for ids never stored (or expired)."""
 

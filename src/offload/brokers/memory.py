@@ -289,6 +289,17 @@ class MemoryStore(Store):
                 self._s.states[(self.namespace, task_id)] = (data, until)
         self._s.signals.notify(self._topic(t) for t, _ in states)
 
+    async def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+        until = time.time() + ttl_s if ttl_s else None
+        stored: list[str] = []
+        with self._s.lock:
+            for task_id, data in states:
+                slot = (self.namespace, task_id)
+                if _alive(self._s.states.get(slot)) is None:
+                    self._s.states[slot] = (data, until)
+                    stored.append(task_id)
+        self._s.signals.notify(self._topic(t) for t in stored)
+
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         with self._s.lock:
             return [_alive(self._s.states.get((self.namespace, t))) for t in task_ids]

@@ -509,6 +509,25 @@ local function ack(first, last)
 end
 """
 
+# ARGV: ttl in ms (0 = none), then (task id, state) pairs. Only where no state is stored.
+_LUA_PUT_STATES_IF_ABSENT = r"""
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  local id = ARGV[i]
+  local stored
+  if ttl > 0 then
+    stored = redis.call('SET', P .. 'state:' .. id, ARGV[i + 1], 'NX', 'PX', ttl)
+  else
+    stored = redis.call('SET', P .. 'state:' .. id, ARGV[i + 1], 'NX')
+  end
+  if stored then
+    redis.call('DEL', P .. 'done:' .. id)
+    redis.call('PUBLISH', P .. 'task:' .. id, '')
+  end
+end
+return 1
+"""
+
 # ARGV: ttl in ms (0 = none), ttl of a done list in ms, then (task id, state, final) triples.
 _LUA_PUT_STATES = "put_states(tonumber(ARGV[1]), tonumber(ARGV[2]), 3, #ARGV) return 1"
 
@@ -1401,6 +1420,7 @@ class RedisStore(Store):
         self._ps_client = _pubsub_client(url, namespace)
         self._hub = _Hub(self._ps_client, url.masked)
         self._put_states = self._cmds.pool.register_script(_LUA_COMMON + _LUA_OUTCOMES + _LUA_PUT_STATES)
+        self._put_states_if_absent = self._cmds.pool.register_script(_LUA_COMMON + _LUA_PUT_STATES_IF_ABSENT)
         self._incr = self._cmds.pool.register_script(_LUA_INCR)
         self._set_many = self._cmds.pool.register_script(_LUA_SET_MANY_IF_ABSENT)
 
@@ -1411,7 +1431,7 @@ class RedisStore(Store):
             await self._ps_client.ping()
 
         await _connect_bounded(self.url, probe)
-        await self._cmds.load([self._put_states, self._incr])
+        await self._cmds.load([self._put_states, self._put_states_if_absent, self._incr])
 
     async def close(self) -> None:
         await self._hub.close()
@@ -1432,6 +1452,11 @@ class RedisStore(Store):
         # One script rather than a pipeline: the same single round trip, and the states and
         # their change signals are written together.
         await self._cmds.script(self._put_states, self._keys, put_states_args(states, ttl_s, final))
+
+    async def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+        if states:
+            args = [_ttl_ms(ttl_s) or 0, *(v for task_id, data in states for v in (task_id, data))]
+            await self._cmds.script(self._put_states_if_absent, self._keys, args)
 
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         if not task_ids:

@@ -845,6 +845,14 @@ class SqliteBroker(Broker):
 _STATES_PER_STATEMENT = 100
 
 
+# An expired row counts as absent: it only waits for the prune.
+_PUT_STATE_IF_ABSENT = (
+    "INSERT INTO states (namespace, task_id, data, expires_at) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (namespace, task_id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at "
+    "WHERE states.expires_at IS NOT NULL AND states.expires_at <= ?"
+)
+
+
 @functools.lru_cache(maxsize=_STATES_PER_STATEMENT)
 def _put_states_sql(n_rows: int) -> str:
     # Many rows in one statement: one commit, one trip through the GIL for the batch.
@@ -935,6 +943,17 @@ class SqliteStore(Store):
         self._h.notifier.notify({f"t:{ns}:{task_id}" for states, _ in calls for task_id, _ in states})
         self._maybe_prune(now)
         return [None] * len(calls)
+
+    async def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+        if states:
+            await self._h.call(self._put_states_if_absent, list(states), ttl_s)
+
+    def _put_states_if_absent(self, conn: sqlite3.Connection, states: list[tuple[str, bytes]], ttl_s: float | None) -> None:
+        ns, now = self.namespace, time.time()
+        with _transaction(conn):
+            for task_id, data in states:
+                conn.execute(_PUT_STATE_IF_ABSENT, (ns, task_id, data, now + ttl_s if ttl_s else None, now))
+        self._h.notifier.notify({f"t:{ns}:{task_id}" for task_id, _ in states})
 
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         if not task_ids:
