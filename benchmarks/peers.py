@@ -65,9 +65,12 @@ LIBRARIES = {
     "huey": "benchmarks.peers.huey_peer",
     "arq": "benchmarks.peers.arq_peer",
     "taskiq": "benchmarks.peers.taskiq_peer",
+    "dramatiq-confirms": "benchmarks.peers.dramatiq_confirms_peer",
 }
 #: The libraries that also run on RabbitMQ; the others speak Redis only.
-ON_AMQP = {"offload", "celery", "dramatiq"}
+ON_AMQP = {"offload", "celery", "dramatiq", "dramatiq-confirms"}
+#: Variants that only mean something on RabbitMQ.
+AMQP_ONLY = {"dramatiq-confirms"}
 #: Distribution names whose versions the report shows.
 DISTRIBUTIONS = {
     "offload": ["offload", "redis", "hiredis", "aio-pika"], "celery": ["celery", "kombu"], "rq": ["rq"],
@@ -417,7 +420,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     for round_no in range(1, args.rounds + 1):
         for broker in brokers:
             for name in names:
-                if broker == "amqp" and name not in ON_AMQP:
+                if (broker == "amqp" and name not in ON_AMQP) or (broker != "amqp" and name in AMQP_ONLY):
                     continue
                 print(f"{name} on {broker}" + (f", round {round_no}" if args.rounds > 1 else "") + " ...", flush=True)
                 row = run_one(name, broker, args.db_base + list(LIBRARIES).index(name), args)
@@ -484,7 +487,7 @@ def main() -> None:
     parser.add_argument("--brokers", default="redis,amqp", help="comma-separated: redis, amqp (default: both)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server, without a database")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="RabbitMQ URL")
-    parser.add_argument("--db-base", type=int, default=8, help="the first of the 7 Redis databases used (flushed!)")
+    parser.add_argument("--db-base", type=int, default=8, help="the first of the 8 Redis databases used (flushed!)")
     parser.add_argument("--out", type=Path, help=f"report file (default {RESULTS.relative_to(ROOT)}, none with --quick)")
     parser.add_argument("--drive", help=argparse.SUPPRESS)
     parser.add_argument("--broker", help=argparse.SUPPRESS)

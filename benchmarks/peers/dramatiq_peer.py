@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dramatiq
@@ -14,7 +15,12 @@ from dramatiq.results.backends.redis import RedisBackend
 from benchmarks.peers.base import QUEUE, Peer, Settings, count, timed
 
 settings = Settings.from_env()
-broker: Broker = RabbitmqBroker(url=settings.broker_url) if settings.amqp else RedisBroker(url=settings.broker_url)
+broker: Broker
+if settings.amqp:
+    confirm = os.environ.get("PEERS_DRAMATIQ_CONFIRM") == "1"  # set by dramatiq_confirms_peer
+    broker = RabbitmqBroker(url=settings.broker_url, confirm_delivery=confirm)
+else:
+    broker = RedisBroker(url=settings.broker_url)
 broker.add_middleware(Results(backend=RedisBackend(url=settings.redis_url)))
 dramatiq.set_broker(broker)
 
