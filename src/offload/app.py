@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import functools
 import os
@@ -323,18 +322,19 @@ class Offload:
         return message, state
 
     async def enqueue_envelope(self, env: Envelope) -> Result[Any]:
-        message, state = self._outgoing(env, with_state=True)
         backends = await self._backends()
-        if backends.broker.writes_initial_state and self.results_url is self.url:
-            # The store is the broker's own backend: the state goes in the same step.
+        # When the store is the broker's own backend, the state goes with the message.
+        with_state = backends.broker.writes_initial_state and self.results_url is self.url
+        message, state = self._outgoing(env, with_state)
+        if with_state:
             holder = await backends.broker.enqueue(message)
         elif env.key is None:
-            holder = await self._send_beside_state(backends, dataclasses.replace(message, state=None, state_ttl_s=None), state)
+            holder = await self._send_beside_state(backends, message, state)
         else:
             # A keyed message may not be sent at all (its key is held by another): its state
             # is written first, as it was before write-if-absent existed, then the message.
             await backends.store.put_states([(env.id, state)], self.result_ttl_s)
-            holder = await backends.broker.enqueue(dataclasses.replace(message, state=None, state_ttl_s=None))
+            holder = await backends.broker.enqueue(message)
         if holder != env.id:
             holder = await self._wait_for_finished_holder(backends.broker, message, holder)
         return Result(self, holder, sent_here=holder == env.id)
