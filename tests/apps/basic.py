@@ -4,6 +4,7 @@ environment: OFFLOAD_URL, OFFLOAD_NAMESPACE and (for amqp) OFFLOAD_TEST_RESULTS.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from pathlib import Path
@@ -33,6 +34,12 @@ def noop() -> None:
 async def async_add(x: int, y: int) -> int:
     await asyncio.sleep(0)
     return x + y
+
+
+@app.task
+def frozen_objects() -> int:
+    """How many objects the garbage collector skips in the process that runs the task."""
+    return gc.get_freeze_count()
 
 
 @app.task

@@ -33,6 +33,7 @@ from offload.errors import ConfigError, MessageError, SerializationError, Signat
 from offload.message import Envelope
 from offload.result import Status, TaskState
 from offload.worker.executors import Job, ThreadRunner, cancel_async, run_async
+from offload.worker.heap import freeze_startup_heap
 from offload.worker.hooks import run_start_hooks
 from offload.worker.outcome import Outcome, backoff_delay
 from offload.worker.process_pool import ProcessRunner
@@ -68,7 +69,13 @@ def _utcnow() -> dt.datetime:
 
 class Worker:
     """Consumes ``queues`` with ``concurrency`` tasks at a time. ``run()`` does the side effects
-    (signal handlers, child processes); the constructor only checks its arguments."""
+    (signal handlers, child processes); the constructor only checks its arguments.
+
+    ``handle_signals`` (the default) is for a worker that owns its process, as ``offload
+    worker`` does: SIGTERM and SIGINT stop it gracefully, and once it is ready its start-up heap
+    is frozen (see `freeze_startup_heap`). A worker run in a thread of a larger program leaves
+    both to that program.
+    """
 
     def __init__(
         self,
@@ -159,6 +166,8 @@ class Worker:
             assert self.app.spec is not None
             self.procs = ProcessRunner(self.app.spec, self.concurrency, self.max_tasks_per_child)
             await self.procs.start()
+        if self.handle_signals:
+            freeze_startup_heap()
         log.info(
             "worker ready: %s namespace=%s queues=%s pool=%s concurrency=%d",
             self.app.url.masked, self.app.namespace, ",".join(self.queues), self.pool, self.concurrency,

@@ -168,10 +168,12 @@ def child_main(app_spec: str, conn: Connection, max_tasks: int | None, log_level
     logging.basicConfig(level=log_level or logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from offload.loading import load_app
+        from offload.worker.heap import freeze_startup_heap
         from offload.worker.hooks import run_start_hooks_sync
 
         app = load_app(app_spec)
         run_start_hooks_sync(app)
+        freeze_startup_heap()
     except BaseException as e:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
