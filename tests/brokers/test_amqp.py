@@ -610,3 +610,88 @@ async def test_a_results_store_that_refuses_the_queued_state_is_reported_and_the
         await app.aclose()
         await admin.acl_deluser(user)
         await admin.aclose()
+
+
+# -- the prefetch window and the acks' refill -------------------------------------------------
+async def _consumer_prefetch(queue_name: str) -> int:
+    listing = await rabbitmqctl("list_consumers", "queue_name", "prefetch_count", "-q")
+    counts = [int(line.split("\t")[1]) for line in listing.splitlines() if line.split("\t")[0] == queue_name]
+    assert len(counts) == 1, listing
+    return counts[0]
+
+
+async def test_rabbitmq_pushes_half_again_the_workers_places(amqp: MakeBroker, namespace: str) -> None:
+    broker, tuned = await amqp(), await amqp(AMQP_URL + "?prefetch=10")
+    assert await broker.fetch(["a"], 4, timeout_s=0.05) == []
+    assert await tuned.fetch(["b"], 4, timeout_s=0.05) == []
+    assert await _consumer_prefetch(f"offload.{namespace}.a") == 6
+    assert await _consumer_prefetch(f"offload.{namespace}.b") == 10
+
+
+async def _buffered(broker: AmqpBroker, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while broker.local_ready(["default"]) < count:
+        assert time.monotonic() < deadline, "RabbitMQ did not push the messages"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_refill_hands_out_buffered_messages_claimed_beside_the_outcomes(amqp: MakeBroker) -> None:
+    broker = await amqp(AMQP_URL + "?prefetch=10")  # a fetch of one: RabbitMQ pushes the rest too
+    first, second, third = msg(), msg(), msg()
+    for m in (first, second, third):
+        await broker.enqueue(m)
+    [running] = await broker.fetch(["default"], 1, timeout_s=2)
+    assert running.id == first.id
+    await _buffered(broker, 2)
+    # Given a cancel that reaches the third before any claim
+    assert await broker.cancel(third.id) is True
+    store = broker._store
+    assert store is not None
+    # When the first one's outcome is stored with a refill
+    refilled = await broker.store_and_ack(store, [(first.id, b"done")], 60, {first.id}, [running], (["default"], 4))
+    # Then the second is handed out, claimed; the cancelled third is dropped, never handed out
+    assert [d.id for d in refilled] == [second.id]
+    assert await store.get_states([first.id]) == [b"done"]
+    assert await store.get_value(f"amqp:claim:{second.id}") == b"leased"
+    assert await broker.cancel(second.id) is False
+    assert broker.local_ready(["default"]) == 0
+    await broker.ack(refilled)
+    stats = await broker.stats()
+    assert (stats.queued, stats.running) == ({}, 0)
+
+
+def test_a_busy_worker_claims_its_next_messages_with_its_outcomes(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_server("amqp")
+    require_server("redis")
+    from tests.apps import basic
+    from tests.support import thread_worker
+
+    app = Offload(AMQP_URL, namespace=namespace, results=REDIS_URL)
+    noop = app.task(name="tests.apps.basic.noop")(basic.noop.fn)
+
+    async def enqueue() -> list[str]:
+        return [(await noop.adelay()).id for _ in range(200)]
+
+    ids = app._portal.run(enqueue())
+    claims: list[int] = []
+    original = AmqpBroker._claim
+
+    async def counting(self: AmqpBroker, message_ids: list[str]) -> list[bool]:
+        if message_ids:
+            claims.append(len(message_ids))
+        return await original(self, message_ids)
+
+    monkeypatch.setattr(AmqpBroker, "_claim", counting)
+    worker = thread_worker(app, concurrency=2)
+    try:
+        for task_id in ids:
+            app.result(task_id).get(timeout=30)
+    finally:
+        worker.stop()
+        app._portal.run(flush_namespace(app))
+        app.close()
+    # Claiming on its own, the fetch loop claims one or two messages at a time (about 110
+    # claims for 200 tasks); with the refill most ride along with the outcomes.
+    assert len(claims) < len(ids) / 3, claims

@@ -259,6 +259,22 @@ async def test_set_many_if_absent_stores_the_free_keys_and_reads_the_held_ones(b
     assert await store.set_many_if_absent([("short", b"y")]) == [None]
 
 
+async def test_states_and_keys_are_stored_together(backends: tuple[Broker, Store]) -> None:
+    _, store = backends
+    assert await store.set_if_absent("held", b"revoked") is True
+    async with store.watch(["done"]) as watch:
+        got = await store.put_states_and_set_many_if_absent(
+            [("done", b"succeeded")], 60, {"done"}, [("free", b"leased"), ("held", b"leased")], 60
+        )
+        assert await watch.wait(2) is True
+    assert got == [None, b"revoked"]
+    assert await store.get_states(["done"]) == [b"succeeded"]
+    assert [await store.get_value(k) for k in ("free", "held")] == [b"leased", b"revoked"]
+    # Nothing to set: the states alone.
+    assert await store.put_states_and_set_many_if_absent([("other", b"failed")], None, (), []) == []
+    assert await store.get_states(["other"]) == [b"failed"]
+
+
 async def test_first_state_is_stored_with_the_message(backends: tuple[Broker, Store]) -> None:
     broker, store = backends
     if not broker.writes_initial_state:

@@ -3,7 +3,8 @@
 The virtual host is the URL's path, %-encoded (``/%2F`` or an empty path is ``/``). URL
 parameters: ``connect_timeout`` (seconds of retrying before `BrokerUnavailable`, default 5),
 ``publish_timeout`` (how long an enqueue waits for a lost connection to come back, default 30),
-``prefetch`` (unacknowledged deliveries per consumed queue; default: the first `fetch`'s limit),
+``prefetch`` (unacknowledged deliveries per consumed queue; default: half again the first
+`fetch`'s limit, see `_window`),
 and for ``amqps://`` ``cafile``, ``certfile``, ``keyfile``.
 
 Topology, everything durable and named after the namespace (``P`` is ``offload.{namespace}``)::
@@ -30,7 +31,9 @@ on publishers never holds back acks), pushes deliveries into a local buffer; `fe
 the buffered ones by priority, then queue order, then arrival. The prefetch bounds how many
 deliveries per queue this process holds unacknowledged, handed out or not; RabbitMQ orders by
 priority only what it has not pushed yet. A fetch for other queues than the last one cancels the
-consumers it no longer needs and puts back what they had buffered. An `ack` of several
+consumers it no longer needs and puts back what they had buffered. A busy worker's batches of
+outcomes take its next messages from the buffer (the refill of `store_and_ack`), their claims
+written in the same round trip as the outcomes, so it seldom claims on its own. An `ack` of several
 deliveries sends one basic.ack with ``multiple`` for the run of delivery tags that no delivery
 still held interrupts (see ``_amqp_acks``), and one frame each for the others.
 
@@ -82,7 +85,7 @@ import time
 import urllib.parse
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -212,6 +215,16 @@ async def _delete_exchange(name: str, channel: aiormq.abc.AbstractChannel) -> No
     await channel.exchange_delete(name)
 
 
+def _window(places: int) -> int:
+    """RabbitMQ's prefetch for a worker with ``places`` (its first fetch's limit: running plus
+    held). RabbitMQ sends a message only after the ack of another, so with exactly ``places``
+    the next messages are still on their way when places free up, and each fetch claims one or
+    two on its own. Half as many again wait in the buffer, where the acks' refill hands them out
+    with their claims written beside the outcomes (`AmqpBroker.store_and_ack`)."""
+    places = max(places, 1)
+    return places + (places + 1) // 2
+
+
 def _cancelled_from_outside() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
@@ -220,6 +233,7 @@ def _cancelled_from_outside() -> bool:
 class AmqpBroker(Broker):
     """RabbitMQ broker; see the module docstring for the topology and the guarantees."""
 
+    refills_on_ack = True
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         super().__init__(url, namespace)
@@ -691,9 +705,7 @@ class AmqpBroker(Broker):
                 self._require_conn()
                 self._consumer_conn = await self._open_connection("consumer")
                 channel = await self._consumer_conn.channel(publisher_confirms=False)
-                # The prefetch bounds what this process holds unacknowledged per queue, so
-                # it should match the worker's concurrency: the first fetch asks for all of it.
-                await channel.set_qos(prefetch_count=self._prefetch or max(limit, 1))
+                await channel.set_qos(prefetch_count=self._prefetch or _window(limit))
                 self._consumer_channel = channel
             consumer_channel = self._consumer_channel
             assert consumer_channel is not None
@@ -795,6 +807,10 @@ class AmqpBroker(Broker):
             log.warning("could not delay message %s further: %s", message.message_id, self._reason(e))
             await self._give_back(message)
 
+    def local_ready(self, queues: Sequence[str]) -> int:
+        wanted = set(queues)
+        return sum(1 for b in self._buffer if b.queue in wanted)
+
     def _take(self, order: dict[str, int], limit: int) -> list[_Buffered]:
         live = [b for b in self._buffer if not _is_stale(b.message)]
         mine = sorted((b for b in live if b.queue in order), key=lambda b: (-b.priority, order[b.queue], b.seq))
@@ -833,8 +849,11 @@ class AmqpBroker(Broker):
         finally:
             self._fetching -= 1
 
-    async def _admit(self, taken: list[_Buffered]) -> list[Delivery]:
-        """Turn buffered messages into deliveries, dropping revoked and already-acked copies."""
+    async def _admit(
+        self, taken: list[_Buffered], claim: Callable[[list[str]], Awaitable[list[bool]]] | None = None
+    ) -> list[Delivery]:
+        """Turn buffered messages into deliveries, dropping revoked and already-acked copies.
+        ``claim`` (default `_claim`) is called once, with the ids that need a claim."""
         settled: set[int] = set()  # id() of the buffered items acked or merged here
         handed: list[Delivery] = []
         try:
@@ -856,7 +875,7 @@ class AmqpBroker(Broker):
                     await self._release_key(_text(headers.get(_H_KEY)), message_id)
                 else:
                     candidates.append((item, copy, message_id))
-            verdicts = await self._claim([message_id for _, _, message_id in candidates])
+            verdicts = await (claim or self._claim)([message_id for _, _, message_id in candidates])
             for (item, copy, message_id), revoked in zip(candidates, verdicts, strict=True):
                 headers = item.message.headers or {}
                 if revoked:
@@ -885,8 +904,11 @@ class AmqpBroker(Broker):
             return [False] * len(message_ids)
 
         # One round trip for the whole fetch: the claim is on the way of every task.
-        held = await store.set_many_if_absent([(self._claim_key(m), _LEASED) for m in message_ids], ttl_s=_CLAIM_TTL_S)
+        held = await store.set_many_if_absent(self._claims(message_ids), ttl_s=_CLAIM_TTL_S)
         return [value == _REVOKED for value in held]
+
+    def _claims(self, message_ids: list[str]) -> list[tuple[str, bytes]]:
+        return [(self._claim_key(m), _LEASED) for m in message_ids]
 
     # -- settling -----------------------------------------------------------------------
     def _forget(self, delivery: Delivery) -> None:
@@ -924,6 +946,48 @@ class AmqpBroker(Broker):
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         await self._settle(deliveries, release_key=True)
+
+    async def store_and_ack(
+        self,
+        store: Store,
+        states: Sequence[tuple[str, bytes]],
+        ttl_s: float | None,
+        final: Collection[str],
+        deliveries: Sequence[Delivery],
+        refill: tuple[Sequence[str], int] | None = None,
+    ) -> list[Delivery]:
+        """Store the outcomes, then ack. A refill hands out buffered messages of its queues
+        (RabbitMQ pushed them while the tasks ran, see `_window`), their claims written in the
+        same round trip as the outcomes: a busy worker claims nothing on its own."""
+        taken: list[_Buffered] = []
+        if refill is not None and states and store is self._store:
+            queues, limit = refill
+            taken = self._take({q: i for i, q in enumerate(queues)}, limit)
+        if taken:
+
+            async def claim_with_states(message_ids: list[str]) -> list[bool]:
+                held = await store.put_states_and_set_many_if_absent(
+                    states, ttl_s, final, self._claims(message_ids), _CLAIM_TTL_S
+                )
+                return [value == _REVOKED for value in held]
+
+            handed = await self._admit(taken, claim_with_states)
+        else:
+            handed = []
+            if states:
+                await store.put_states(states, ttl_s, final)
+        if deliveries:
+            try:
+                await self.ack(deliveries)
+            except BaseException:
+                # The refill is not handed out after all: back to the buffer, for a fetch (a
+                # claim that is already ours does not stop it).
+                receipts = {id(d.receipt) for d in handed}
+                for delivery in handed:
+                    self._forget(delivery)
+                self._buffer.extend(item for item in taken if id(item.message) in receipts)
+                raise
+        return handed
 
     async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
         message = delivery.receipt

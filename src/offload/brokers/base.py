@@ -107,6 +107,12 @@ class Broker(abc.ABC):
         in the order given for equal priority). Waits up to ``timeout_s`` for the first one;
         returns [] when none came."""
 
+    def local_ready(self, queues: Sequence[str]) -> int:
+        """How many messages of these queues this object already holds, ready to hand out
+        without asking the server (a push broker's deliveries); 0 for brokers that pull. A
+        worker then asks for a refill even when its last fetch did not fill every place."""
+        return 0
+
     @abc.abstractmethod
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """The outcome is stored: forget these messages and release their keys."""
@@ -241,6 +247,20 @@ class Store(abc.ABC):
             # Not atomic across the two calls: a key deleted in between gives None too.
             out.append(None if await self.set_if_absent(key, value, ttl_s) else await self.get_value(key))
         return out
+
+    async def put_states_and_set_many_if_absent(
+        self,
+        states: Sequence[tuple[str, bytes]],
+        ttl_s: float | None,
+        final: Collection[str],
+        items: Sequence[tuple[str, bytes]],
+        items_ttl_s: float | None = None,
+    ) -> list[bytes | None]:
+        """`put_states`, then `set_many_if_absent`: for a broker whose claims live in the store,
+        the claims of its next messages ride along with a batch of outcomes. Stores override it
+        to answer in one round trip."""
+        await self.put_states(states, ttl_s, final)
+        return await self.set_many_if_absent(items, items_ttl_s)
 
     @abc.abstractmethod
     async def get_value(self, key: str) -> bytes | None: ...

@@ -563,6 +563,27 @@ end
 return out
 """
 
+# ARGV: ttl, done ttl, number of states n, n (task id, state, final) triples, then the TTL in ms
+# of the keys to set (0: none) and (key, value) pairs. Returns per key what
+# _LUA_SET_MANY_IF_ABSENT does.
+_LUA_PUT_STATES_SET_MANY = r"""
+local n = tonumber(ARGV[3])
+put_states(tonumber(ARGV[1]), tonumber(ARGV[2]), 4, 3 + 3 * n)
+local ttl = tonumber(ARGV[4 + 3 * n])
+local out = {}
+for i = 5 + 3 * n, #ARGV, 2 do
+  local k = P .. 'kv:' .. ARGV[i]
+  local stored
+  if ttl > 0 then
+    stored = redis.call('SET', k, ARGV[i + 1], 'NX', 'PX', ttl)
+  else
+    stored = redis.call('SET', k, ARGV[i + 1], 'NX')
+  end
+  if stored then out[#out + 1] = false else out[#out + 1] = redis.call('GET', k) end
+end
+return out
+"""
+
 _LUA_INCR = r"""
 local existed = redis.call('EXISTS', KEYS[1])
 local v = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -1423,6 +1444,9 @@ class RedisStore(Store):
         self._put_states_if_absent = self._cmds.pool.register_script(_LUA_COMMON + _LUA_PUT_STATES_IF_ABSENT)
         self._incr = self._cmds.pool.register_script(_LUA_INCR)
         self._set_many = self._cmds.pool.register_script(_LUA_SET_MANY_IF_ABSENT)
+        self._put_states_set_many = self._cmds.pool.register_script(
+            _LUA_COMMON + _LUA_OUTCOMES + _LUA_PUT_STATES_SET_MANY
+        )
 
     async def connect(self) -> None:
         # Workers only write states, so the pub/sub connection opens on the first watch or
@@ -1511,6 +1535,21 @@ class RedisStore(Store):
         keys = [self._kv(k) for k, _ in items]
         args: list[bytes | int] = [_ttl_ms(ttl_s) or 0, *(v for _, v in items)]
         return cast("list[bytes | None]", await self._cmds.script(self._set_many, keys, args))
+
+    async def put_states_and_set_many_if_absent(
+        self,
+        states: Sequence[tuple[str, bytes]],
+        ttl_s: float | None,
+        final: Collection[str],
+        items: Sequence[tuple[str, bytes]],
+        items_ttl_s: float | None = None,
+    ) -> list[bytes | None]:
+        ttl_ms, done_ttl_ms, *triples = put_states_args(states, ttl_s, final)
+        args = [ttl_ms, done_ttl_ms, len(states), *triples, _ttl_ms(items_ttl_s) or 0]
+        args += [v for key, value in items for v in (key, value)]
+        # One script: the states and the keys in one round trip.
+        held = await self._cmds.script(self._put_states_set_many, self._keys, args)
+        return cast("list[bytes | None]", held)
 
     async def get_value(self, key: str) -> bytes | None:
         k = self._kv(key)

@@ -153,8 +153,8 @@ class Worker:
         self._capacity = self.concurrency + self.prefetch
         self._reserved = 0  # places promised to a fetch or a refill in flight
         self._backlog = False  # the last claim filled every place asked: the queues have more
-        refill = self if self.app.results_url is self.app.url else None
-        self.writer = StateWriter(self.store, self.broker, self.app.result_ttl_s, refill)
+        # A broker that refills with its acks decides itself whether it can with this store.
+        self.writer = StateWriter(self.store, self.broker, self.app.result_ttl_s, self)
         # With the async pool, a sync task still needs somewhere to run that is not the loop.
         self.threads = ThreadRunner(self.concurrency if self.pool == "thread" else 8) if self.pool != "process" else None
         self.procs = None
@@ -202,7 +202,7 @@ class Worker:
             # round trip to the broker serves several tasks instead of one. While the queues
             # have a backlog and the writer has a batch to write, the batch claims instead (a
             # refill with its acks: see ask and got).
-            if free <= 0 or (self._held and free < (capacity + 1) // 2) or (self._backlog and self.writer.refilling):
+            if free <= 0 or (self._held and free < (capacity + 1) // 2) or (self.writer.refilling and self._more_ready()):
                 self._space.clear()
                 await self._space.wait()  # set when a message is let go, and on stop
                 continue
@@ -232,10 +232,14 @@ class Worker:
             held.task = asyncio.create_task(self._handle(held))
 
     # -- the writer's refill (see StateWriter): claims that ride along with a batch of acks ------
+    def _more_ready(self) -> bool:
+        """The queues have more: the last claim filled every place, or the broker holds some."""
+        return self._backlog or self.broker.local_ready(self.queues) > 0
+
     def ask(self) -> tuple[list[str], int] | None:
         assert self._stopping is not None
         free = self._capacity - len(self._held) - self._reserved
-        if not self._backlog or free <= 0 or self._stopping.is_set():
+        if free <= 0 or self._stopping.is_set() or not self._more_ready():
             return None
         self._reserved += free
         return self.queues, free
