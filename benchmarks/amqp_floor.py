@@ -1,0 +1,172 @@
+"""What RabbitMQ and its Python client cost before offload does anything: the floor under
+offload's figures on amqp://.
+
+    python benchmarks/amqp_floor.py                       # amqp://guest:guest@127.0.0.1:5672/
+    python benchmarks/amqp_floor.py --url amqp://user:pw@host:5672/vhost -n 1000
+
+1. Publish latency: one aio-pika publisher with confirms, one consumer waiting on the same
+   queue (in this process, prefetch 4, acking each message): per message, the time until the
+   broker's confirm and the time until the consumer has it, as medians. For a persistent and a
+   transient message, on a classic queue with ``x-max-priority=10`` (what offload declares) and
+   without it, and with classic queue storage version 2.
+2. Consumer CPU: a queue filled with N messages shaped like offload's (headers, 300 bytes),
+   then consumed and acked one by one through aio-pika's queue.consume and through aiormq's
+   basic_consume directly: CPU microseconds per message of this process.
+
+Each queue is named ``offload-floor-*`` and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import statistics
+import time
+import uuid
+from typing import Any
+
+import aio_pika
+import aiormq
+
+HEADERS = {"offload-id": "x" * 22, "offload-queue": "default", "offload-copy": "c" * 32, "offload-deliveries": 0}
+BODY = b"x" * 300
+KINDS: list[tuple[str, dict[str, Any]]] = [
+    ("classic, x-max-priority=10", {"x-queue-type": "classic", "x-max-priority": 10}),
+    ("classic, no priorities", {"x-queue-type": "classic"}),
+    ("classic v2, x-max-priority=10", {"x-queue-type": "classic", "x-max-priority": 10, "x-queue-version": 2}),
+]
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def publish_latency(url: str, arguments: dict[str, Any], persistent: bool, n: int) -> tuple[float, float]:
+    """Medians in ms after the publish call: (confirm received, message at the consumer)."""
+    name = f"offload-floor-{uuid.uuid4().hex[:8]}"
+    producer, consumer = await aio_pika.connect(url), await aio_pika.connect(url)
+    try:
+        publisher = await producer.channel(publisher_confirms=True)
+        channel = await consumer.channel()
+        await channel.set_qos(prefetch_count=4)
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+        arrived: dict[str, float] = {}
+        got = asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            arrived[message.message_id or ""] = time.perf_counter()
+            await message.ack()
+            got.set()
+
+        await queue.consume(on_message)
+        mode = aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        confirms, deliveries = [], []
+        for i in range(n + 20):  # the first 20 warm up
+            got.clear()
+            started = time.perf_counter()
+            message = aio_pika.Message(BODY, headers=HEADERS, message_id=str(i), priority=0, delivery_mode=mode)
+            await publisher.default_exchange.publish(message, name)
+            confirmed = time.perf_counter()
+            await asyncio.wait_for(got.wait(), 10)
+            if i >= 20:
+                confirms.append((confirmed - started) * 1000)
+                deliveries.append((arrived[str(i)] - started) * 1000)
+        await queue.delete(if_unused=False, if_empty=False)
+        return statistics.median(confirms), statistics.median(deliveries)
+    finally:
+        await producer.close()
+        await consumer.close()
+
+
+async def fill(url: str, name: str, arguments: dict[str, Any], n: int) -> None:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+        for i in range(n):
+            message = aio_pika.Message(BODY, headers=HEADERS, message_id=str(i), delivery_mode=2)
+            await channel.default_exchange.publish(message, name)
+        # A last confirmed publish: everything before it has reached the queue.
+        confirmed = await connection.channel(publisher_confirms=True)
+        await confirmed.default_exchange.publish(aio_pika.Message(b"end", delivery_mode=2), name)
+    finally:
+        await connection.close()
+
+
+async def consume_with_aio_pika(url: str, name: str, arguments: dict[str, Any], n: int) -> float:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=50)
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+        done, count = asyncio.Event(), 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal count
+            count += 1
+            await message.ack()
+            if count == n + 1:
+                done.set()
+
+        started = cpu_s()
+        await queue.consume(on_message)
+        await asyncio.wait_for(done.wait(), 300)
+        return (cpu_s() - started) / (n + 1) * 1e6
+    finally:
+        await connection.close()
+
+
+async def consume_with_aiormq(url: str, name: str, arguments: dict[str, Any], n: int) -> float:
+    connection = await aiormq.connect(url)
+    try:
+        channel = await connection.channel()
+        await channel.basic_qos(prefetch_count=50)
+        done, count = asyncio.Event(), 0
+
+        async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+            nonlocal count
+            count += 1
+            await channel.basic_ack(message.delivery.delivery_tag)  # type: ignore[union-attr]
+            if count == n + 1:
+                done.set()
+
+        started = cpu_s()
+        await channel.basic_consume(name, on_message)
+        await asyncio.wait_for(done.wait(), 300)
+        return (cpu_s() - started) / (n + 1) * 1e6
+    finally:
+        await connection.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
+    parser.add_argument("-n", type=int, default=500, help="messages per latency measurement")
+    parser.add_argument("--consume", type=int, default=20_000, help="messages per consumer measurement")
+    args = parser.parse_args()
+
+    print("publish with confirms, a consumer waiting (medians, ms after the publish call)")
+    print(f"  {'queue':32} {'message':11} {'confirm':>8} {'delivery':>9}")
+    for label, arguments in KINDS:
+        for persistent in (True, False):
+            confirm, delivery = await publish_latency(args.url, arguments, persistent, args.n)
+            kind = "persistent" if persistent else "transient"
+            print(f"  {label:32} {kind:11} {confirm:8.3f} {delivery:9.3f}")
+
+    print(f"\nconsuming {args.consume} messages, acked one by one (CPU of this process per message)")
+    arguments = KINDS[0][1]
+    for label, consume in (("aio-pika queue.consume", consume_with_aio_pika), ("aiormq basic_consume", consume_with_aiormq)):
+        name = f"offload-floor-{uuid.uuid4().hex[:8]}"
+        await fill(args.url, name, arguments, args.consume)
+        per_message_us = await consume(args.url, name, arguments, args.consume)
+        connection = await aiormq.connect(args.url)
+        channel = await connection.channel()
+        await channel.queue_delete(name)
+        await connection.close()
+        print(f"  {label:24} {per_message_us:6.0f} us")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
