@@ -233,7 +233,6 @@ def _cancelled_from_outside() -> bool:
 class AmqpBroker(Broker):
     """RabbitMQ broker; see the module docstring for the topology and the guarantees."""
 
-    refills_on_ack = True
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         super().__init__(url, namespace)
@@ -807,6 +806,9 @@ class AmqpBroker(Broker):
             log.warning("could not delay message %s further: %s", message.message_id, self._reason(e))
             await self._give_back(message)
 
+    def refills_with(self, store: Store) -> bool:
+        return store is self._store  # the claims live there
+
     def local_ready(self, queues: Sequence[str]) -> int:
         wanted = set(queues)
         return sum(1 for b in self._buffer if b.queue in wanted)
@@ -960,7 +962,7 @@ class AmqpBroker(Broker):
         (RabbitMQ pushed them while the tasks ran, see `_window`), their claims written in the
         same round trip as the outcomes: a busy worker claims nothing on its own."""
         taken: list[_Buffered] = []
-        if refill is not None and states and store is self._store:
+        if refill is not None and states and self.refills_with(store):
             queues, limit = refill
             taken = self._take({q: i for i, q in enumerate(queues)}, limit)
         if taken:

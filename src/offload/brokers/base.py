@@ -82,8 +82,6 @@ class Broker(abc.ABC):
     #: when the Store is this backend itself (same URL and namespace), does `enqueue` store
     #: `OutgoingMessage.state` with the message, saving the app a separate write?
     writes_initial_state: ClassVar[bool] = False
-    #: does `store_and_ack` lease the next messages when asked (its ``refill``)?
-    refills_on_ack: ClassVar[bool] = False
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         self.url = url
@@ -107,6 +105,11 @@ class Broker(abc.ABC):
         in the order given for equal priority). Waits up to ``timeout_s`` for the first one;
         returns [] when none came."""
 
+    def refills_with(self, store: Store) -> bool:
+        """Does `store_and_ack` with this store lease the next messages when asked (its
+        ``refill``)? A worker whose broker says no never waits for a refill."""
+        return False
+
     def local_ready(self, queues: Sequence[str]) -> int:
         """How many messages of these queues this object already holds, ready to hand out
         without asking the server (a push broker's deliveries); 0 for brokers that pull. A
@@ -129,7 +132,7 @@ class Broker(abc.ABC):
         """Store outcome states in ``store``, then acknowledge ``deliveries``. A broker that is
         also the store (same backend) may do both in one step; it must never ack first.
 
-        ``refill`` (queues, limit), for a broker that `refills_on_ack`: then lease up to ``limit``
+        ``refill`` (queues, limit), for a broker that `refills_with` the store: then lease up to ``limit``
         ready messages of those queues, as ``fetch(queues, limit, 0)`` would, and return them, so
         a busy worker gets its next messages in the same round trip. Others return []."""
         if states:

@@ -1119,7 +1119,6 @@ class _Handed:
 
 class RedisBroker(Broker):
     writes_initial_state = True
-    refills_on_ack = True
 
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         super().__init__(url, namespace)
@@ -1255,6 +1254,10 @@ class RedisBroker(Broker):
         if deliveries:
             await self._cmds.script(self._ack, self._keys, [d.id for d in deliveries])
 
+    def refills_with(self, store: Store) -> bool:
+        # The results live here too: states, acks and the next claim go in one script.
+        return isinstance(store, RedisStore) and store.url == self.url and store.namespace == self.namespace
+
     async def store_and_ack(
         self,
         store: Store,
@@ -1264,7 +1267,7 @@ class RedisBroker(Broker):
         deliveries: Sequence[Delivery],
         refill: tuple[Sequence[str], int] | None = None,
     ) -> list[Delivery]:
-        if not (isinstance(store, RedisStore) and store.url == self.url and store.namespace == self.namespace):
+        if not self.refills_with(store):
             return await super().store_and_ack(store, states, ttl_s, final, deliveries, refill)
         # The results live here too: states, acks and the next claim in one script, in that order.
         args = settle_args(states, ttl_s, final, [d.id for d in deliveries])

@@ -153,7 +153,7 @@ class Worker:
         self._capacity = self.concurrency + self.prefetch
         self._reserved = 0  # places promised to a fetch or a refill in flight
         self._backlog = False  # the last claim filled every place asked: the queues have more
-        # A broker that refills with its acks decides itself whether it can with this store.
+        # The writer asks for refills only where the broker can do them with this store.
         self.writer = StateWriter(self.store, self.broker, self.app.result_ttl_s, self)
         # With the async pool, a sync task still needs somewhere to run that is not the loop.
         self.threads = ThreadRunner(self.concurrency if self.pool == "thread" else 8) if self.pool != "process" else None

@@ -36,7 +36,7 @@ class Refill(Protocol):
 class StateWriter:
     def __init__(self, store: Store, broker: Broker, ttl_s: float | None, refill: Refill | None = None) -> None:
         self._store, self._broker, self._ttl_s = store, broker, ttl_s
-        self._refill = refill if broker.refills_on_ack else None
+        self._refill = refill if broker.refills_with(store) else None
         self._states: dict[str, Pending] = {}
         self._final: set[str] = set()
         self._deferred: dict[str, asyncio.TimerHandle] = {}
