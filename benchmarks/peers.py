@@ -112,7 +112,7 @@ def ensure_venv() -> Path:
         print(f"installing the peers into {VENV.relative_to(ROOT)}", flush=True)
         pip = [str(python), "-m", "pip", "install", "--quiet"]
         subprocess.run([*pip, "--upgrade", "pip"], check=True)
-        subprocess.run([*pip, "-r", str(REQUIREMENTS), "-e", f"{ROOT}[redis,amqp]"], check=True)
+        subprocess.run([*pip, "-r", str(REQUIREMENTS), "-e", f"{ROOT}[redis,amqp,fast]"], check=True)
         # Requirements whose declared dependencies conflict with the others' (see the file).
         no_deps = [line.split(None, 1)[1] for line in REQUIREMENTS.read_text().splitlines() if line.startswith("#no-deps ")]
         if no_deps:

@@ -9,6 +9,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from offload.loops import loop_factory
+
 T = TypeVar("T")
 
 
@@ -30,7 +32,7 @@ class Portal:
         with self._lock:
             if self._loop is None:
                 ready = threading.Event()
-                loop = asyncio.new_event_loop()
+                loop = loop_factory()()
 
                 def run() -> None:
                     asyncio.set_event_loop(loop)

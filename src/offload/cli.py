@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from offload import admin
+from offload import admin, loops
 from offload.app import Offload
 from offload.errors import BrokerUnavailable, OffloadError, TaskFailed
 from offload.loading import load_app
@@ -64,6 +64,11 @@ def _setup_logging(level: str) -> None:
     )
 
 
+LOOP_OPTION = click.option(
+    "--loop", type=click.Choice(loops.LOOP_NAMES), default=None,
+    help=f"Event loop: uvloop when installed (auto), or asyncio's own. [default: ${loops.LOOP_ENV}, else auto]",
+)
+
 APP_HELP = "APP is module:attribute (or a module holding `app`), e.g. myproject.tasks:app."
 
 
@@ -84,9 +89,10 @@ def main() -> None:
 @click.option("--max-tasks-per-child", type=click.IntRange(min=1), help="Replace a process-pool child after this many tasks.")
 @click.option("--beat", "with_beat", is_flag=True, help="Also run the periodic scheduler in this worker (small sites).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@LOOP_OPTION
 @user_errors
 def worker(app_spec: str, queues: str, concurrency: int | None, pool: str, prefetch: int | None, burst: bool,
-           grace: float, max_tasks_per_child: int | None, with_beat: bool, log_level: str) -> None:
+           grace: float, max_tasks_per_child: int | None, with_beat: bool, log_level: str, loop: str | None) -> None:
     """Run a worker: lease tasks from QUEUES and run them."""
     from offload.worker import Worker
 
@@ -110,7 +116,7 @@ def worker(app_spec: str, queues: str, concurrency: int | None, pool: str, prefe
                 beat_task.cancel()
             await app.aclose()
 
-    code = asyncio.run(serve())
+    code = loops.run(serve(), loop)
     logging.shutdown()
     sys.stdout.flush()
     # Threads abandoned at the end of the grace period (stuck in C code) must not hold the exit.
@@ -121,15 +127,16 @@ def worker(app_spec: str, queues: str, concurrency: int | None, pool: str, prefe
 @click.argument("app_spec", metavar="APP")
 @click.option("--catch-up", is_flag=True, help="Enqueue runs missed while no beat was running (default: skip them).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@LOOP_OPTION
 @user_errors
-def beat(app_spec: str, catch_up: bool, log_level: str) -> None:
+def beat(app_spec: str, catch_up: bool, log_level: str, loop: str | None) -> None:
     """Run the periodic scheduler. Several may run at once; each due run is enqueued once."""
     from offload.scheduler import Beat
 
     _setup_logging(log_level)
     app = load_app(app_spec)
     try:
-        asyncio.run(Beat(app, catch_up=catch_up).run(handle_signals=True))
+        loops.run(Beat(app, catch_up=catch_up).run(handle_signals=True), loop)
     except KeyboardInterrupt:
         pass
 

@@ -43,6 +43,14 @@ def frozen_objects() -> int:
 
 
 @app.task
+async def loop_kind() -> str:
+    """What the worker's event loop is: uvloop or asyncio."""
+    from offload.loops import loop_kind
+
+    return loop_kind(asyncio.get_running_loop())
+
+
+@app.task
 def worker_pid() -> int:
     return current.state["pid"]
 

@@ -30,6 +30,7 @@ from offload.app import CONTROL_CHANNEL, Offload
 from offload.brokers.base import Broker, Delivery, Store
 from offload.context import TaskContext
 from offload.errors import ConfigError, MessageError, SerializationError, SignatureError
+from offload.loops import loop_kind
 from offload.message import Envelope
 from offload.result import Status, TaskState
 from offload.worker.executors import Job, ThreadRunner, cancel_async, run_async
@@ -169,8 +170,9 @@ class Worker:
         if self.handle_signals:
             freeze_startup_heap()
         log.info(
-            "worker ready: %s namespace=%s queues=%s pool=%s concurrency=%d",
+            "worker ready: %s namespace=%s queues=%s pool=%s concurrency=%d loop=%s",
             self.app.url.masked, self.app.namespace, ",".join(self.queues), self.pool, self.concurrency,
+            loop_kind(asyncio.get_running_loop()),
         )
         helpers = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._listen_control())]
         try:
