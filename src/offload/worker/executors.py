@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from offload.errors import SoftTimeLimitExceeded, TaskTimeLimit
 from offload.message import Envelope
 from offload.task import Task
 from offload.worker.outcome import Outcome
+from offload.worker.threads import TaskThreads
 
 
 @dataclass(slots=True)
@@ -101,7 +101,7 @@ def _raise_in_thread(ident: int, exc_type: type[BaseException]) -> None:
 
 class ThreadRunner:
     def __init__(self, concurrency: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="offload-task")
+        self._threads = TaskThreads(concurrency)
 
     async def run(self, job: Job) -> Outcome:
         env = job.env
@@ -117,7 +117,7 @@ class ThreadRunner:
                 where[1] = True
                 reset_context(token)
 
-        future = asyncio.get_running_loop().run_in_executor(self._pool, call)
+        future = self._threads.submit(call)
         soft, hard = env.soft_time_limit, env.time_limit
         if soft is None and hard is None:
             # The common case costs one hand-off each way and nothing else.
@@ -149,4 +149,4 @@ class ThreadRunner:
         return Outcome.from_exception(exc)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._threads.close()
