@@ -31,7 +31,7 @@ def measure(src: Path, url: str, n: int, round_trips: int) -> tuple[float, float
     os.environ.update(OFFLOAD_URL=url, OFFLOAD_NAMESPACE=f"ab{uuid.uuid4().hex[:8]}")
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{ROOT}"}
     argv = [sys.executable, "-m", "offload", "worker", "benchmarks.bench_app:app", "-c", "2", "--log-level", "warning"]
-    from benchmarks.bench_app import app, echo, noop
+    from benchmarks.bench_app import app, echo, flush, noop
 
     async def enqueue() -> list[str]:
         return [(await noop.adelay()).id for _ in range(n)]
@@ -56,6 +56,7 @@ def measure(src: Path, url: str, n: int, round_trips: int) -> tuple[float, float
     finally:
         worker.kill()
         worker.wait()
+        flush(app)
     app.close()
     return drain, cpu_ms, statistics.median(took)
 

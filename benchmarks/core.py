@@ -49,7 +49,7 @@ def main() -> None:
     os.environ["OFFLOAD_URL"], os.environ["OFFLOAD_NAMESPACE"] = url, ns
     if args.results:
         os.environ["OFFLOAD_BENCH_RESULTS"] = args.results
-    from benchmarks.bench_app import app, echo, noop
+    from benchmarks.bench_app import app, echo, flush, noop
 
     async def enqueue_all() -> list[str]:
         return [(await noop.adelay()).id for _ in range(args.n)]
@@ -81,6 +81,7 @@ def main() -> None:
     finally:
         w.terminate()
         w.wait(30)
+        flush(app)
     app.close()
     print(f"broker          {app.url.masked}")
     print(f"enqueue         {args.n / enqueue_s:8.0f} tasks/s  ({args.n} tasks, one producer, delay() in a loop)")

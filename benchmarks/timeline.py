@@ -170,7 +170,7 @@ def run_caller(args: argparse.Namespace) -> None:
         os.environ["OFFLOAD_BENCH_RESULTS"] = args.results
     recorder = Recorder(trace, "caller")
     recorder.install()
-    from benchmarks.bench_app import app, echo
+    from benchmarks.bench_app import app, echo, flush
     from offload import result as result_module
     from offload.app import Offload
 
@@ -214,16 +214,10 @@ def run_caller(args: argparse.Namespace) -> None:
     finally:
         worker.kill()
         worker.wait()
-        app._portal.run(_flush(app))
+        flush(app)
         app.close()
     report(trace, started_at, untraced)
     trace.unlink()
-
-
-async def _flush(app: Any) -> None:
-    backends = await app._backends()
-    await backends.broker.flush_namespace()
-    await backends.store.flush_namespace()
 
 
 def report(trace: Path, since: float, round_trips_ms: list[float]) -> None:
