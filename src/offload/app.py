@@ -46,6 +46,15 @@ class _Backends:
     store: Store
 
 
+async def _after_one_turn(write: Awaitable[None]) -> None:
+    """Wait one turn of the loop, then ``write``. A client that sends from a writer task of its
+    own (aiormq) queues the message in the send's first step, and its writer is woken behind
+    this task: without the turn, the state's round trip to the store goes out first and the
+    message waits for its system call."""
+    await asyncio.sleep(0)
+    await write
+
+
 def _drop_outcome(future: asyncio.Future[Any]) -> None:
     """Done callback that retrieves a future's error, so that nobody is told it went unread."""
     if not future.cancelled():
@@ -343,7 +352,7 @@ class Offload:
         """Send the message and store its QUEUED state at the same time: the send does not wait
         for a second server. The state is written only where none is stored, so the final state
         of a worker that was quicker than the write stays."""
-        write = asyncio.ensure_future(backends.store.put_states_if_absent([(message.id, state)], self.result_ttl_s))
+        write = asyncio.ensure_future(_after_one_turn(backends.store.put_states_if_absent([(message.id, state)], self.result_ttl_s)))
         try:
             holder = await backends.broker.enqueue(message)
         except BaseException:
