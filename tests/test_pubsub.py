@@ -13,6 +13,7 @@ import pytest
 from offload import Offload
 from tests import flows_harness
 from tests.flows_harness import Harness
+from tests.support import flush_namespace
 
 harness = flows_harness.harness
 shared = flows_harness.shared
@@ -68,6 +69,7 @@ async def test_namespaces_do_not_hear_each_other(shared: Harness) -> None:
         await neighbour.apublish(name, "from the neighbour")
         await h.app.apublish(name, "ours")
         assert await next_message(sub) == "ours"
+    await flush_namespace(neighbour)
     await neighbour.aclose()
     await h.app.aclose()
 

@@ -18,7 +18,7 @@ from offload import Offload
 from offload.tokens import make_token
 from tests.conftest import urls_for
 from tests.gateway.conftest import SECRET, Server, data, parse_block, start_gateway
-from tests.support import OffloadProcess, start_worker
+from tests.support import OffloadProcess, flush_namespace, start_worker
 
 BASIC = "tests.apps.basic."
 
@@ -231,7 +231,7 @@ async def test_tokens_health_and_metrics(server_kind: str, tmp_path: Path, names
             assert script.status_code == 200 and "subscribe" in script.text
     finally:
         await asyncio.gather(*(asyncio.to_thread(p.stop) for p in site.processes))
-        await (await site.app._store()).flush_namespace()
+        await flush_namespace(site.app)
         await site.app.aclose()
 
 
