@@ -584,3 +584,33 @@ def test_a_busy_worker_takes_its_next_messages_with_its_acks(
     # Claiming on its own, the fetch loop would need one fetch per two tasks (it claims once
     # half of its four places are free); the acks' refills take most of that over.
     assert fetches < len(ids) / 5, fetches
+
+
+async def test_a_script_the_server_forgot_is_loaded_again(url: str, namespace: str, admin: aioredis.Redis) -> None:
+    async with opened_store(url, namespace) as store:
+        await store.put_states([("a", b"one")])  # the script is loaded, the connection up
+        await admin.script_flush()  # what a restarted server does to them
+        await store.put_states([("b", b"two")])
+        assert await store.get_states(["a", "b"]) == [b"one", b"two"]
+
+
+async def test_a_connection_cut_between_scripts_is_replaced(url: str, namespace: str, admin: aioredis.Redis) -> None:
+    async with opened_store(url, namespace) as store:
+        await store.put_states([("a", b"one")])
+        assert await kill(admin, namespace, "normal") >= 1
+        await store.put_states([("b", b"two")])
+        assert await store.get_states(["a", "b"]) == [b"one", b"two"]
+
+
+async def test_a_script_given_up_on_leaves_no_reply_for_the_next_command(
+    url: str, namespace: str, admin: aioredis.Redis
+) -> None:
+    async with opened_store(url, namespace) as store:
+        await store.put_states([("a", b"one")])
+        # The server holds scripts back (reads go on): the caller gives up before the reply.
+        await admin.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await store.put_states([("b", b"two")])
+        # Had the connection stayed, this read would get the script's late reply.
+        assert await store.get_states(["a"]) == [b"one"]
