@@ -145,9 +145,10 @@ class Recorder:
         if on_message is not None:
 
             @functools.wraps(on_message)
-            async def arrived(this: Any, queue: str, message: Any) -> Any:
+            def arrived(this: Any, queue: str, message: Any) -> Any:
                 record("amqp delivery arrived", [str((message.headers or {}).get("offload-id"))])
-                return await on_message(this, queue, message)
+                # A coroutine function in checkouts from before consumers were aiormq's own.
+                return on_message(this, queue, message)
 
             AmqpBroker._on_message = arrived  # type: ignore[method-assign]
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 import bisect
 import enum
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage
 
 # Errors after which the same call can succeed once the connection is back.
 TRANSIENT = (
@@ -30,6 +29,17 @@ TRANSIENT = (
     OSError,
     TimeoutError,
 )
+
+
+class Delivered(Protocol):
+    """A delivery to settle: a consumer's (`Received`) or basic.get's (aio-pika's message)."""
+
+    @property
+    def channel(self) -> Any: ...  # raises ChannelInvalidStateError once closed
+    @property
+    def delivery_tag(self) -> int | None: ...
+    async def ack(self, multiple: bool = False) -> Any: ...
+    async def nack(self, requeue: bool = True) -> Any: ...
 
 
 class Settled(enum.Enum):
@@ -103,7 +113,7 @@ class Acker:
     def __init__(self) -> None:
         self._ledgers: dict[Any, _Ledger] = {}
 
-    def track(self, message: AbstractIncomingMessage) -> None:
+    def track(self, message: Delivered) -> None:
         """Called on each delivery of a consumer, before anything can settle it."""
         try:
             channel = message.channel
@@ -118,7 +128,7 @@ class Acker:
     def clear(self) -> None:
         self._ledgers.clear()
 
-    async def ack(self, messages: Sequence[AbstractIncomingMessage]) -> list[Settled]:
+    async def ack(self, messages: Sequence[Delivered]) -> list[Settled]:
         """Ack the messages; per message, what became of it. A `TRANSIENT` or AMQP error means
         the ack was lost with its channel."""
         out = [Settled.ACKED] * len(messages)
@@ -156,7 +166,7 @@ class Acker:
         return out
 
     @staticmethod
-    async def _ack_one(message: AbstractIncomingMessage) -> Settled:
+    async def _ack_one(message: Delivered) -> Settled:
         try:
             await message.ack()
         except aio_pika.exceptions.MessageProcessError:
@@ -165,7 +175,7 @@ class Acker:
             return Settled.LOST
         return Settled.ACKED
 
-    async def give_back(self, message: AbstractIncomingMessage) -> None:
+    async def give_back(self, message: Delivered) -> None:
         """Nack with requeue, unless settled already or its channel closed (RabbitMQ has put
         it back then)."""
         try:

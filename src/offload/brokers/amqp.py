@@ -1,4 +1,6 @@
-"""``amqp://user:password@host:port/vhost`` (and ``amqps://``): RabbitMQ, through aio-pika.
+"""``amqp://user:password@host:port/vhost`` (and ``amqps://``): RabbitMQ, through aio-pika's
+robust connections and channels (reconnection, declarations restored); messages are published
+and consumed on their aiormq channels directly (see `_publish_once` and `_amqp_received`).
 
 The virtual host is the URL's path, %-encoded (``/%2F`` or an empty path is ``/``). URL
 parameters: ``connect_timeout`` (seconds of retrying before `BrokerUnavailable`, default 5),
@@ -97,11 +99,11 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
-    AbstractRobustQueue,
 )
 from aio_pika.connection import make_url
 
 from offload.brokers._amqp_acks import TRANSIENT, Acker, Settled
+from offload.brokers._amqp_received import Received
 from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
 from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
@@ -142,6 +144,9 @@ _H_DIED_AT = "offload-died-at"
 # Errors after which the same call can succeed once the connection is back.
 _TRANSIENT = TRANSIENT
 
+#: A delivery: a consumer's (`Received`) or basic.get's (aio-pika's message).
+Incoming = AbstractIncomingMessage | Received
+
 _PERSISTENT = 2  # delivery_mode: written to disk, confirmed once written
 #: What a publish sends: the body and its AMQP properties.
 Outgoing = tuple[bytes, aiormq.spec.Basic.Properties]
@@ -153,7 +158,7 @@ class _Buffered:
 
     queue: str
     seq: int
-    message: AbstractIncomingMessage
+    message: Incoming
 
     @property
     def priority(self) -> int:
@@ -206,7 +211,7 @@ def _level_ms(remaining_s: float) -> int:
     return fitting[-1] if fitting else DELAY_LEVELS_MS[0]
 
 
-def _is_stale(message: AbstractIncomingMessage) -> bool:
+def _is_stale(message: Incoming) -> bool:
     """True when the channel the message came on has closed: its delivery tag is void."""
     try:
         message.channel  # noqa: B018 - raises once the channel is closed
@@ -271,7 +276,7 @@ class AmqpBroker(Broker):
 
         self._topology_ready = False
         self._declared: set[str] = set()
-        self._consumers: dict[str, tuple[AbstractRobustQueue, str]] = {}
+        self._consumers: dict[str, str] = {}  # queue -> consumer tag
         # Queues whose deliveries are wanted; set before basic.consume, whose first deliveries
         # may run before the consumer tag is known.
         self._active: set[str] = set()
@@ -712,6 +717,7 @@ class AmqpBroker(Broker):
                 self._consumer_conn = await self._open_connection("consumer")
                 channel = await self._consumer_conn.channel(publisher_confirms=False)
                 await channel.set_qos(prefetch_count=self._prefetch or _window(limit))
+                channel.reopen_callbacks.add(self._on_consumer_channel_reopened)
                 self._consumer_channel = channel
             consumer_channel = self._consumer_channel
             assert consumer_channel is not None
@@ -720,39 +726,80 @@ class AmqpBroker(Broker):
                     continue
                 await self._declare(queue)
                 # Declared again on the robust channel so that, after a reconnection, aio-pika
-                # declares it and starts the consumer again by itself.
-                robust_queue = await consumer_channel.declare_queue(
-                    self._queue_name(queue), durable=True, arguments=self._queue_args
-                )
+                # declares it before the consumers start again (`_on_consumer_channel_reopened`).
+                await consumer_channel.declare_queue(self._queue_name(queue), durable=True, arguments=self._queue_args)
                 self._active.add(queue)
                 try:
-                    tag = await robust_queue.consume(partial(self._on_message, queue))
+                    self._consumers[queue] = await self._consume(queue)
                 except BaseException:
                     self._active.discard(queue)
                     raise
-                self._consumers[queue] = (robust_queue, tag)
+
+    async def _consume(self, queue: str) -> str:
+        """basic.consume on the consumer channel as it is now; the consumer tag."""
+        assert self._consumer_channel is not None
+        channel = await self._consumer_channel.get_underlay_channel()
+        if self._on_consumer_cancelled not in channel.on_consumer_cancel_callbacks:
+            channel.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
+        ok = await channel.basic_consume(self._queue_name(queue), partial(self._on_delivered, queue))
+        return str(ok.consumer_tag)
+
+    def _on_consumer_channel_reopened(self, *_: Any) -> None:
+        # After a reconnection (or a channel error) the robust channel has declared the queues
+        # again and set the prefetch; the consumers are offload's own to start again.
+        self._spawn(self._consume_again(list(self._consumers)))
+
+    async def _on_consumer_cancelled(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        # RabbitMQ cancelled a consumer: its queue was deleted behind this process's back. It is
+        # declared again and consumed anew. Called from the channel's reader, so it must not wait
+        # for the channel itself.
+        queue = next((q for q, tag in self._consumers.items() if tag == frame.consumer_tag), None)
+        if queue is not None:
+            self._declared.discard(queue)
+            self._spawn(self._consume_again([queue], cancelled=frame.consumer_tag))
+
+    async def _consume_again(self, queues: list[str], cancelled: str | None = None) -> None:
+        pause = 0.1
+        while queues:
+            async with self._consumer_lock:
+                wanted = [q for q in queues if q in self._consumers and (cancelled is None or self._consumers[q] == cancelled)]
+                if self._consumer_channel is None or not wanted:
+                    return
+                try:
+                    for queue in wanted:
+                        if cancelled is not None:
+                            await self._declare(queue)
+                        self._consumers[queue] = await self._consume(queue)
+                        queues.remove(queue)
+                    return
+                except (*_TRANSIENT, aiormq.exceptions.AMQPError) as e:
+                    log.warning("could not consume %s again (%s); retrying in %.1f s", wanted, self._reason(e), pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
     async def _stop_consuming(self, keep: Sequence[str] = ()) -> None:
         """Cancel the consumers of queues not in ``keep`` and give back what they buffered."""
         async with self._consumer_lock:
             for queue in [q for q in self._consumers if q not in keep]:
-                robust_queue, tag = self._consumers.pop(queue)
+                tag = self._consumers.pop(queue)
                 self._active.discard(queue)
                 with contextlib.suppress(*_TRANSIENT, aiormq.exceptions.AMQPError):
-                    await robust_queue.cancel(tag)
+                    if self._consumer_channel is not None:
+                        await (await self._consumer_channel.get_underlay_channel()).basic_cancel(tag)
             returned = [b for b in self._buffer if b.queue not in keep]
             self._buffer = [b for b in self._buffer if b.queue in keep]
         for item in returned:
             await self._give_back(item.message)
 
-    async def _give_back(self, message: AbstractIncomingMessage) -> None:
+    async def _give_back(self, message: Incoming) -> None:
         # Nothing to do when its channel closed: RabbitMQ has put it back already.
         await self._acks.give_back(message)
 
-    async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
-        # A coroutine, as aio-pika wants (it wraps a plain function in one anyway, with a
-        # deprecation warning per call), but one that never waits: what must wait (giving
-        # back, hopping) runs in a task of its own.
+    async def _on_delivered(self, queue: str, delivered: aiormq.abc.DeliveredMessage) -> None:
+        self._on_message(queue, Received(delivered))
+
+    def _on_message(self, queue: str, message: Incoming) -> None:
+        # Never waits: what must wait (giving back, hopping) runs in a task of its own.
         self._acks.track(message)
         if queue not in self._active:
             self._spawn(self._give_back(message))  # raced with the consumer's cancellation
@@ -771,7 +818,7 @@ class AmqpBroker(Broker):
         # as expired.
         self._buffer_when_due(queue, message, None if expired else eta)
 
-    def _buffer_when_due(self, queue: str, message: AbstractIncomingMessage, eta: float | None) -> None:
+    def _buffer_when_due(self, queue: str, message: Incoming, eta: float | None) -> None:
         """Buffer the message, or, when it is due within the slack (too soon for another hop),
         once its eta has passed: it is never handed out before its eta."""
         left = 0.0 if eta is None else eta - time.time()
@@ -790,7 +837,7 @@ class AmqpBroker(Broker):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _hop(self, queue: str, message: AbstractIncomingMessage) -> None:
+    async def _hop(self, queue: str, message: Incoming) -> None:
         headers = message.headers or {}
         try:
             await self._send(
@@ -928,7 +975,7 @@ class AmqpBroker(Broker):
             del self._leased[copy]
 
     async def _settle(self, deliveries: Sequence[Delivery], *, release_key: bool) -> None:
-        messages: list[AbstractIncomingMessage] = []
+        messages: list[Incoming] = []
         for delivery in deliveries:
             if delivery.receipt is None:
                 raise BrokerError(f"delivery {delivery.id} did not come from this amqp broker")
@@ -1056,10 +1103,10 @@ class AmqpBroker(Broker):
         await self._settle([delivery], release_key=True)
 
     # -- reading queues with basic.get --------------------------------------------------
-    async def _get(self, queue_name: str, *, no_ack: bool) -> AbstractIncomingMessage | None:
+    async def _get(self, queue_name: str, *, no_ack: bool) -> Incoming | None:
         """One message from a queue, None when empty (or when the queue does not exist)."""
 
-        async def call(ch: aiormq.abc.AbstractChannel) -> AbstractIncomingMessage | None:
+        async def call(ch: aiormq.abc.AbstractChannel) -> Incoming | None:
             got = await ch.basic_get(queue_name, no_ack=no_ack)
             if isinstance(got.delivery, aiormq.spec.Basic.GetEmpty):
                 return None
@@ -1073,12 +1120,12 @@ class AmqpBroker(Broker):
             return None
 
     async def _browse(
-        self, queue_name: str, take: Callable[[AbstractIncomingMessage], bool]
-    ) -> list[AbstractIncomingMessage]:
+        self, queue_name: str, take: Callable[[Incoming], bool]
+    ) -> list[Incoming]:
         """Read a whole queue; remove and return the messages ``take`` accepts, put the others
         back in their places (RabbitMQ requeues to the original position)."""
-        taken: list[AbstractIncomingMessage] = []
-        kept: list[AbstractIncomingMessage] = []
+        taken: list[Incoming] = []
+        kept: list[Incoming] = []
         try:
             while (message := await self._get(queue_name, no_ack=False)) is not None:
                 (taken if take(message) else kept).append(message)
@@ -1089,7 +1136,7 @@ class AmqpBroker(Broker):
             await message.ack()
         return taken
 
-    def _as_dead_letter(self, message: AbstractIncomingMessage) -> DeadLetter:
+    def _as_dead_letter(self, message: Incoming) -> DeadLetter:
         headers = message.headers or {}
         reason = _text(headers.get(_H_REASON))
         died_at = _number(headers.get(_H_DIED_AT))
@@ -1117,7 +1164,7 @@ class AmqpBroker(Broker):
         async with self._admin_lock:
             browsed: list[DeadLetter] = []
 
-            def look(message: AbstractIncomingMessage) -> bool:
+            def look(message: Incoming) -> bool:
                 browsed.append(self._as_dead_letter(message))
                 return False
 
@@ -1154,7 +1201,7 @@ class AmqpBroker(Broker):
         ones this process buffered, one by one so that their dedup keys are released."""
         self._require_conn()
         name = self._queue_name(queue)
-        removed: list[AbstractIncomingMessage] = []
+        removed: list[Incoming] = []
         async with self._admin_lock:
             while (message := await self._get(name, no_ack=True)) is not None:
                 removed.append(message)
