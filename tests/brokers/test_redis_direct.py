@@ -9,10 +9,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import redis  # only to act on the server from outside, like an operator would
 
 from offload import Offload
 from offload.brokers import make_direct, make_store
-from offload.brokers.base import Direct
+from offload.brokers.base import Direct, OutgoingMessage
 from offload.config import parse_url
 from offload.errors import TaskFailed
 from tests.conftest import REDIS_URL, require_server
@@ -98,3 +99,28 @@ def test_sync_delay_and_get_do_not_go_through_the_loop_thread(redis_url: str, na
         worker.stop()
         app._portal.run(flush_namespace(app))
         app.close()
+
+
+def test_a_forgotten_script_and_a_cut_connection_cost_the_caller_nothing(redis_url: str, namespace: str, direct: Direct) -> None:
+    admin = redis.Redis.from_url(REDIS_URL)
+    app = Offload(redis_url, namespace=namespace)
+
+    def message() -> OutgoingMessage:
+        return OutgoingMessage(id=uuid.uuid4().hex, queue="default", body=b"x", state=b"queued", state_ttl_s=60)
+
+    try:
+        first = message()
+        assert direct.enqueue(first) == first.id  # connected, the script loaded
+        admin.script_flush()  # what a restarted server does to them
+        second = message()
+        assert direct.enqueue(second) == second.id
+        mine = [c["id"] for c in admin.client_list() if c.get("name") == f"offload:{namespace}"]
+        assert mine
+        for client_id in mine:
+            admin.execute_command("CLIENT", "KILL", "ID", client_id)
+        assert direct.get_states([first.id, second.id]) == [b"queued", b"queued"]
+        assert direct.wait_final(first.id, 0.05) is None  # not final: the wait times out
+    finally:
+        app._portal.run(flush_namespace(app))
+        app.close()
+        admin.close()
