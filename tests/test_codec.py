@@ -80,7 +80,7 @@ def test_a_message_claiming_pickle_is_never_unpickled_by_a_json_app() -> None:
         Codec(get_serializer("json")).decode(pickled)
 
 
-@pytest.mark.parametrize("garbage", [b"", b"OF", b"hello world", b"OF\x01\x01{not json", b"OF\x09\x01{}", b"OF\x01\x01[1,2]"])
+@pytest.mark.parametrize("garbage", [b"", b"OF", b"hello world", b"OF\x01\x01{not json", b"OF\x09\x01{}", b"OF\x01\x01[1,2]", b"OF\x01\x01\xff\xfe"])
 def test_garbage_is_a_message_error(garbage: bytes) -> None:
     with pytest.raises(MessageError):
         Codec(get_serializer("json")).decode(garbage)
