@@ -401,6 +401,22 @@ async def test_what_another_process_deleted_is_declared_again(amqp: MakeBroker) 
     assert (await broker.stats()).scheduled == 1
 
 
+async def test_consumers_start_again_after_their_channel_closes(amqp: MakeBroker) -> None:
+    broker = await amqp()
+    # Given a consumer at work
+    first = msg()
+    await broker.enqueue(first)
+    assert [d.id for d in await broker.fetch(["default"], 1, timeout_s=5)] == [first.id]
+    # When RabbitMQ closes its channel (here for an ack of a tag it never delivered)
+    assert broker._consumer_channel is not None
+    channel = await broker._consumer_channel.get_underlay_channel()
+    await channel.basic_ack(999_999)
+    # Then the channel is reopened and the consumer started again: the next message arrives
+    second = msg()
+    await broker.enqueue(second)
+    assert [d.id for d in await broker.fetch(["default"], 1, timeout_s=15)] == [second.id]
+
+
 async def test_cancel_releases_the_dedup_key(amqp: MakeBroker) -> None:
     broker = await amqp()
     first = OutgoingMessage(id=uuid.uuid4().hex, queue="default", body=b"x", key="nightly")
