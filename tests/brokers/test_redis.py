@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis  # only to act on the server from outside, like an operator would
 
 from offload.brokers import make_broker, make_store
+from offload.brokers import redis as redis_backend
 from offload.brokers.base import Broker, Delivery, OutgoingMessage, Store
 from offload.config import parse_url
 from offload.errors import BrokerUnavailable
@@ -614,3 +615,17 @@ async def test_a_script_given_up_on_leaves_no_reply_for_the_next_command(
                 await store.put_states([("b", b"two")])
         # Had the connection stayed, this read would get the script's late reply.
         assert await store.get_states(["a"]) == [b"one"]
+
+
+async def test_a_script_that_times_out_is_reported_not_sent_again(
+    url: str, namespace: str, admin: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with opened_store(url, namespace) as store:
+        await store.put_states([("a", b"one")])
+        monkeypatch.setattr(redis_backend, "_OPERATION_TIMEOUT_S", 0.05)
+        usual = counted(monkeypatch, redis_backend._Commands, "run")
+        await admin.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+        with pytest.raises(BrokerUnavailable, match="timed out"):
+            await store.put_states([("b", b"two")])
+        assert usual["run"] == 0  # not handed to the usual path for another full timeout
+        monkeypatch.undo()  # the clean-up below waits out the pause with the real timeout

@@ -619,6 +619,17 @@ def _translate(masked: str, e: Exception) -> Exception:
     return BrokerError(f"redis at {masked}: {_reason(e)}")
 
 
+def _sent_directly_failed(masked: str, e: Exception) -> Exception | None:
+    """After a command written and read on a connection directly (without the client's layers)
+    failed: None when the client's usual path should take it over, which loads a lost script
+    and reconnects a cut connection; else the error to raise. A timeout is not tried again: it
+    has had its time. redis-py's Connection drops itself on any failure while sending or
+    reading (a cancellation too), so no late reply can reach the next command."""
+    if isinstance(e, NoScriptError | RedisConnectionError):
+        return None
+    return _translate(masked, e)
+
+
 def _connection_kwargs(url: BrokerURL, namespace: str) -> dict[str, Any]:
     db_text = url.path.strip("/") or "0"
     try:
@@ -694,19 +705,10 @@ class _Commands:
                     conn.pack_command("EVALSHA", script.sha, len(keys), *keys, *args), check_health=False
                 )
                 return await conn.read_response()
-        except NoScriptError:
-            pass  # the server lost its scripts (a restart, SCRIPT FLUSH): the usual path loads it
-        except ResponseError as e:
-            raise _translate(self.masked, e) from e
-        except (RedisConnectionError, OSError):
-            await conn.disconnect(nowait=True)  # the usual path reconnects and sends it again
-        except BaseException as e:
-            # Cancelled or timed out with the reply still to come: the next command on this
-            # connection would read it, so the connection goes.
-            await conn.disconnect(nowait=True)
-            if isinstance(e, TimeoutError | RedisTimeoutError):
-                raise _translate(self.masked, e) from e
-            raise
+        except (RedisError, TimeoutError) as e:
+            error = _sent_directly_failed(self.masked, e)
+            if error is not None:
+                raise error from e
         finally:
             self._busy = False
         return await self.run(lambda c: script(keys=keys, args=args, client=c))

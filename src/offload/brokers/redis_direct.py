@@ -14,8 +14,7 @@ from typing import Any, TypeVar, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from offload.brokers.base import Direct, OutgoingMessage
@@ -27,6 +26,7 @@ from offload.brokers.redis import (
     _RETRIES,
     _connection_kwargs,
     _s,
+    _sent_directly_failed,
     _translate,
     enqueue_args,
 )
@@ -72,17 +72,10 @@ class RedisDirect(Direct):
         try:
             conn.send_packed_command(conn.pack_command(*command), check_health=False)
             return cast("_T", conn.read_response())
-        except NoScriptError:
-            pass  # the server lost its scripts (a restart, SCRIPT FLUSH): the usual path loads it
-        except ResponseError as e:
-            raise _translate(self._masked, e) from e
-        except (RedisConnectionError, OSError):
-            conn.disconnect()  # the usual path reconnects and sends it again
-        except BaseException as e:
-            conn.disconnect()  # a reply may still come: nobody else may read it
-            if isinstance(e, RedisError | TimeoutError):
-                raise _translate(self._masked, e) from e
-            raise
+        except (RedisError, TimeoutError) as e:
+            error = _sent_directly_failed(self._masked, e)
+            if error is not None:
+                raise error from e
         finally:
             pool.release(conn)
         return self._run(usual)
