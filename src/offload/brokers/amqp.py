@@ -633,7 +633,7 @@ class AmqpBroker(Broker):
         if expires is not None:
             headers[_H_EXPIRES] = _timestamp(expires)
         exchange = ""
-        expiration = None
+        expiration: str | None = None
         now = time.time()
         if eta is not None and eta > now:
             # Due within the slack, it goes straight to its queue; the eta tells the consumer
@@ -646,7 +646,7 @@ class AmqpBroker(Broker):
             # Expiring in a delay level sends the message on to its queue early, where a worker
             # records it as expired. Not in the queue itself: RabbitMQ would dead-letter it
             # without any worker recording its state.
-            expiration = max(expires - now, 0.001) if expires is not None else None
+            expiration = _expiration(expires - now) if expires is not None else None
 
         def build() -> Outgoing:
             return body, aiormq.spec.Basic.Properties(
@@ -654,7 +654,7 @@ class AmqpBroker(Broker):
                 priority=_priority(priority),
                 delivery_mode=_PERSISTENT,
                 message_id=message_id,
-                expiration=None if expiration is None else _expiration(expiration),
+                expiration=expiration,
             )
 
         async def redeclare() -> None:
