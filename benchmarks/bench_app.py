@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
-from offload import Offload
+from offload import Offload, admin
 
 app = Offload(results=os.environ.get("OFFLOAD_BENCH_RESULTS") or None)
 
@@ -24,9 +23,4 @@ def flush(offload: Offload) -> None:
     """Delete the namespace's queues, messages and states, in the broker and the result store:
     a benchmark leaves nothing behind in the servers it borrowed."""
 
-    async def both() -> Any:
-        backends = await offload._backends()
-        await backends.broker.flush_namespace()
-        await backends.store.flush_namespace()
-
-    offload._portal.run(both())
+    offload._portal.run(admin.flush(offload))

@@ -49,7 +49,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from offload import Offload, Status  # noqa: E402
+from offload import Offload, Status, admin  # noqa: E402
 
 APP = "benchmarks.gateway_app:app"
 TASK = "benchmarks.gateway_app.finish"
@@ -290,8 +290,7 @@ async def run(kind: str, polls: int, streams: int, idle_s: float, ramp: int, end
             if process is not None:
                 process.stop()
         with contextlib.suppress(Exception):
-            await (await app._store()).flush_namespace()
-            await (await app._broker()).flush_namespace()
+            await admin.flush(app)
         await app.aclose()
 
     last_end = max(finished.values())

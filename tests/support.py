@@ -14,6 +14,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from offload import admin
+
 if TYPE_CHECKING:
     from offload import Offload
 
@@ -182,6 +184,4 @@ def worker_options(args: tuple[str, ...]) -> dict[str, Any]:
 
 
 async def flush_namespace(app: Offload) -> None:
-    backends = await app._backends()
-    await backends.broker.flush_namespace()
-    await backends.store.flush_namespace()
+    await admin.flush(app)

@@ -1,4 +1,5 @@
-"""Operations on a namespace: queue status, purge, dead letters and their replay."""
+"""Operations on a namespace: queue status, purge, dead letters and their replay, and deleting
+it altogether."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ async def status(app: Offload) -> QueueStats:
 
 async def purge(app: Offload, queue: str) -> int:
     return await (await app._broker()).purge(queue)
+
+
+async def flush(app: Offload) -> None:
+    """Delete everything of the app's namespace: its queues and messages in the broker, its
+    states and keys in the result store. Workers of the namespace should be stopped first."""
+    backends = await app._backends()
+    await backends.broker.flush_namespace()
+    await backends.store.flush_namespace()
 
 
 async def dead_letters(app: Offload, limit: int = 100) -> list[DeadLetter]:
