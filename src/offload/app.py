@@ -19,7 +19,7 @@ from offload import ratelimit
 from offload import workflow as workflows
 from offload._portal import Portal
 from offload.brokers import check_stores_results, make_broker, make_direct, make_store
-from offload.brokers.base import Broker, Direct, OutgoingMessage, Store
+from offload.brokers.base import Broker, Direct, DirectSender, OutgoingMessage, Store
 from offload.config import BrokerURL, parse_url
 from offload.errors import ConfigError, MessageError
 from offload.message import Codec, Envelope
@@ -120,12 +120,15 @@ class Offload:
         self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
         # The sync face's blocking client (None until asked for; False when the backend has none).
         self._direct_client: Direct | bool | None = None
+        # The broker's sender from the caller's thread, for a separate store (same convention).
+        self._direct_sender_client: DirectSender | bool | None = None
         self._direct_lock = threading.Lock()
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
         self._by_loop.clear()
         self._direct_lock = threading.Lock()
+        self._direct_sender_client = None  # it belongs to the parent's broker; not closed here
 
     def __repr__(self) -> str:
         return f"<Offload {self.url.masked} namespace={self.namespace!r}>"
@@ -239,6 +242,9 @@ class Offload:
         direct, self._direct_client = self._direct_client, None
         if isinstance(direct, Direct):
             direct.close()
+        sender, self._direct_sender_client = self._direct_sender_client, None
+        if isinstance(sender, DirectSender):
+            sender.close()
         if self._portal._loop is not None:
             self._portal.run(self.aclose())
             self._portal.stop()
@@ -278,6 +284,17 @@ class Offload:
                     self._direct_client = make_direct(self.results_url, self.namespace) or False
             direct = self._direct_client
         return direct or None  # type: ignore[return-value]
+
+    def _direct_sender(self) -> DirectSender | None:
+        """The broker's sender from the caller's thread, if it has one (made as `_direct`)."""
+        sender = self._direct_sender_client
+        if sender is None:
+            backends = self._portal.run(self._backends())
+            with self._direct_lock:
+                if self._direct_sender_client is None:
+                    self._direct_sender_client = backends.broker.direct_sender() or False
+            sender = self._direct_sender_client
+        return sender or None
 
     # -- sending -----------------------------------------------------------------------------
     def build(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options, task_id: str | None = None) -> Envelope:
@@ -369,12 +386,34 @@ class Offload:
     def _send_sync(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options) -> Result[Any]:
         """`delay()`: straight from the caller's thread when the backend allows, else via the loop."""
         env = self.build(name, args, kwargs, opts)
-        direct = self._direct() if env.key is None and self.results_url is self.url else None
-        if direct is None:
-            return self._portal.run(self.enqueue_envelope(env))
-        message, _ = self._outgoing(env, with_state=True)
-        direct.enqueue(message)
-        return Result(self, env.id, sent_here=True)
+        if env.key is None:
+            if self.results_url is self.url:
+                direct = self._direct()
+                if direct is not None:
+                    message, _ = self._outgoing(env, with_state=True)
+                    direct.enqueue(message)
+                    return Result(self, env.id, sent_here=True)
+            elif self._send_directly(env):
+                return Result(self, env.id, sent_here=True)
+        return self._portal.run(self.enqueue_envelope(env))
+
+    def _send_directly(self, env: Envelope) -> bool:
+        """Send from this thread through the broker's sender, then store the QUEUED state through
+        the store's sync face (only where no state is stored yet, as `_send_beside_state` does).
+        False when either face is missing or the sender leaves this message to the loop."""
+        sender = self._direct_sender()
+        direct = self._direct() if sender is not None else None
+        if sender is None or direct is None:
+            return False
+        message, state = self._outgoing(env, with_state=False)
+        if not sender.enqueue(message):
+            return False
+        try:
+            direct.put_states_if_absent([(env.id, state)], self.result_ttl_s)
+        except Exception as e:
+            e.add_note(f"task {env.id} was sent all the same; only its QUEUED state is missing")
+            raise
+        return True
 
     async def _wait_for_finished_holder(self, broker: Broker, message: OutgoingMessage, holder: str) -> str:
         # A task's final state is stored a moment before its ack releases its dedup key. A caller

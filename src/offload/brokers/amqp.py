@@ -6,7 +6,8 @@ The virtual host is the URL's path, %-encoded (``/%2F`` or an empty path is ``/`
 parameters: ``connect_timeout`` (seconds of retrying before `BrokerUnavailable`, default 5),
 ``publish_timeout`` (how long an enqueue waits for a lost connection to come back, default 30),
 ``prefetch`` (unacknowledged deliveries per consumed queue; default: half again the first
-`fetch`'s limit, see `_window`),
+`fetch`'s limit, see `_window`), ``sync_connections`` (connections of the sync face's sender,
+see `amqp_direct`; default 4, 0 sends everything through the loop),
 and for ``amqps://`` ``cafile``, ``certfile``, ``keyfile``.
 
 Topology, everything durable and named after the namespace (``P`` is ``offload.{namespace}``)::
@@ -104,7 +105,7 @@ from aio_pika.connection import make_url
 
 from offload.brokers._amqp_acks import TRANSIENT, Acker, Settled
 from offload.brokers._amqp_received import Received
-from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
+from offload.brokers.base import Broker, DeadLetter, Delivery, DirectSender, OutgoingMessage, QueueStats, Store
 from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
 
@@ -209,6 +210,27 @@ def _level_ms(remaining_s: float) -> int:
     remaining_ms = remaining_s * 1000.0
     fitting = [ms for ms in DELAY_LEVELS_MS if ms <= remaining_ms]
     return fitting[-1] if fitting else DELAY_LEVELS_MS[0]
+
+
+def is_due(eta: float | None, now: float) -> bool:
+    """Does a message with this eta go straight to its queue (rather than to a delay level)?"""
+    return eta is None or eta <= now + _DUE_SLACK_S
+
+
+def message_headers(
+    message_id: str, queue: str, deliveries: int, *, key: str | None, expires: float | None, eta: float | None, now: float
+) -> dict[str, Any]:
+    """The offload headers of a published copy, but its copy token (`_H_COPY`)."""
+    headers: dict[str, Any] = {_H_ID: message_id, _H_QUEUE: queue, _H_DELIVERIES: deliveries}
+    if key is not None:
+        headers[_H_KEY] = key
+    if expires is not None:
+        headers[_H_EXPIRES] = _timestamp(expires)
+    if eta is not None and eta > now:
+        # Due within the slack, it goes straight to its queue; the eta tells the consumer to
+        # hold it back until then.
+        headers[_H_ETA] = _timestamp(eta)
+    return headers
 
 
 def _is_stale(message: Incoming) -> bool:
@@ -627,19 +649,11 @@ class AmqpBroker(Broker):
     ) -> None:
         """Publish one copy of a message, to its queue or, when it is not due, to a delay level."""
         await self._declare(queue)
-        headers: dict[str, Any] = {_H_ID: message_id, _H_QUEUE: queue, _H_DELIVERIES: deliveries}
-        if key is not None:
-            headers[_H_KEY] = key
-        if expires is not None:
-            headers[_H_EXPIRES] = _timestamp(expires)
+        now = time.time()
+        headers = message_headers(message_id, queue, deliveries, key=key, expires=expires, eta=eta, now=now)
         exchange = ""
         expiration: str | None = None
-        now = time.time()
-        if eta is not None and eta > now:
-            # Due within the slack, it goes straight to its queue; the eta tells the consumer
-            # to hold it back until then.
-            headers[_H_ETA] = _timestamp(eta)
-        if eta is not None and eta > now + _DUE_SLACK_S:
+        if not is_due(eta, now):
             await self._ensure_topology()
             headers[_H_DELAY] = str(_level_ms(eta - now))
             exchange = self._delay_exchange
@@ -859,6 +873,13 @@ class AmqpBroker(Broker):
             # Sending failed after its own retries: back to the queue, to hop on its next delivery.
             log.warning("could not delay message %s further: %s", message.message_id, self._reason(e))
             await self._give_back(message)
+
+    def direct_sender(self) -> DirectSender | None:
+        if self._tls:
+            return None  # amqps:// sends through the event loop, with its SSL context
+        from offload.brokers.amqp_direct import AmqpDirect  # the sync client, only when used
+
+        return AmqpDirect(self.url, self._queue_name, self._declared.__contains__, self.client_name, self._connect_timeout_s)
 
     def refills_with(self, store: Store) -> bool:
         return store is self._store  # the claims live there

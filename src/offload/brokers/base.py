@@ -105,6 +105,11 @@ class Broker(abc.ABC):
         in the order given for equal priority). Waits up to ``timeout_s`` for the first one;
         returns [] when none came."""
 
+    def direct_sender(self) -> DirectSender | None:
+        """A blocking face that sends messages from the caller's own thread, for `delay()`
+        beside a separate result store; None when this broker has none (the default)."""
+        return None
+
     def refills_with(self, store: Store) -> bool:
         """Does `store_and_ack` with this store lease the next messages when asked (its
         ``refill``)? A worker whose broker says no never waits for a refill."""
@@ -296,10 +301,29 @@ class Direct(abc.ABC):
         """As `Store.get_states`."""
 
     @abc.abstractmethod
+    def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+        """As `Store.put_states_if_absent`: the QUEUED state of a message sent by a `DirectSender`."""
+
+    @abc.abstractmethod
     def wait_final(self, task_id: str, timeout_s: float) -> bytes | None:
         """Block until the task's final state is stored (its bytes), or None after ``timeout_s``.
         A final state stored before the call is returned at once while the store still signals
         it (at least a minute); callers read the state first and wait only if it is not final."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+class DirectSender(abc.ABC):
+    """Sending from the caller's own thread, for a broker that is not its own result store
+    (`Broker.direct_sender`). Safe to call from several threads at once."""
+
+    @abc.abstractmethod
+    def enqueue(self, message: OutgoingMessage) -> bool:
+        """Send a message without a dedup key, as `Broker.enqueue` would; True once the broker
+        has it. False when it was not sent this way (not yet possible, or the connection failed
+        before the broker confirmed it): the caller sends it through the event loop instead,
+        which retries, reconnects and reports. Raises only when the broker refused the message."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -21,6 +21,7 @@ from offload.brokers.base import Direct, OutgoingMessage
 from offload.brokers.redis import (
     _LUA_COMMON,
     _LUA_ENQUEUE,
+    _LUA_PUT_STATES_IF_ABSENT,
     _MAX_CONNECTIONS,
     _OPERATION_TIMEOUT_S,
     _RETRIES,
@@ -28,6 +29,7 @@ from offload.brokers.redis import (
     _s,
     _sent_directly_failed,
     _translate,
+    _ttl_ms,
     enqueue_args,
 )
 from offload.config import BrokerURL
@@ -53,6 +55,7 @@ class RedisDirect(Direct):
         )
         self._client = redis.Redis(connection_pool=pool)
         self._enqueue = self._client.register_script(_LUA_COMMON + _LUA_ENQUEUE)
+        self._put_if_absent = self._client.register_script(_LUA_COMMON + _LUA_PUT_STATES_IF_ABSENT)
 
     def _run(self, op: Callable[[], _T]) -> _T:
         try:
@@ -84,6 +87,13 @@ class RedisDirect(Direct):
         args = enqueue_args(message)
         command = ("EVALSHA", self._enqueue.sha, len(self._keys), *self._keys, *args)
         return _s(self._command(command, lambda: self._enqueue(keys=self._keys, args=args)))
+
+    def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+        if not states:
+            return
+        args = [_ttl_ms(ttl_s) or 0, *(v for task_id, data in states for v in (task_id, data))]
+        command = ("EVALSHA", self._put_if_absent.sha, len(self._keys), *self._keys, *args)
+        self._command(command, lambda: self._put_if_absent(keys=self._keys, args=args))
 
     def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         if not task_ids:
