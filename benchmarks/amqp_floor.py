@@ -8,7 +8,8 @@ offload's figures on amqp://.
    queue (in this process, prefetch 4, acking each message): per message, the time until the
    broker's confirm and the time until the consumer has it, as medians. For a persistent and a
    transient message, on a classic queue with ``x-max-priority=10`` (what offload declares) and
-   without it, and with classic queue storage version 2.
+   without it, and with classic queue storage version 2; then on offload's kind of queue with a
+   py-amqp publisher in a thread of its own, as offload's sync `delay()` publishes.
 2. Consumer CPU: a queue filled with N messages shaped like offload's (headers, 300 bytes),
    then consumed and acked one by one through aio-pika's queue.consume and through aiormq's
    basic_consume directly: CPU microseconds per message of this process.
@@ -22,12 +23,15 @@ import argparse
 import asyncio
 import resource
 import statistics
+import threading
 import time
+import urllib.parse
 import uuid
 from typing import Any
 
 import aio_pika
 import aiormq
+import amqp
 
 HEADERS = {"offload-id": "x" * 22, "offload-queue": "default", "offload-copy": "c" * 32, "offload-deliveries": 0}
 BODY = b"x" * 300
@@ -43,8 +47,12 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def publish_latency(url: str, arguments: dict[str, Any], persistent: bool, n: int) -> tuple[float, float]:
-    """Medians in ms after the publish call: (confirm received, message at the consumer)."""
+async def publish_latency(
+    url: str, arguments: dict[str, Any], persistent: bool, n: int, client: str = "aio-pika"
+) -> tuple[float, float]:
+    """Medians in ms after the publish call: (confirm received, message at the consumer).
+    ``client``: aio-pika on this loop, or py-amqp from a thread of its own (what offload's
+    sync `delay()` uses)."""
     name = f"offload-floor-{uuid.uuid4().hex[:8]}"
     producer, consumer = await aio_pika.connect(url), await aio_pika.connect(url)
     try:
@@ -53,31 +61,69 @@ async def publish_latency(url: str, arguments: dict[str, Any], persistent: bool,
         await channel.set_qos(prefetch_count=4)
         queue = await channel.declare_queue(name, durable=True, arguments=arguments)
         arrived: dict[str, float] = {}
-        got = asyncio.Event()
+        landed = threading.Event()
 
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             arrived[message.message_id or ""] = time.perf_counter()
+            landed.set()
             await message.ack()
-            got.set()
 
         await queue.consume(on_message)
-        mode = aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
-        confirms, deliveries = [], []
-        for i in range(n + 20):  # the first 20 warm up
-            got.clear()
-            started = time.perf_counter()
-            message = aio_pika.Message(BODY, headers=HEADERS, message_id=str(i), priority=0, delivery_mode=mode)
-            await publisher.default_exchange.publish(message, name)
-            confirmed = time.perf_counter()
-            await asyncio.wait_for(got.wait(), 10)
-            if i >= 20:
-                confirms.append((confirmed - started) * 1000)
-                deliveries.append((arrived[str(i)] - started) * 1000)
+        if client == "py-amqp":
+            sent = await asyncio.to_thread(_publish_from_thread, url, name, persistent, n, landed)
+        else:
+            sent = await _publish_on_loop(publisher, name, persistent, n, landed)
+        confirms = [(confirmed - started) * 1000 for _, started, confirmed in sent]
+        deliveries = [(arrived[i] - started) * 1000 for i, started, _ in sent]
         await queue.delete(if_unused=False, if_empty=False)
         return statistics.median(confirms), statistics.median(deliveries)
     finally:
         await producer.close()
         await consumer.close()
+
+
+Sent = list[tuple[str, float, float]]  # message id, publish called, confirm back
+
+
+async def _publish_on_loop(publisher: aio_pika.abc.AbstractChannel, name: str, persistent: bool, n: int, landed: threading.Event) -> Sent:
+    mode = aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+    sent: Sent = []
+    for i in range(n + 20):  # the first 20 warm up
+        landed.clear()
+        started = time.perf_counter()
+        message = aio_pika.Message(BODY, headers=HEADERS, message_id=str(i), priority=0, delivery_mode=mode)
+        await publisher.default_exchange.publish(message, name)
+        confirmed = time.perf_counter()
+        await asyncio.wait_for(asyncio.to_thread(landed.wait, 10), 11)
+        if i >= 20:
+            sent.append((str(i), started, confirmed))
+    return sent
+
+
+def _publish_from_thread(url: str, name: str, persistent: bool, n: int, landed: threading.Event) -> Sent:
+    parts = urllib.parse.urlsplit(url)
+    connection = amqp.Connection(
+        f"{parts.hostname or 'localhost'}:{parts.port or 5672}", userid=urllib.parse.unquote(parts.username or "guest"),
+        password=urllib.parse.unquote(parts.password or "guest"), virtual_host=urllib.parse.unquote(parts.path[1:]) or "/",
+        confirm_publish=True,
+    )
+    connection.connect()
+    try:
+        channel = connection.channel()
+        sent: Sent = []
+        for i in range(n + 20):
+            landed.clear()
+            started = time.perf_counter()
+            message = amqp.Message(BODY, application_headers=HEADERS, message_id=str(i), priority=0, delivery_mode=2 if persistent else 1)
+            channel.basic_publish(message, exchange="", routing_key=name, mandatory=True)
+            confirmed = time.perf_counter()
+            if not landed.wait(10):
+                raise TimeoutError("the consumer did not get the message")
+            if i >= 20:
+                sent.append((str(i), started, confirmed))
+        return sent
+    finally:
+        connection.close()
 
 
 async def fill(url: str, name: str, arguments: dict[str, Any], n: int) -> None:
@@ -154,6 +200,12 @@ async def main() -> None:
             confirm, delivery = await publish_latency(args.url, arguments, persistent, args.n)
             kind = "persistent" if persistent else "transient"
             print(f"  {label:32} {kind:11} {confirm:8.3f} {delivery:9.3f}")
+    label, arguments = KINDS[0]
+    print("the same from a thread of its own with py-amqp (offload's sync delay())")
+    for persistent in (True, False):
+        confirm, delivery = await publish_latency(args.url, arguments, persistent, args.n, client="py-amqp")
+        kind = "persistent" if persistent else "transient"
+        print(f"  {label:32} {kind:11} {confirm:8.3f} {delivery:9.3f}")
 
     print(f"\nconsuming {args.consume} messages, acked one by one (CPU of this process per message)")
     arguments = KINDS[0][1]

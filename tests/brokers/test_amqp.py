@@ -26,7 +26,7 @@ from offload import Offload
 from offload.brokers import make_broker, make_store
 from offload.brokers._amqp_acks import Acker, Settled, _Ledger
 from offload.brokers.amqp import AmqpBroker
-from offload.brokers.base import Delivery, OutgoingMessage
+from offload.brokers.base import Delivery, OutgoingMessage, Verdict
 from offload.config import parse_url
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
 from offload.result import Status, TaskState
@@ -325,6 +325,22 @@ async def test_cancel_is_true_only_before_the_message_is_handed_out(amqp: MakeBr
     assert await broker.fetch(["default"], 1, timeout_s=1.5) == []
     await broker.ack([running])
     assert (await broker.stats()).scheduled == 0
+
+
+async def test_a_worker_gets_the_verdict_after_the_message(amqp: MakeBroker) -> None:
+    broker = await amqp()
+    broker.hands_out_early = True  # as the worker sets it
+    revoked, kept = msg(), msg()
+    await broker.enqueue(revoked)
+    await broker.enqueue(kept)
+    assert await broker.cancel(revoked.id) is True
+    got = await broker.fetch(["default"], 2, timeout_s=2)
+    assert all(d.admitted is not None for d in got)
+    verdicts = {d.id: await d.admitted for d in got if d.admitted is not None}
+    assert verdicts == {revoked.id: Verdict.REVOKED, kept.id: Verdict.RUN}
+    assert await broker.cancel(kept.id) is False  # its claim is in: it runs
+    await broker.ack(got)
+    assert await broker.fetch(["default"], 2, timeout_s=0.2) == []
 
 
 async def test_expiring_during_a_delay_ends_the_delay(amqp: MakeBroker) -> None:

@@ -105,7 +105,16 @@ from aio_pika.connection import make_url
 
 from offload.brokers._amqp_acks import TRANSIENT, Acker, Settled
 from offload.brokers._amqp_received import Received
-from offload.brokers.base import Broker, DeadLetter, Delivery, DirectSender, OutgoingMessage, QueueStats, Store
+from offload.brokers.base import (
+    Broker,
+    DeadLetter,
+    Delivery,
+    DirectSender,
+    OutgoingMessage,
+    QueueStats,
+    Store,
+    Verdict,
+)
 from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
 
@@ -123,6 +132,7 @@ _CLAIM_TTL_S = 7 * 86400.0
 # key cannot be released at ack: the key of a message with ``expires`` lapses this long after.
 _KEY_GRACE_S = 3600.0
 _RECONNECT_INTERVAL_S = 1.0
+_RECLAIM_PAUSE_S = 1.0  # after a claim failed, before the messages are claimed again
 _LOST_ACKS_KEPT = 10_000
 
 _instances = itertools.count(1)
@@ -306,7 +316,7 @@ class AmqpBroker(Broker):
         self._arrived = asyncio.Event()
         self._seq = itertools.count()
         self._fetching = 0
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._leased: dict[str, Delivery] = {}  # by copy token
         self._acks = Acker()  # every ack and nack of the consumer channel's deliveries
         # Copies whose ack was lost with their channel: when RabbitMQ hands them back to this
@@ -845,11 +855,12 @@ class AmqpBroker(Broker):
         self._buffer.append(_Buffered(queue, next(self._seq), message))
         self._arrived.set()
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run ``work`` in a task that `close` cancels."""
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _hop(self, queue: str, message: Incoming) -> None:
         headers = message.headers or {}
@@ -930,7 +941,10 @@ class AmqpBroker(Broker):
         self, taken: list[_Buffered], claim: Callable[[list[str]], Awaitable[list[bool]]] | None = None
     ) -> list[Delivery]:
         """Turn buffered messages into deliveries, dropping revoked and already-acked copies.
-        ``claim`` (default `_claim`) is called once, with the ids that need a claim."""
+        ``claim`` (default `_claim`) is called once, with the ids that need a claim. For a
+        caller that `hands_out_early`, `_claim` is sent and the deliveries are handed out at
+        once, each with its verdict to come (`Delivery.admitted`): the round trip overlaps with
+        the worker starting the tasks, and the fetch loop is free sooner."""
         settled: set[int] = set()  # id() of the buffered items acked or merged here
         handed: list[Delivery] = []
         try:
@@ -952,6 +966,8 @@ class AmqpBroker(Broker):
                     await self._release_key(_text(headers.get(_H_KEY)), message_id)
                 else:
                     candidates.append((item, copy, message_id))
+            if claim is None and self.hands_out_early:
+                return self._admit_later(candidates)
             verdicts = await (claim or self._claim)([message_id for _, _, message_id in candidates])
             for (item, copy, message_id), revoked in zip(candidates, verdicts, strict=True):
                 headers = item.message.headers or {}
@@ -961,10 +977,7 @@ class AmqpBroker(Broker):
                     settled.add(id(item))
                     await self._release_key(_text(headers.get(_H_KEY)), message_id)
                     continue
-                deliveries = int(_number(headers.get(_H_DELIVERIES)) or 0) + 1 + int(bool(item.message.redelivered))
-                delivery = Delivery(message_id, item.queue, item.message.body, deliveries, receipt=item.message)
-                self._leased[copy] = delivery
-                handed.append(delivery)
+                handed.append(self._hand_out(item, copy, message_id))
         except BaseException:
             # Nothing is handed out: keep every message not settled here in the buffer,
             # still unacknowledged, for the next fetch.
@@ -973,6 +986,55 @@ class AmqpBroker(Broker):
             self._buffer.extend(item for item in taken if id(item) not in settled)
             raise
         return handed
+
+    def _admit_later(self, candidates: list[tuple[_Buffered, str, str]]) -> list[Delivery]:
+        if not candidates:
+            return []
+        loop = asyncio.get_running_loop()
+        claim = self._spawn(self._claim([message_id for _, _, message_id in candidates]))
+        handed: list[Delivery] = []
+        verdicts: list[asyncio.Future[Verdict]] = []
+        for item, copy, message_id in candidates:
+            delivery = self._hand_out(item, copy, message_id)
+            delivery.admitted = verdict = loop.create_future()
+            verdicts.append(verdict)
+            handed.append(delivery)
+
+        def spread(done: asyncio.Task[list[bool]]) -> None:
+            if done.cancelled():  # closing: the channel goes, RabbitMQ keeps the messages
+                for verdict in verdicts:
+                    verdict.cancel()
+                return
+            error = done.exception()
+            if error is not None:
+                # As when a fetch's own claim fails: the messages wait here, unacknowledged,
+                # and are claimed again a moment later.
+                log.warning("claiming %d message(s) failed (%s); trying again in %.1f s", len(handed), self._reason(error), _RECLAIM_PAUSE_S)
+                for delivery in handed:
+                    self._forget(delivery)
+                loop.call_later(_RECLAIM_PAUSE_S, self._buffer_again, [item for item, _, _ in candidates])
+            for i, verdict in enumerate(verdicts):
+                if error is not None:
+                    verdict.set_result(Verdict.TAKEN_BACK)
+                else:
+                    verdict.set_result(Verdict.REVOKED if done.result()[i] else Verdict.RUN)
+
+        claim.add_done_callback(spread)
+        return handed
+
+    def _buffer_again(self, items: list[_Buffered]) -> None:
+        for item in items:
+            if item.queue in self._active and not _is_stale(item.message):
+                self._buffer.append(item)
+            # Otherwise its consumer or channel is gone, and RabbitMQ delivers it again.
+        self._arrived.set()
+
+    def _hand_out(self, item: _Buffered, copy: str, message_id: str) -> Delivery:
+        headers = item.message.headers or {}
+        deliveries = int(_number(headers.get(_H_DELIVERIES)) or 0) + 1 + int(bool(item.message.redelivered))
+        delivery = Delivery(message_id, item.queue, item.message.body, deliveries, receipt=item.message)
+        self._leased[copy] = delivery
+        return delivery
 
     async def _claim(self, message_ids: list[str]) -> list[bool]:
         """Mark messages as handed out; True for each one a cancel got to first."""

@@ -20,6 +20,8 @@ Guarantees a Broker gives:
 from __future__ import annotations
 
 import abc
+import asyncio
+import enum
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -57,6 +59,18 @@ class Delivery:
     body: bytes
     deliveries: int = 1  # how many times it was handed out, this time included
     receipt: Any = None
+    # When set, the broker's check that no cancel got to the message first is still on its way
+    # (it overlaps with the worker's preparations; see `Broker.hands_out_early`). The worker
+    # awaits it before the message has any effect: a state written, a task run.
+    admitted: asyncio.Future[Verdict] | None = None
+
+
+class Verdict(enum.Enum):
+    """The outcome of a broker's check on a message it handed out early (`Delivery.admitted`)."""
+
+    RUN = "run"  # no cancel got there first
+    REVOKED = "revoked"  # a cancel did: ack it unrun (the canceller stored its state)
+    TAKEN_BACK = "taken back"  # the check failed: the broker has the message again, to retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +101,9 @@ class Broker(abc.ABC):
         self.url = url
         self.namespace = namespace
         self.lease_s = url.param_float("visibility_timeout", DEFAULT_LEASE_S)
+        #: Set by a caller that honours `Delivery.admitted` (the worker): `fetch` may then hand
+        #: out a message before the broker's check against its cancellation has come back.
+        self.hands_out_early = False
 
     async def connect(self) -> None:
         """Open connections; raise `BrokerUnavailable` (URL masked) when unreachable."""

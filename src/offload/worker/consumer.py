@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from offload.app import CONTROL_CHANNEL, Offload
-from offload.brokers.base import Broker, Delivery, Store
+from offload.brokers.base import Broker, Delivery, Store, Verdict
 from offload.context import TaskContext
 from offload.errors import ConfigError, MessageError, SerializationError, SignatureError
 from offload.loops import loop_kind
@@ -150,6 +150,7 @@ class Worker:
         self._slots = asyncio.Semaphore(self.concurrency)
         backends = await self.app._backends()
         self.broker: Broker = backends.broker
+        self.broker.hands_out_early = True  # see _admitted
         self.store: Store = backends.store
         self._capacity = self.concurrency + self.prefetch
         self._reserved = 0  # places promised to a fetch or a refill in flight
@@ -399,6 +400,8 @@ class Worker:
             await self._finish(held, state, Status.CANCELLED)
             return
         if env.expires is not None and time.time() > env.expires:
+            if not await self._admitted(held):
+                return
             log.warning("expired %s[%s]: not started before its expiry", env.name, env.id)
             state.status, state.finished_at = Status.EXPIRED, _utcnow()
             await self.app._write_states([state])
@@ -406,6 +409,8 @@ class Worker:
             await self.broker.dead_letter(d, "expired: not started before its expiry time")
             return
         if task is None:
+            if not await self._admitted(held):
+                return
             message = f"task {env.name!r} is not registered in this worker"
             log.error("dead-lettered %s: %s", env.id, message)
             state.status, state.finished_at = Status.FAILED, _utcnow()
@@ -414,6 +419,8 @@ class Worker:
             await self._run_outcome_hooks(env, state)
             await self.broker.dead_letter(d, f"failed: NotRegistered: {message}")
             return
+        if self.app.admission_hooks and not await self._admitted(held):
+            return  # before a hook spends anything on it
         for admit in self.app.admission_hooks:
             wait_s = await admit(env, task)
             if wait_s:
@@ -426,6 +433,8 @@ class Worker:
                 return  # shutdown began while this waited for a slot: _drain puts it back
             if env.id in self._revoked:
                 await self._finish(held, state, Status.CANCELLED)
+                return
+            if not await self._admitted(held):
                 return
             state.started_at = _utcnow()
             held.state = state
@@ -457,6 +466,23 @@ class Worker:
             await self._finish(held, state, Status.CANCELLED)
             return
         await self._settle(held, env, state, outcome, elapsed_ms)
+
+    async def _admitted(self, held: _Held) -> bool:
+        """Wait for the broker's verdict on a message it handed out before its cancellation
+        check came back (`Delivery.admitted`). False when the message is settled otherwise:
+        revoked (acked here, unrun; the canceller stored its state) or taken back by the broker
+        (its check failed; the broker tries again)."""
+        d = held.delivery
+        pending, d.admitted = d.admitted, None
+        if pending is None:
+            return True
+        verdict = await pending
+        if verdict is Verdict.RUN:
+            return True
+        if verdict is Verdict.REVOKED:
+            log.info("dropping cancelled message %s", d.id)
+            await self.broker.ack([d])
+        return False
 
     async def _finish(self, held: _Held, state: TaskState, status: Status) -> None:
         state.status, state.finished_at = status, _utcnow()
