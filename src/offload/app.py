@@ -398,22 +398,24 @@ class Offload:
         return self._portal.run(self.enqueue_envelope(env))
 
     def _send_directly(self, env: Envelope) -> bool:
-        """Send from this thread through the broker's sender, then store the QUEUED state through
-        the store's sync face (only where no state is stored yet, as `_send_beside_state` does).
-        False when either face is missing or the sender leaves this message to the loop."""
+        """Send from this thread through the broker's sender, storing the QUEUED state through
+        the store's sync face while the broker confirms (only where no state is stored yet, as
+        `_send_beside_state` does). False when either face is missing or the sender leaves this
+        message to the loop."""
         sender = self._direct_sender()
         direct = self._direct() if sender is not None else None
         if sender is None or direct is None:
             return False
         message, state = self._outgoing(env, with_state=False)
-        if not sender.enqueue(message):
-            return False
-        try:
-            direct.put_states_if_absent([(env.id, state)], self.result_ttl_s)
-        except Exception as e:
-            e.add_note(f"task {env.id} was sent all the same; only its QUEUED state is missing")
-            raise
-        return True
+
+        def store_queued() -> None:
+            try:
+                direct.put_states_if_absent([(env.id, state)], self.result_ttl_s)
+            except Exception as e:
+                e.add_note(f"task {env.id} was sent all the same; only its QUEUED state is missing")
+                raise
+
+        return sender.enqueue(message, meanwhile=store_queued)
 
     async def _wait_for_finished_holder(self, broker: Broker, message: OutgoingMessage, holder: str) -> str:
         # A task's final state is stored a moment before its ack releases its dedup key. A caller

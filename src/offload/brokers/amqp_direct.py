@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Callable
 
 import amqp
+from amqp import spec
 
 from offload.brokers.amqp import _H_COPY, _PERSISTENT, _priority, _vhost, is_due, message_headers
 from offload.brokers.base import DirectSender, OutgoingMessage
@@ -49,12 +50,20 @@ _CONNECT_WAIT_S = 1.0
 _BACKOFF_S = 1.0
 
 
+def _raise_on_nack(method: tuple[int, int], *args: object) -> None:
+    if method == spec.Basic.Nack:
+        raise amqp.exceptions.MessageNacked()
+
+
 class _Link:
-    """One connection and its confirming channel."""
+    """One connection and its channel in confirm mode. The channel publishes and waits for the
+    confirm in two steps (py-amqp's confirming publish does both at once), so that the caller
+    can work in between."""
 
     def __init__(self, connection: amqp.Connection) -> None:
         self.connection = connection
         self.channel = connection.channel()
+        self.channel.confirm_select()
 
 
 class AmqpDirect(DirectSender):
@@ -80,7 +89,7 @@ class AmqpDirect(DirectSender):
         self._closed = False
         self._retry_at = 0.0
 
-    def enqueue(self, message: OutgoingMessage) -> bool:
+    def enqueue(self, message: OutgoingMessage, meanwhile: Callable[[], None] | None = None) -> bool:
         now = time.time()
         if message.key is not None or not is_due(message.eta, now) or not self._declared(message.queue):
             return False
@@ -99,20 +108,34 @@ class AmqpDirect(DirectSender):
         try:
             # Mandatory, as on the loop: a message RabbitMQ cannot route (its queue was deleted
             # behind this process's back) comes back as an error, and the loop declares again.
-            link.channel.basic_publish(
-                outgoing, exchange="", routing_key=self._queue_name(message.queue), mandatory=True,
-                confirm_timeout=self._confirm_wait_s,
-            )
+            link.channel.basic_publish(outgoing, exchange="", routing_key=self._queue_name(message.queue), mandatory=True)
+        except (amqp.exceptions.AMQPError, OSError) as e:
+            return self._failed(link, message, e)
+        # While RabbitMQ routes and writes the message: the caller's own work (the QUEUED state),
+        # off the path of the worker that is about to receive it.
+        error: Exception | None = None
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except Exception as e:
+                error = e
+        try:
+            link.channel.wait([spec.Basic.Ack, spec.Basic.Nack], callback=_raise_on_nack, timeout=self._confirm_wait_s)
         except amqp.exceptions.MessageNacked:
             self._drop(link)
             raise BrokerError(f"RabbitMQ at {self._url.masked} refused a message for {message.queue!r} (nack)") from None
         except (amqp.exceptions.AMQPError, OSError) as e:
-            # The connection's state is unknown (a confirm may still be on its way): never reuse it.
-            self._drop(link)
-            log.info("sending %s from the caller's thread failed (%s); sending it through the event loop", message.id, type(e).__name__)
-            return False
+            return self._failed(link, message, e)
         self._give_back(link)
+        if error is not None:
+            raise error
         return True
+
+    def _failed(self, link: _Link, message: OutgoingMessage, error: BaseException) -> bool:
+        # The connection's state is unknown (a confirm may still be on its way): never reuse it.
+        self._drop(link)
+        log.info("sending %s from the caller's thread failed (%s); sending it through the event loop", message.id, type(error).__name__)
+        return False
 
     def _take(self) -> _Link | None:
         with self._lock:
@@ -149,7 +172,6 @@ class AmqpDirect(DirectSender):
             read_timeout=self._confirm_wait_s,
             write_timeout=self._confirm_wait_s,
             heartbeat=0,
-            confirm_publish=True,
             client_properties={"connection_name": f"{self._client_name} sync producer"},
         )
         try:

@@ -23,7 +23,7 @@ import abc
 import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -336,11 +336,13 @@ class DirectSender(abc.ABC):
     (`Broker.direct_sender`). Safe to call from several threads at once."""
 
     @abc.abstractmethod
-    def enqueue(self, message: OutgoingMessage) -> bool:
+    def enqueue(self, message: OutgoingMessage, meanwhile: Callable[[], None] | None = None) -> bool:
         """Send a message without a dedup key, as `Broker.enqueue` would; True once the broker
         has it. False when it was not sent this way (not yet possible, or the connection failed
         before the broker confirmed it): the caller sends it through the event loop instead,
-        which retries, reconnects and reports. Raises only when the broker refused the message."""
+        which retries, reconnects and reports. Raises when the broker refused the message.
+        ``meanwhile`` runs once the message has left, while the broker's confirm is on its way;
+        its error is raised after the confirm (the message is sent all the same)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
