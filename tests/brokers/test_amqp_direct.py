@@ -10,15 +10,17 @@ import asyncio
 import multiprocessing
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from offload import Offload
 from offload.brokers.amqp_direct import AmqpDirect
-from offload.errors import BrokerError
+from offload.errors import BrokerError, BrokerUnavailable
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
-from tests.support import flush_namespace, thread_worker
+from tests.support import flush_namespace, thread_worker, wait_until
 
 from .test_amqp import rabbitmqctl
 
@@ -35,6 +37,7 @@ def _app(namespace: str, url: str = AMQP_URL) -> tuple[Offload, Any, Any]:
     app = Offload(url, namespace=namespace, results=REDIS_URL)
     add = app.task(name="tests.apps.basic.add")(basic.add.fn)
     noop = app.task(name="tests.apps.basic.noop")(basic.noop.fn)
+    app.task(name="tests.apps.basic.record")(basic.record.fn)
     return app, add, noop
 
 
@@ -249,3 +252,35 @@ def test_the_sync_connection_is_named_after_the_app(made: list[Offload], namespa
     add.delay(0, 0)
     add.delay(0, 0)
     assert len(_sync_connections(namespace)) == 1
+
+
+def test_a_queued_state_that_cannot_be_stored_is_reported_after_the_send(
+    made: list[Offload], namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from offload.brokers import redis_direct
+    from tests.apps import basic
+
+    # The caller's Redis client gives up after 50 ms; Redis then holds writes for 400.
+    monkeypatch.setattr(redis_direct, "_OPERATION_TIMEOUT_S", 0.05)
+    app = Offload(AMQP_URL, namespace=namespace, results=REDIS_URL)
+    made.append(app)
+    record = app.task(name="tests.apps.basic.record")(basic.record.fn)
+    ran = tmp_path / "ran"
+    record.delay(str(ran), "first")  # through the loop: the queue is declared, the faces made
+    operator = redis.Redis.from_url(REDIS_URL)
+    try:
+        operator.execute_command("CLIENT", "PAUSE", 400, "WRITE")
+        with _NoHop(app), pytest.raises(BrokerUnavailable) as info:
+            record.delay(str(ran), "second")
+        assert "was sent all the same" in " ".join(getattr(info.value, "__notes__", []))
+    finally:
+        operator.close()
+    monkeypatch.undo()
+    # The message was sent: a worker (of an app with the usual timeouts) runs both.
+    other, _, _ = _app(namespace)
+    made.append(other)
+    worker = thread_worker(other, concurrency=1)
+    try:
+        wait_until(lambda: sorted(ran.read_text().split()) == ["first", "second"] if ran.exists() else False, timeout=20)
+    finally:
+        worker.stop()
