@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,21 @@ def _app(namespace: str, url: str = AMQP_URL) -> tuple[Offload, Any, Any]:
     return app, add, noop
 
 
+MakeApp = Callable[..., tuple[Offload, Any, Any]]
+
+
 @pytest.fixture
-def made(servers: None, namespace: str) -> Iterator[list[Offload]]:
+def make_app(servers: None, namespace: str) -> Iterator[MakeApp]:
+    """Apps on this test's namespace (amqp, Redis results), flushed and closed afterwards."""
     apps: list[Offload] = []
+
+    def make(url: str = AMQP_URL) -> tuple[Offload, Any, Any]:
+        made = _app(namespace, url)
+        apps.append(made[0])
+        return made
+
     try:
-        yield apps
+        yield make
     finally:
         for app in apps:
             app._portal.run(flush_namespace(app))
@@ -85,9 +95,8 @@ class _NoHop:
         self.app._portal.run = self.real  # type: ignore[method-assign]
 
 
-def test_sync_delay_publishes_and_stores_queued_from_the_callers_thread(made: list[Offload], namespace: str) -> None:
-    app, add, _ = _app(namespace)
-    made.append(app)
+def test_sync_delay_publishes_and_stores_queued_from_the_callers_thread(make_app: MakeApp, namespace: str) -> None:
+    app, add, _ = make_app()
     add.delay(0, 0)  # the loop declares the queue and connects; the sender is made
     with _NoHop(app):
         results = [add.delay(i, i) for i in range(20)]
@@ -101,9 +110,8 @@ def test_sync_delay_publishes_and_stores_queued_from_the_callers_thread(made: li
         worker.stop()
 
 
-def test_a_connection_rabbitmq_closes_costs_the_caller_nothing(made: list[Offload], namespace: str) -> None:
-    app, add, _ = _app(namespace)
-    made.append(app)
+def test_a_connection_rabbitmq_closes_costs_the_caller_nothing(make_app: MakeApp, namespace: str) -> None:
+    app, add, _ = make_app()
     worker = thread_worker(app, concurrency=2)
     try:
         assert add.delay(1, 1).get(timeout=20) == 2
@@ -122,9 +130,8 @@ def test_a_connection_rabbitmq_closes_costs_the_caller_nothing(made: list[Offloa
         worker.stop()
 
 
-def test_a_queue_deleted_behind_the_callers_back_is_declared_again(made: list[Offload], namespace: str) -> None:
-    app, add, _ = _app(namespace)
-    made.append(app)
+def test_a_queue_deleted_behind_the_callers_back_is_declared_again(make_app: MakeApp, namespace: str) -> None:
+    app, add, _ = make_app()
     add.delay(0, 0)
     _ctl("delete_queue", f"offload.{namespace}.default")
     # RabbitMQ returns the message (mandatory); the loop declares the queue again and sends it.
@@ -138,9 +145,8 @@ def test_a_queue_deleted_behind_the_callers_back_is_declared_again(made: list[Of
         worker.stop()
 
 
-def test_a_message_rabbitmq_refuses_is_an_error(made: list[Offload], namespace: str) -> None:
-    app, _, noop = _app(namespace)
-    made.append(app)
+def test_a_message_rabbitmq_refuses_is_an_error(make_app: MakeApp, namespace: str) -> None:
+    app, _, noop = make_app()
     policy = f"offload-test-{namespace}"
     _ctl("set_policy", policy, f"^offload\\.{namespace}\\.default$", '{"max-length":1,"overflow":"reject-publish"}', "--apply-to", "queues")
     try:
@@ -152,29 +158,30 @@ def test_a_message_rabbitmq_refuses_is_an_error(made: list[Offload], namespace: 
         _ctl("clear_policy", policy)
 
 
-def test_a_connection_rabbitmq_refuses_leaves_the_send_to_the_loop(made: list[Offload], namespace: str) -> None:
+def test_a_connection_rabbitmq_refuses_leaves_the_send_to_the_loop(make_app: MakeApp, namespace: str) -> None:
     vhost = f"offload-test-{namespace}"
     _ctl("add_vhost", vhost)
     try:
         _ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
         # Room for the loop's connection only.
         _ctl("set_vhost_limits", "-p", vhost, '{"max-connections": 1}')
+        # Not from make_app: this app and its namespace go before the vhost does.
         app, _, noop = _app(namespace, f"{AMQP_URL.rstrip('/')}/{vhost}")
-        made.append(app)
-        sent = [noop.delay().id for _ in range(3)]
-        assert len(set(sent)) == 3
-        assert _sender(app)._open == 0
-        listing = _ctl("list_queues", "-p", vhost, "name", "messages", "-q")
-        assert f"offload.{namespace}.default\t3" in listing
-        app._portal.run(flush_namespace(app))
+        try:
+            sent = [noop.delay().id for _ in range(3)]
+            assert len(set(sent)) == 3
+            assert _sender(app)._open == 0
+            listing = _ctl("list_queues", "-p", vhost, "name", "messages", "-q")
+            assert f"offload.{namespace}.default\t3" in listing
+        finally:
+            app._portal.run(flush_namespace(app))
+            app.close()
     finally:
-        made.clear()
         _ctl("delete_vhost", vhost)
 
 
-def test_sync_connections_0_sends_through_the_loop(made: list[Offload], namespace: str) -> None:
-    app, add, _ = _app(namespace, f"{AMQP_URL}?sync_connections=0")
-    made.append(app)
+def test_sync_connections_0_sends_through_the_loop(make_app: MakeApp, namespace: str) -> None:
+    app, add, _ = make_app(f"{AMQP_URL}?sync_connections=0")
     worker = thread_worker(app, concurrency=2)
     try:
         assert [add.delay(i, 1).get(timeout=20) for i in range(3)] == [1, 2, 3]
@@ -184,9 +191,8 @@ def test_sync_connections_0_sends_through_the_loop(made: list[Offload], namespac
         worker.stop()
 
 
-def test_more_callers_than_connections(made: list[Offload], namespace: str) -> None:
-    app, add, _ = _app(namespace, f"{AMQP_URL}?sync_connections=2")
-    made.append(app)
+def test_more_callers_than_connections(make_app: MakeApp, namespace: str) -> None:
+    app, add, _ = make_app(f"{AMQP_URL}?sync_connections=2")
     add.delay(0, 0)
     results: list[Any] = []
     lock = threading.Lock()
@@ -224,9 +230,8 @@ def _send_in_child(add: Any, out: Any) -> None:
     add.app.close()
 
 
-def test_a_forked_child_opens_its_own_connection(made: list[Offload], namespace: str) -> None:
-    app, add, _ = _app(namespace)
-    made.append(app)
+def test_a_forked_child_opens_its_own_connection(make_app: MakeApp, namespace: str) -> None:
+    app, add, _ = make_app()
     add.delay(0, 0)
     add.delay(0, 1)  # the parent's connection is open
     ctx = multiprocessing.get_context("fork")
@@ -246,25 +251,22 @@ def test_a_forked_child_opens_its_own_connection(made: list[Offload], namespace:
         worker.stop()
 
 
-def test_the_sync_connection_is_named_after_the_app(made: list[Offload], namespace: str) -> None:
-    app, add, _ = _app(namespace)
-    made.append(app)
+def test_the_sync_connection_is_named_after_the_app(make_app: MakeApp, namespace: str) -> None:
+    _, add, _ = make_app()
     add.delay(0, 0)
     add.delay(0, 0)
     assert len(_sync_connections(namespace)) == 1
 
 
 def test_a_queued_state_that_cannot_be_stored_is_reported_after_the_send(
-    made: list[Offload], namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_app: MakeApp, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from offload.brokers import redis_direct
-    from tests.apps import basic
 
     # The caller's Redis client gives up after 50 ms; Redis then holds writes for 400.
     monkeypatch.setattr(redis_direct, "_OPERATION_TIMEOUT_S", 0.05)
-    app = Offload(AMQP_URL, namespace=namespace, results=REDIS_URL)
-    made.append(app)
-    record = app.task(name="tests.apps.basic.record")(basic.record.fn)
+    app, _, _ = make_app()
+    record = app.tasks["tests.apps.basic.record"]
     ran = tmp_path / "ran"
     record.delay(str(ran), "first")  # through the loop: the queue is declared, the faces made
     operator = redis.Redis.from_url(REDIS_URL)
@@ -277,8 +279,7 @@ def test_a_queued_state_that_cannot_be_stored_is_reported_after_the_send(
         operator.close()
     monkeypatch.undo()
     # The message was sent: a worker (of an app with the usual timeouts) runs both.
-    other, _, _ = _app(namespace)
-    made.append(other)
+    other, _, _ = make_app()
     worker = thread_worker(other, concurrency=1)
     try:
         wait_until(lambda: sorted(ran.read_text().split()) == ["first", "second"] if ran.exists() else False, timeout=20)
