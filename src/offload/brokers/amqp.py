@@ -1014,6 +1014,8 @@ class AmqpBroker(Broker):
                     self._forget(delivery)
                 loop.call_later(_RECLAIM_PAUSE_S, self._buffer_again, [item for item, _, _ in candidates])
             for i, verdict in enumerate(verdicts):
+                if verdict.done():  # its worker stopped waiting (shutdown cancelled the wait)
+                    continue
                 if error is not None:
                     verdict.set_result(Verdict.TAKEN_BACK)
                 else:
