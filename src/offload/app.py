@@ -276,25 +276,23 @@ class Offload:
     def _direct(self) -> Direct | None:
         """The result store's blocking face for sync calls, if it has one. It is made once the
         loop-side backends have connected, so an unreachable server fails as usual."""
-        direct = self._direct_client
-        if direct is None:
-            self._portal.run(self._backends())
-            with self._direct_lock:
-                if self._direct_client is None:
-                    self._direct_client = make_direct(self.results_url, self.namespace) or False
-            direct = self._direct_client
-        return direct or None  # type: ignore[return-value]
+        return self._made_once("_direct_client", lambda _: make_direct(self.results_url, self.namespace))  # type: ignore[no-any-return]
 
     def _direct_sender(self) -> DirectSender | None:
         """The broker's sender from the caller's thread, if it has one (made as `_direct`)."""
-        sender = self._direct_sender_client
-        if sender is None:
+        return self._made_once("_direct_sender_client", lambda backends: backends.broker.direct_sender())  # type: ignore[no-any-return]
+
+    def _made_once(self, attribute: str, make: Callable[[_Backends], Any]) -> Any:
+        """A blocking face kept in ``attribute`` (None until made, False when there is none),
+        made from the loop-side backends once they have connected."""
+        made = getattr(self, attribute)
+        if made is None:
             backends = self._portal.run(self._backends())
             with self._direct_lock:
-                if self._direct_sender_client is None:
-                    self._direct_sender_client = backends.broker.direct_sender() or False
-            sender = self._direct_sender_client
-        return sender or None
+                if getattr(self, attribute) is None:
+                    setattr(self, attribute, make(backends) or False)
+            made = getattr(self, attribute)
+        return made or None
 
     # -- sending -----------------------------------------------------------------------------
     def build(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options, task_id: str | None = None) -> Envelope:
