@@ -10,7 +10,12 @@ offload's figures on amqp://.
    transient message, on a classic queue with ``x-max-priority=10`` (what offload declares) and
    without it, and with classic queue storage version 2; then on offload's kind of queue with a
    py-amqp publisher in a thread of its own, as offload's sync `delay()` publishes.
-2. Consumer CPU: a queue filled with N messages shaped like offload's (headers, 300 bytes),
+2. Confirms across processes: a py-amqp publisher here and a py-amqp consumer in a process of
+   its own, as a caller and a worker are. A persistent message, published with and without
+   confirms (offload's `delay()` waits for one; Dramatiq's does not by default), on offload's
+   queue kind and on a plain durable queue (Dramatiq's): the median time until the consumer has
+   it, the variants interleaved over rounds so that the machine's drift weighs on each alike.
+3. Consumer CPU: a queue filled with N messages shaped like offload's (headers, 300 bytes),
    then consumed and acked one by one through aio-pika's queue.consume and through aiormq's
    basic_consume directly: CPU microseconds per message of this process.
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import resource
 import statistics
 import threading
@@ -100,14 +106,19 @@ async def _publish_on_loop(publisher: aio_pika.abc.AbstractChannel, name: str, p
     return sent
 
 
-def _publish_from_thread(url: str, name: str, persistent: bool, n: int, landed: threading.Event) -> Sent:
+def _connect(url: str, *, confirm: bool = False) -> amqp.Connection:
     parts = urllib.parse.urlsplit(url)
     connection = amqp.Connection(
         f"{parts.hostname or 'localhost'}:{parts.port or 5672}", userid=urllib.parse.unquote(parts.username or "guest"),
         password=urllib.parse.unquote(parts.password or "guest"), virtual_host=urllib.parse.unquote(parts.path[1:]) or "/",
-        confirm_publish=True,
+        confirm_publish=confirm,
     )
     connection.connect()
+    return connection
+
+
+def _publish_from_thread(url: str, name: str, persistent: bool, n: int, landed: threading.Event) -> Sent:
+    connection = _connect(url, confirm=True)
     try:
         channel = connection.channel()
         sent: Sent = []
@@ -124,6 +135,57 @@ def _publish_from_thread(url: str, name: str, persistent: bool, n: int, landed: 
         return sent
     finally:
         connection.close()
+
+
+def _consume_elsewhere(url: str, name: str, arguments: dict[str, Any], n: int, ready: Any, lags: Any) -> None:
+    """In a process of its own: consume ``n`` messages from ``name``; report each one's lag
+    after the wall-clock time its publisher wrote into it."""
+    connection = _connect(url)
+    channel = connection.channel()
+    channel.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
+    channel.basic_qos(0, 4, False)
+    got: list[float] = []
+
+    def on_message(message: amqp.Message) -> None:
+        got.append(time.time() - float(message.body))
+        channel.basic_ack(message.delivery_tag)
+
+    channel.basic_consume(name, callback=on_message)
+    ready.set()
+    while len(got) < n:
+        connection.drain_events(timeout=10)
+    lags.put(got)
+    connection.close()
+
+
+def delivery_across_processes(url: str, arguments: dict[str, Any], confirm: bool, n: int) -> float:
+    """Median ms from the publish call to the consumer in another process having the message."""
+    name = f"offload-floor-{uuid.uuid4().hex[:8]}"
+    context = multiprocessing.get_context("spawn")
+    ready, lags = context.Event(), context.Queue()
+    consumer = context.Process(target=_consume_elsewhere, args=(url, name, arguments, n, ready, lags))
+    consumer.start()
+    try:
+        if not ready.wait(30):
+            raise TimeoutError("the consumer process did not start")
+        connection = _connect(url)
+        try:
+            channel = connection.channel()
+            if confirm:
+                channel.confirm_select()
+            for _ in range(n):
+                message = amqp.Message(f"{time.time():.6f}".encode(), application_headers=HEADERS, delivery_mode=2)
+                channel.basic_publish(message, exchange="", routing_key=name)
+                if confirm:
+                    channel.wait([amqp.spec.Basic.Ack, amqp.spec.Basic.Nack])
+                time.sleep(0.002)  # a worker waiting for work, as in a round trip
+            got: list[float] = lags.get(timeout=30)
+            channel.queue_delete(name)
+        finally:
+            connection.close()
+    finally:
+        consumer.join(10)
+    return statistics.median(got) * 1000
 
 
 async def fill(url: str, name: str, arguments: dict[str, Any], n: int) -> None:
@@ -190,6 +252,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
     parser.add_argument("-n", type=int, default=500, help="messages per latency measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the cross-process comparison")
     parser.add_argument("--consume", type=int, default=20_000, help="messages per consumer measurement")
     args = parser.parse_args()
 
@@ -206,6 +269,15 @@ async def main() -> None:
         confirm, delivery = await publish_latency(args.url, arguments, persistent, args.n, client="py-amqp")
         kind = "persistent" if persistent else "transient"
         print(f"  {label:32} {kind:11} {confirm:8.3f} {delivery:9.3f}")
+
+    print("\na persistent message from a py-amqp publisher to a consumer in another process (median ms until it has it)")
+    variants = [(label, arguments, confirm) for label, arguments in KINDS[:2] for confirm in (True, False)]
+    lags: dict[int, list[float]] = {i: [] for i in range(len(variants))}
+    for _ in range(args.rounds):
+        for i, (_, arguments, confirm) in enumerate(variants):
+            lags[i].append(await asyncio.to_thread(delivery_across_processes, args.url, arguments, confirm, args.n))
+    for i, (label, _, confirm) in enumerate(variants):
+        print(f"  {label:32} {'confirms' if confirm else 'no confirms':11} {statistics.median(lags[i]):9.3f}")
 
     print(f"\nconsuming {args.consume} messages, acked one by one (CPU of this process per message)")
     arguments = KINDS[0][1]
