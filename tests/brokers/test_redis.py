@@ -19,12 +19,15 @@ from contextlib import asynccontextmanager
 import pytest
 import redis.asyncio as aioredis  # only to act on the server from outside, like an operator would
 
+from offload import Offload
 from offload.brokers import make_broker, make_store
 from offload.brokers import redis as redis_backend
 from offload.brokers.base import Broker, Delivery, OutgoingMessage, Store
 from offload.config import parse_url
 from offload.errors import BrokerUnavailable
+from offload.result import Status, TaskState, wait_states
 from tests.conftest import REDIS_URL, require_server
+from tests.support import flush_namespace
 
 
 @pytest.fixture
@@ -375,6 +378,41 @@ async def test_watches_coming_and_going_never_miss_a_change(url: str, namespace:
                     assert await watch.wait(2), f"watcher {i} missed change {j}"
 
         await asyncio.wait_for(asyncio.gather(*(watcher(i) for i in range(50))), 30)
+
+
+async def test_a_final_state_comes_with_its_change_signal(url: str, namespace: str) -> None:
+    async with opened_store(url, namespace) as web, opened_store(url, namespace) as worker, web.watch(["t1", "t2"]) as watch:
+        await worker.put_states([("t1", b"started")])
+        assert await watch.wait(2) is True
+        assert watch.final_state("t1") is None  # not final: a waiter reads it
+        await worker.put_states([("t1", b"succeeded"), ("t2", b"started")], final={"t1"})
+        assert await watch.wait(2) is True
+        assert (watch.final_state("t1"), watch.final_state("t2")) == (b"succeeded", None)
+
+
+async def test_an_async_waiter_takes_the_final_state_from_the_signal_not_a_read(
+    url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = Offload(url, namespace=namespace)
+    try:
+        task_id = uuid.uuid4().hex
+        queued = TaskState(id=task_id, name="t", status=Status.QUEUED)
+        await app._write_states([queued])
+        store = await app._store()
+        reads = counted(monkeypatch, store, "get_states")
+        waiting = asyncio.create_task(wait_states(app, [task_id], timeout=10))
+        while not reads["get_states"]:  # its first read: the task is still queued
+            assert not waiting.done(), waiting
+            await asyncio.sleep(0.01)
+        async with opened_store(url, namespace) as worker:
+            done = TaskState(id=task_id, name="t", status=Status.SUCCEEDED, result=42)
+            await worker.put_states([(task_id, app.encode_state(done))], final={task_id})
+        [state] = await asyncio.wait_for(waiting, 10)
+        assert (state.status, state.result) == (Status.SUCCEEDED, 42)
+        assert reads["get_states"] == 1
+    finally:
+        await flush_namespace(app)
+        await app.aclose()
 
 
 def counted(monkeypatch: pytest.MonkeyPatch, target: object, name: str) -> collections.Counter[str]:

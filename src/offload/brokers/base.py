@@ -209,6 +209,11 @@ class Watch(abc.ABC):
         """Wait until a change is signalled (True) or the timeout passes (False). Spurious
         wake-ups are allowed: callers re-read the state."""
 
+    def final_state(self, task_id: str) -> bytes | None:
+        """The task's final state as it came with a change signal, for a store that sends final
+        states along (a waiter then need not read it); None otherwise."""
+        return None
+
 
 class Store(abc.ABC):
     """Task states, change notifications, pub/sub channels and a small key-value space."""

@@ -19,7 +19,7 @@ Every key lives under ``offload:<namespace>:``::
     wake:<queue>  pub/sub channel: the queue got ready messages while a fetch was waiting on it
     hand:<uuid>   pub/sub channel of one broker object: messages handed to its blocked fetches
     done:<id>     list holding a task's final state for two minutes, for blocked sync waiters
-    task:<id>     pub/sub channel: the state of that task changed
+    task:<id>     pub/sub channel: the state of that task changed (a final state comes with it)
     chan:<name>   pub/sub channel of `Store.publish`
 
 A message is in exactly one of ``q:<queue>``, ``sched`` and ``lease`` at a time, and every move
@@ -470,7 +470,8 @@ return out
 _LUA_OUTCOMES = r"""
 -- ARGV[first..last]: (task id, state, final '1' or '0') triples. ttl and done_ttl in ms.
 -- A final state is also the one element of done:<id> for a while, where blocked sync waiters
--- (BLMOVE from the list onto itself, which leaves it in place for the next waiter) pick it up.
+-- (BLMOVE from the list onto itself, which leaves it in place for the next waiter) pick it up,
+-- and it goes with its change signal on task:<id>, which saves async waiters a read.
 local function put_states(ttl, done_ttl, first, last)
   for i = first, last, 3 do
     local id = ARGV[i]
@@ -486,8 +487,10 @@ local function put_states(ttl, done_ttl, first, last)
     if ARGV[i + 2] == '1' then
       redis.call('RPUSH', d, ARGV[i + 1])
       redis.call('PEXPIRE', d, done_ttl)
+      redis.call('PUBLISH', P .. 'task:' .. id, ARGV[i + 1])
+    else
+      redis.call('PUBLISH', P .. 'task:' .. id, '')
     end
-    redis.call('PUBLISH', P .. 'task:' .. id, '')
   end
 end
 -- ARGV[first..last]: ids of messages whose outcome is stored.
@@ -1401,15 +1404,24 @@ async def _unlink_prefix(client: Redis, prefix: str) -> None:
 
 
 class _RedisWatch(Watch):
-    """A watch is its own sink: any message on its tasks' channels, or a reconnect, wakes it."""
+    """A watch is its own sink: any message on its tasks' channels, or a reconnect, wakes it. A
+    message that carries a final state (see `put_states` in _LUA_OUTCOMES) is kept for
+    `final_state`."""
 
-    __slots__ = ("_flag",)
+    __slots__ = ("_finals", "_flag", "_ids")
 
-    def __init__(self) -> None:
+    def __init__(self, ids: dict[bytes, str]) -> None:
         self._flag = _Flag()
+        self._ids = ids  # channel -> task id
+        self._finals: dict[str, bytes] = {}
 
     def deliver(self, channel: bytes, data: bytes) -> None:
+        if data:
+            self._finals[self._ids[channel]] = data
         self._flag.set()
+
+    def final_state(self, task_id: str) -> bytes | None:
+        return self._finals.get(task_id)
 
     def reset(self) -> None:
         self._flag.set()
@@ -1531,8 +1543,9 @@ class RedisStore(Store):
     @asynccontextmanager
     async def watch(self, task_ids: Sequence[str]) -> AsyncIterator[Watch]:
         await self._start_hub()
-        watch = _RedisWatch()
-        channels = [f"{self._prefix}task:{t}".encode() for t in dict.fromkeys(task_ids)]
+        ids = {f"{self._prefix}task:{t}".encode(): t for t in task_ids}
+        watch = _RedisWatch(ids)
+        channels = list(ids)
         await self._hub.add(channels, watch)
         try:
             yield watch
