@@ -19,6 +19,7 @@ from offload import ConfigError, Offload, Status
 from offload.errors import BrokerUnavailable
 from offload.gateway.tasks import DONE_ID
 from offload.tokens import check_channel_token, check_token, make_channel_token, make_token
+from tests.conftest import require_server
 from tests.gateway.conftest import SECRET, client_for, data, set_state, sse_events, start_call, until, waiting
 
 KEYS = {"id", "status", "progress", "message", "result", "error"}
@@ -124,6 +125,39 @@ async def test_long_poll_answers_when_the_task_ends(app: Offload) -> None:
     assert response.json()["status"] == "succeeded"
     assert response.json()["result"] == 42
     assert waiting(gw, "poll") == 0
+
+
+@pytest.mark.parametrize("kind", ["redis"])
+async def test_a_final_state_that_comes_with_its_signal_is_not_read_again(
+    kind: str, make_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_server(kind)
+    app = make_app()
+    poll_id, stream_id = await enqueue(app), await enqueue(app)
+    gw = app.asgi()
+    reader = gw.state.gateway.reader
+    reads: list[list[str]] = []
+    read = reader.read
+
+    async def counted_read(ids: list[str]) -> Any:
+        reads.append(list(ids))
+        return await read(ids)
+
+    monkeypatch.setattr(reader, "read", counted_read)
+    async with client_for(gw) as client:
+        pending = asyncio.create_task(client.get(f"/tasks/{poll_id}?wait=30"))
+        call = start_call(gw, f"/tasks/{stream_id}/events")
+        [queued] = await call.events(1)
+        await until(lambda: waiting(gw, "poll") == 1 and waiting(gw, "stream") == 1)
+        assert reads == [[poll_id], [stream_id]]  # each request's first read
+        await set_state(app, poll_id, Status.SUCCEEDED, result=42)
+        await set_state(app, stream_id, Status.SUCCEEDED, result="ok")
+        response = await asyncio.wait_for(pending, 10)
+        final, done = await call.events(2)
+        await call.finish()
+    assert (response.json()["status"], response.json()["result"]) == ("succeeded", 42)
+    assert (queued["event"], final["event"], done["event"], data(done)["result"]) == ("state", "state", "done", "ok")
+    assert reads == [[poll_id], [stream_id]]  # the final states came with their signals
 
 
 async def test_long_poll_times_out_with_the_current_state(app: Offload) -> None:

@@ -85,6 +85,15 @@ class StateReader:
             else:
                 future.set_exception(error)
 
+    def rendered(self, task_id: str, raw: bytes) -> Rendered:
+        """A state whose bytes the caller has already (a final state that came with its change
+        signal, see `Watch.final_state`), rendered through the same cache, with no read."""
+        result = self._render(task_id, raw)
+        if isinstance(result, Exception):
+            raise result
+        assert result is not None
+        return result
+
     def _render(self, task_id: str, raw: bytes | None) -> Rendered | Exception | None:
         if raw is None:
             self._rendered.pop(task_id, None)

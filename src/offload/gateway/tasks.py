@@ -4,7 +4,8 @@
 A waiting request is one coroutine asleep on `Store.watch`: no thread, no poll loop. It enters
 the watch before its first read, so a change between the read and the sleep still wakes it,
 and it re-reads only when signalled (or every ``recheck_s``, so a lost signal costs latency,
-never an answer). Each response object is built by an endpoint that has already checked the
+never an answer); a final state that comes with its signal (`Watch.final_state`) is not read
+again. Each response object is built by an endpoint that has already checked the
 parameters and tokens; it does its own I/O inside ``__call__``, where it can see the client
 leave.
 """
@@ -73,6 +74,12 @@ class Waiting:
                     gw.metrics.waiting.labels("poll").inc()
                     stack.callback(gw.metrics.waiting.labels("poll").dec)
                 await watch.wait(min(left, gw.recheck_s))
+                finals = [watch.final_state(i) for i in self.task_ids]
+                if all(raw is not None for raw in finals):
+                    # Every task's final state came with its signal: the answer, without a read.
+                    known = [gw.reader.rendered(i, raw) for i, raw in zip(self.task_ids, finals, strict=True) if raw is not None]
+                    if self.ready(known):
+                        return list[Rendered | None](known)
 
 
 class LongPoll:
@@ -180,4 +187,5 @@ class TaskEvents:
             if not changed:
                 await stream.keepalive_if_due()
             live = True
-            [current] = await gw.reader.read([self.task_id])
+            came = watch.final_state(self.task_id)
+            [current] = [gw.reader.rendered(self.task_id, came)] if came is not None else await gw.reader.read([self.task_id])
