@@ -600,6 +600,41 @@ async def test_unknown_route_and_method(app: Offload) -> None:
         assert (await client.post("/tasks/abc")).status_code == 405
 
 
+async def test_a_read_goes_out_at_once_and_reads_asked_meanwhile_go_together(
+    app: Offload, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second, third = [await enqueue(app) for _ in range(3)]
+    store = await app._store()
+    calls: list[list[str]] = []
+    gate = asyncio.Event()
+    original = store.get_states
+
+    async def gated(task_ids: Any) -> Any:
+        calls.append(list(task_ids))
+        if len(calls) == 1:
+            await gate.wait()  # the first fetch stays out until the test lets it back
+        return await original(task_ids)
+
+    monkeypatch.setattr(store, "get_states", gated)
+    gw = app.asgi()
+    reader = gw.state.gateway.reader
+    alone = asyncio.create_task(reader.read([first]))
+    for _ in range(20):  # a few turns of the loop, no timer: a lone read does not wait for company
+        if calls:
+            break
+        await asyncio.sleep(0)
+    assert calls == [[first]]
+    later = [asyncio.create_task(reader.read([i])) for i in (second, third)]
+    # Not sent while the first fetch is out, however long it takes (a timer-driven batcher sent
+    # them after a millisecond).
+    await asyncio.sleep(0.05)
+    assert calls == [[first]]
+    gate.set()
+    states = await asyncio.wait_for(asyncio.gather(alone, *later), 10)
+    assert [s[0].state.id for s in states] == [first, second, third]
+    assert calls == [[first], [second, third]]
+
+
 async def test_reads_are_batched(app: Offload, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = [await enqueue(app) for _ in range(20)]
     store = await app._store()
