@@ -97,6 +97,8 @@ class Recorder:
 
     def flush(self) -> None:
         events, self._events = self._events, []
+        if not events:  # nothing since the last flush: at exit, the caller's file is gone already
+            return
         with self._path.open("a") as out:
             out.writelines(f"{stamp:.6f}\t{self.role}\t{label}\t{task_id}\n" for stamp, label, task_id in events)
 
