@@ -31,8 +31,8 @@ class StateReader:
         self._app = app
         self._debug = debug
         self._waiting: list[tuple[Sequence[str], asyncio.Future[list[Rendered | None]]]] = []
-        self._fetching: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
-        self._flush_due = False
+        self._busy = False  # a batch goes out on the next turn of the loop, or is out
+        self._batch: asyncio.Task[None] | None = None  # the loop keeps only a weak reference
         # The last bytes read per task and what they rendered to: a waiter woken without a
         # change (a safety re-read, a spurious signal) then costs a lookup, not a decode.
         self._rendered: OrderedDict[str, tuple[bytes, Rendered]] = OrderedDict()
@@ -42,30 +42,24 @@ class StateReader:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Rendered | None]] = loop.create_future()
         self._waiting.append((ids, future))
-        self._schedule(loop)
+        if not self._busy:
+            # The next turn, so that every request woken in this one joins; while a batch is
+            # out, its end sends the next one.
+            self._busy = True
+            loop.call_soon(self._flush)
         return await future
 
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        # The next turn of the loop, so that every request woken in this one joins; not while a
-        # fetch is out: its end schedules the next batch.
-        if not self._flush_due and not self._fetching:
-            self._flush_due = True
-            loop.call_soon(self._flush)
-
     def _flush(self) -> None:
-        self._flush_due = False
         waiting, self._waiting = self._waiting, []
-        if not waiting:
-            return
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._fetch(waiting))
-        self._fetching.add(task)
-        task.add_done_callback(self._fetched)
+        self._batch = asyncio.get_running_loop().create_task(self._fetch(waiting))
+        self._batch.add_done_callback(self._fetched)
 
-    def _fetched(self, task: asyncio.Task[None]) -> None:
-        self._fetching.discard(task)
+    def _fetched(self, batch: asyncio.Task[None]) -> None:
+        self._batch = None
         if self._waiting:
-            self._schedule(task.get_loop())
+            batch.get_loop().call_soon(self._flush)
+        else:
+            self._busy = False
 
     async def _fetch(self, waiting: list[tuple[Sequence[str], asyncio.Future[list[Rendered | None]]]]) -> None:
         ids = list(dict.fromkeys(i for wanted, _ in waiting for i in wanted))
