@@ -399,17 +399,25 @@ async def test_an_async_waiter_takes_the_final_state_from_the_signal_not_a_read(
         queued = TaskState(id=task_id, name="t", status=Status.QUEUED)
         await app._write_states([queued])
         store = await app._store()
-        reads = counted(monkeypatch, store, "get_states")
+        reads: list[list[str]] = []
+        first_read = asyncio.Event()
+        original = store.get_states
+
+        async def read(task_ids: list[str]) -> list[bytes | None]:
+            reads.append(list(task_ids))
+            states = await original(task_ids)
+            first_read.set()
+            return states
+
+        monkeypatch.setattr(store, "get_states", read)
         waiting = asyncio.create_task(wait_states(app, [task_id], timeout=10))
-        while not reads["get_states"]:  # its first read: the task is still queued
-            assert not waiting.done(), waiting
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(first_read.wait(), 10)  # its first read: the task is still queued
         async with opened_store(url, namespace) as worker:
             done = TaskState(id=task_id, name="t", status=Status.SUCCEEDED, result=42)
             await worker.put_states([(task_id, app.encode_state(done))], final={task_id})
         [state] = await asyncio.wait_for(waiting, 10)
         assert (state.status, state.result) == (Status.SUCCEEDED, 42)
-        assert reads["get_states"] == 1
+        assert reads == [[task_id]]
     finally:
         await flush_namespace(app)
         await app.aclose()
