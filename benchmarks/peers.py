@@ -22,7 +22,10 @@ For each library and broker, in a fresh driver process, with the library's own R
    library's own mechanism, R times in a row (after 10 for warm-up): p50 and p99;
 4. peak RSS: the sum over the worker's process tree, sampled every 50 ms while it ran;
 5. worker CPU per task: the worker tree's user+system CPU time during the drain, divided by the
-   tasks run meanwhile. Unlike the rates, it barely moves when other programs load the machine.
+   tasks run meanwhile. Unlike the rates, it barely moves when other programs load the machine;
+6. servers CPU per task: the same for the local Redis and RabbitMQ processes together (what a
+   library asks of the servers it shares with every other worker; on a machine of two cores it
+   is also CPU the worker cannot have). Not shown when the servers run elsewhere.
 
 The table and the ratios (offload / the best peer on each figure) are printed and, unless
 --quick, written to benchmarks/results/peers-latest.md.
@@ -76,6 +79,8 @@ DISTRIBUTIONS = {
     "offload": ["offload", "redis", "hiredis", "aio-pika"], "celery": ["celery", "kombu"], "rq": ["rq"],
     "dramatiq": ["dramatiq", "pika"], "huey": ["huey"], "arq": ["arq"], "taskiq": ["taskiq", "taskiq-redis"],
 }
+#: Process names of the servers whose CPU per task the drain also reports (when they run here).
+SERVER_PROCESSES = {"redis-server", "beam.smp"}
 WARMUP = 10
 RESULT_MARK = "PEERS-RESULT "
 
@@ -92,6 +97,7 @@ class Row:
     p99_ms: float = 0.0
     peak_rss_mb: float = 0.0
     cpu_ms_per_task: float = 0.0
+    server_cpu_ms_per_task: float = float("nan")
     error: str = ""
 
 
@@ -195,23 +201,49 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-def wait_drained(client: Any, n: int, worker: subprocess.Popen[bytes], log: Path) -> tuple[float, float, float]:
-    """Wait for the n-th increment: the first and last increments' times, and the worker's CPU
-    milliseconds per task in between (read when the driver sees the first and the last one)."""
+def server_pids() -> list[int]:
+    """The local Redis and RabbitMQ server processes (none when the servers run elsewhere)."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in SERVER_PROCESSES]
+
+
+def cpu_of(pids: list[int]) -> float:
+    """User plus system CPU seconds of these processes (those still alive)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def wait_drained(client: Any, n: int, worker: subprocess.Popen[bytes], log: Path) -> tuple[float, float, float, float]:
+    """Wait for the n-th increment: the first and last increments' times, and the CPU
+    milliseconds per task in between (read when the driver sees the first and the last one)
+    of the worker and of the local Redis and RabbitMQ servers together."""
     from benchmarks.peers.base import COUNTER, FIRST, LAST
 
     # Generous: start-up plus 20 tasks/s, far below any library measured here.
     deadline = time.monotonic() + 60 + n / 20
-    cpu_from: tuple[float, int] | None = None
+    servers = server_pids()
+    cpu_from: tuple[float, float, int] | None = None
     while True:
         if cpu_from is None and client.exists(FIRST):
-            cpu_from = tree_cpu_s(worker.pid), int(client.get(COUNTER) or 0)
+            cpu_from = tree_cpu_s(worker.pid), cpu_of(servers), int(client.get(COUNTER) or 0)
         last = client.get(LAST)
         if last is not None:
-            cpu_ms = float("nan")
-            if cpu_from is not None and cpu_from[1] < n:
-                cpu_ms = (tree_cpu_s(worker.pid) - cpu_from[0]) * 1000 / (n - cpu_from[1])
-            return float(client.get(FIRST)), float(last), cpu_ms
+            cpu_ms = server_ms = float("nan")
+            if cpu_from is not None and cpu_from[2] < n:
+                tasks = n - cpu_from[2]
+                cpu_ms = (tree_cpu_s(worker.pid) - cpu_from[0]) * 1000 / tasks
+                if servers:
+                    server_ms = (cpu_of(servers) - cpu_from[1]) * 1000 / tasks
+            return float(client.get(FIRST)), float(last), cpu_ms, server_ms
         if worker.poll() is not None:
             raise RuntimeError(f"the worker exited with code {worker.returncode}:\n{tail(log)}")
         if time.monotonic() > deadline:
@@ -254,7 +286,7 @@ def drive(args: argparse.Namespace) -> Row:
         rss = PeakRSS(worker.pid)
         rss.start()
         try:
-            first, last, row.cpu_ms_per_task = wait_drained(client, args.n, worker, log)
+            first, last, row.cpu_ms_per_task, row.server_cpu_ms_per_task = wait_drained(client, args.n, worker, log)
             row.drain_per_s = (args.n - 1) / (last - first)
             peer.round_trips(WARMUP)
             latencies = peer.round_trips(args.round_trips)
@@ -345,7 +377,7 @@ def medians(runs: list[Row]) -> list[Row]:
             rows.append(group[-1])
             continue
         row = dataclasses.replace(good[0])
-        for name in ("enqueue_per_s", "drain_per_s", "p50_ms", "p99_ms", "peak_rss_mb", "cpu_ms_per_task"):
+        for name in ("enqueue_per_s", "drain_per_s", "p50_ms", "p99_ms", "peak_rss_mb", "cpu_ms_per_task", "server_cpu_ms_per_task"):
             setattr(row, name, statistics.median(getattr(r, name) for r in good))
         rows.append(row)
     return rows
@@ -377,15 +409,18 @@ def ratios(rows: list[Row]) -> list[str]:
 
 
 def table(rows: list[Row]) -> list[str]:
-    head = "| library | broker | enqueue /s | drain /s | worker CPU ms/task | round trip p50 ms | p99 ms | worker peak RSS MB |"
-    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    head = (
+        "| library | broker | enqueue /s | drain /s | worker CPU ms/task | servers CPU ms/task | round trip p50 ms "
+        "| p99 ms | worker peak RSS MB |"
+    )
+    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r.error:
-            lines.append(f"| {r.library} | {r.broker} | failed: {r.error} | | | | | |")
+            lines.append(f"| {r.library} | {r.broker} | failed: {r.error} | | | | | | |")
         else:
             lines.append(
                 f"| {r.library} | {r.broker} | {r.enqueue_per_s:,.0f} | {r.drain_per_s:,.0f} | {r.cpu_ms_per_task:.2f} | "
-                f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.peak_rss_mb:.0f} |"
+                f"{r.server_cpu_ms_per_task:.2f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.peak_rss_mb:.0f} |"
             )
     return lines
 
