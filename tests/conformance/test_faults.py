@@ -65,6 +65,24 @@ def test_sigterm_lets_the_running_task_finish_and_exits_zero(harness: Harness) -
     assert waiting.get(timeout=20) == 2
 
 
+def test_sigterm_puts_back_at_once_a_task_waiting_for_a_thread(harness: Harness) -> None:
+    """With one thread, the second task leased waits at the threads to start as soon as the
+    first ends; a shutdown takes it back unrun instead of running it in the grace period."""
+    harness.needs_processes()
+    running = harness.task("touch_then_sleep").delay(str(harness.tmp_path / "started"), 1.5)
+    waiting = harness.task("add").delay(1, 1)
+    w = harness.worker("-c", "1", "--prefetch", "1")
+    w.wait_for(f"handed to the task threads tests.apps.basic.add[{waiting.id}]")
+    wait_until(lambda: running.status() is Status.STARTED, 20, "task start")
+    assert waiting.status() is Status.QUEUED  # not STARTED while it waits for the thread
+    w.terminate()
+    assert w.wait(30) == 0
+    assert running.status() is Status.SUCCEEDED
+    assert waiting.status() is Status.QUEUED
+    harness.worker()
+    assert waiting.get(timeout=20) == 2
+
+
 def test_grace_period_over_puts_the_task_back(harness: Harness) -> None:
     harness.needs_processes()
     log = harness.tmp_path / "executions"

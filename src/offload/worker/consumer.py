@@ -148,6 +148,9 @@ class Worker:
         self._now = asyncio.Event()
         self._space = asyncio.Event()
         self._slots = asyncio.Semaphore(self.concurrency)
+        # Sync tasks of the thread pool: the running ones and those waiting at the threads (see
+        # ThreadRunner), as many as the worker leases.
+        self._thread_places = asyncio.Semaphore(self.concurrency + self.prefetch)
         backends = await self.app._backends()
         self.broker: Broker = backends.broker
         self.broker.hands_out_early = True  # see _admitted
@@ -274,8 +277,10 @@ class Worker:
 
     async def _drain(self) -> None:
         """Shutdown: put back what has not started; give running tasks the grace period."""
+        waiting = self.threads.withdraw() if self.threads is not None else set()
         for held in list(self._held.values()):
-            if held.state is None and held.task is not None:  # not started: put back at once
+            unstarted = held.state is None or (held.env is not None and held.env.id in waiting)
+            if unstarted and held.task is not None:  # put back at once
                 held.task.cancel()
                 await self._put_back(held)
         running = [h.task for h in self._held.values() if h.task is not None]
@@ -427,7 +432,8 @@ class Worker:
                 log.debug("held back %s[%s] for %.2f s", env.name, env.id, wait_s)
                 await self.broker.requeue(d, None, wait_s)
                 return
-        async with self._slots:
+        places = self._thread_places if self.pool == "thread" and not task.is_async else self._slots
+        async with places:
             assert self._stopping is not None
             if self._stopping.is_set():
                 return  # shutdown began while this waited for a slot: _drain puts it back
@@ -439,7 +445,9 @@ class Worker:
             state.started_at = _utcnow()
             held.state = state
             held.ctx = TaskContext(env.id, env.name, env.attempt, dict(env.headers), self._progress_reporter(held), self._publisher())
-            log.info("started %s[%s]", env.name, env.id)
+            # A sync task of the thread pool may wait for a thread a while: said so, not "started".
+            in_threads = not task.is_async and self.procs is None
+            log.info("%s %s[%s]", "handed to the task threads" if in_threads else "started", env.name, env.id)
             started = time.perf_counter()
             job = Job(task, env, held.ctx)
             started_record = job.state_record = state.to_record()  # a snapshot: `state` changes later
@@ -456,8 +464,17 @@ class Worker:
                 outcome = await self.procs.run(job)
             else:
                 assert self.threads is not None
-                self.writer.put_later(env.id, started_bytes, STARTED_AFTER_S)
+
+                def begun_bytes() -> bytes:
+                    started_record["started_at"] = job.started_at
+                    return started_bytes()
+
+                # STARTED only once a thread has begun it, and then with that moment.
+                self.writer.put_later(env.id, begun_bytes, STARTED_AFTER_S, ready=job.started)
                 outcome = await self.threads.run(job)
+                if job.started_at is not None:
+                    state.started_at = dt.datetime.fromtimestamp(job.started_at, dt.UTC)
+                    started = job.started_perf
             elapsed_ms = (time.perf_counter() - started) * 1000
         if (held.ctx.cancelled and outcome.kind != "ok") or outcome.kind == "cancelled":
             if self._abandoned:

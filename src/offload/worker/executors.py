@@ -17,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from offload.context import TaskContext, reset_context, set_context
-from offload.errors import SoftTimeLimitExceeded, TaskTimeLimit
+from offload.errors import SoftTimeLimitExceeded, TaskCancelled, TaskTimeLimit
 from offload.message import Envelope
 from offload.task import Task
 from offload.worker.outcome import Outcome
@@ -34,6 +35,12 @@ class Job:
     env: Envelope
     ctx: TaskContext
     state_record: dict[str, Any] = field(default_factory=dict)
+    # When a thread began it (wall clock, and perf_counter for durations); None while it waits.
+    started_at: float | None = None
+    started_perf: float = 0.0
+
+    def started(self) -> bool:
+        return self.started_at is not None
 
 
 def _limit_message(env: Envelope, seconds: float | None, soft: bool = False) -> str:
@@ -100,31 +107,60 @@ def _raise_in_thread(ident: int, exc_type: type[BaseException]) -> None:
 
 
 class ThreadRunner:
+    """Runs sync tasks in a fixed set of threads. More tasks may be given than there are threads:
+    the others wait at the threads, and a thread that ends one task begins the next at once,
+    without waiting for the event loop to hand it over (on a busy loop, that wait was longer
+    than a short task). A task's time limits, its start time and its cancellation count from
+    the moment a thread begins it; `withdraw` takes back those still waiting."""
+
     def __init__(self, concurrency: int) -> None:
         self._threads = TaskThreads(concurrency)
+        self._waiting: dict[asyncio.Future[Any], str] = {}  # submitted and not ended: its task id
 
     async def run(self, job: Job) -> Outcome:
         env = job.env
+        soft, hard = env.soft_time_limit, env.time_limit
+        loop = asyncio.get_running_loop()
+        # Only a task with limits needs to hear when a thread begins it: its clocks start then.
+        begun = loop.create_future() if soft is not None or hard is not None else None
         # [thread ident, finished]: written by the task's thread, read here for the limits.
         where: list[Any] = [0, False]
 
         def call() -> Any:
+            job.started_at, job.started_perf = time.time(), time.perf_counter()
             where[0] = threading.get_ident()
+            if begun is not None:
+                loop.call_soon_threadsafe(_settle_begun, begun)
             token = set_context(job.ctx)
             try:
+                if job.ctx.cancelled:  # while it waited for a thread
+                    raise TaskCancelled(f"task {env.id} was cancelled")
                 return job.task.fn(*env.args, **env.kwargs)
             finally:
                 where[1] = True
                 reset_context(token)
 
         future = self._threads.submit(call)
-        soft, hard = env.soft_time_limit, env.time_limit
-        if soft is None and hard is None:
-            # The common case costs one hand-off each way and nothing else.
-            try:
-                return Outcome("ok", value=await future)
-            except (Exception, SystemExit) as exc:  # sys.exit() in a task fails the task, not the worker
-                return Outcome.from_exception(exc)
+        self._waiting[future] = env.id
+        try:
+            if begun is None:
+                # The common case costs one hand-off each way and nothing else.
+                try:
+                    return Outcome("ok", value=await future)
+                except (Exception, SystemExit) as exc:  # sys.exit() in a task fails the task, not the worker
+                    return Outcome.from_exception(exc)
+            await asyncio.wait({future, begun}, return_when=asyncio.FIRST_COMPLETED)
+            return await self._within_limits(env, future, where, soft, hard)
+        finally:
+            self._waiting.pop(future, None)
+
+    def withdraw(self) -> set[str]:
+        """Take back the tasks still waiting for a thread (shutdown puts them back unrun): their ids."""
+        return {self._waiting[f] for f in self._threads.withdraw() if f in self._waiting}
+
+    async def _within_limits(
+        self, env: Envelope, future: asyncio.Future[Any], where: list[Any], soft: float | None, hard: float | None
+    ) -> Outcome:
         if soft is not None:
             done, _ = await asyncio.wait({future}, timeout=soft)
             if not done and where[0] and not where[1]:
@@ -150,3 +186,8 @@ class ThreadRunner:
 
     def close(self) -> None:
         self._threads.close()
+
+
+def _settle_begun(begun: asyncio.Future[None]) -> None:
+    if not begun.done():
+        begun.set_result(None)

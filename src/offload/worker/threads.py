@@ -77,6 +77,23 @@ class TaskThreads:
             except RuntimeError:
                 pass  # the loop is closed: nobody waits for this outcome any more
 
+    def withdraw(self) -> list[asyncio.Future[Any]]:
+        """Take back the work no thread has started; its futures, cancelled. Called on the loop
+        that submitted it. A thread takes each piece of work whole, so what comes back here was
+        never begun, and what a thread took is not here."""
+        withdrawn: list[asyncio.Future[Any]] = []
+        while True:
+            try:
+                work = self._queue.get_nowait()
+            except queue.Empty:
+                return withdrawn
+            if work is None:  # closing: the threads still need it to stop
+                self._queue.put(None)
+                return withdrawn
+            _, future, _ = work
+            future.cancel()
+            withdrawn.append(future)
+
     def close(self) -> None:
         """Stop the threads once they finish what they run; work not started is dropped."""
         self._closed = True

@@ -44,14 +44,22 @@ class StateWriter:
         self._waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
 
-    def put_later(self, task_id: str, state: Pending, delay_s: float) -> None:
+    def put_later(self, task_id: str, state: Pending, delay_s: float, ready: Callable[[], bool] | None = None) -> None:
         """Queue a state after ``delay_s``, unless another state of the task is put first: a
-        task that ends sooner never has it written (STARTED of a short task)."""
-        self._deferred[task_id] = asyncio.get_running_loop().call_later(delay_s, self._put_deferred, task_id, state)
+        task that ends sooner never has it written (STARTED of a short task). While ``ready``
+        says no (a task still waiting for a thread), it is looked at again ``delay_s`` later."""
+        self._deferred[task_id] = asyncio.get_running_loop().call_later(
+            delay_s, self._put_deferred, task_id, state, delay_s, ready
+        )
 
-    def _put_deferred(self, task_id: str, state: Pending) -> None:
-        if self._deferred.pop(task_id, None) is not None:
-            self.put(task_id, state)
+    def _put_deferred(self, task_id: str, state: Pending, delay_s: float, ready: Callable[[], bool] | None) -> None:
+        if task_id not in self._deferred:
+            return
+        if ready is not None and not ready():
+            self.put_later(task_id, state, delay_s, ready)
+            return
+        del self._deferred[task_id]
+        self.put(task_id, state)
 
     def put(self, task_id: str, state: Pending, ack: Delivery | None = None, final: bool = False) -> asyncio.Future[None]:
         """Queue a state (``final`` if it is the task's last) and the ack that must follow it;
