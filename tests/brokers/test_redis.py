@@ -15,6 +15,7 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis  # only to act on the server from outside, like an operator would
@@ -631,6 +632,50 @@ def test_a_busy_worker_takes_its_next_messages_with_its_acks(
     # Claiming on its own, the fetch loop would need one fetch per two tasks (it claims once
     # half of its four places are free); the acks' refills take most of that over.
     assert fetches < len(ids) / 5, fetches
+
+
+def test_a_worker_with_one_place_takes_each_next_message_with_the_ack_of_the_last(
+    url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refill that rides with a batch's acks brings the next message, and never more than
+    the worker's places: with -c 1 and no prefetch, one message leased at a time."""
+    from offload.brokers.redis import RedisBroker
+    from offload.worker.consumer import Worker
+    from tests.apps import basic
+    from tests.support import thread_worker
+
+    app = Offload(url, namespace=namespace)
+    noop = app.task(name="tests.apps.basic.noop")(basic.noop.fn)
+
+    async def enqueue() -> list[str]:
+        return [(await noop.adelay()).id for _ in range(50)]
+
+    ids = app._portal.run(enqueue())
+    brought: list[int] = []
+    held: list[int] = []
+    store_and_ack, start = RedisBroker.store_and_ack, Worker._start
+
+    async def recording(self: RedisBroker, *args: Any, **kwargs: Any) -> list[Delivery]:
+        got = await store_and_ack(self, *args, **kwargs)
+        brought.append(len(got))
+        return got
+
+    def starting(self: Worker, deliveries: list[Delivery]) -> None:
+        start(self, deliveries)
+        held.append(len(self._held))
+
+    monkeypatch.setattr(RedisBroker, "store_and_ack", recording)
+    monkeypatch.setattr(Worker, "_start", starting)
+    worker = thread_worker(app, concurrency=1, prefetch=0)
+    try:
+        for task_id in ids:
+            app.result(task_id).get(timeout=30)
+    finally:
+        worker.stop()
+        app._portal.run(flush_namespace(app))
+        app.close()
+    assert sum(brought) >= len(ids) - 2, brought  # every batch but the last brought the next
+    assert max(held) == 1, held
 
 
 async def test_a_script_the_server_forgot_is_loaded_again(url: str, namespace: str, admin: aioredis.Redis) -> None:
