@@ -185,3 +185,28 @@ def worker_options(args: tuple[str, ...]) -> dict[str, Any]:
 
 async def flush_namespace(app: Offload) -> None:
     await admin.flush(app)
+
+
+def enqueue_noops(app: Offload, n: int) -> list[str]:
+    """Send ``n`` of tests.apps.basic's no-op task through ``app``; their ids."""
+    from tests.apps import basic
+
+    noop = app.task(name="tests.apps.basic.noop")(basic.noop.fn)
+
+    async def enqueue() -> list[str]:
+        return [(await noop.adelay()).id for _ in range(n)]
+
+    return app._portal.run(enqueue())
+
+
+def drain_then_close(app: Offload, ids: list[str], **options: Any) -> None:
+    """Run a worker in a thread (`Worker` ``options``) until every task of ``ids`` has ended;
+    then empty the namespace and close ``app``."""
+    worker = thread_worker(app, **options)
+    try:
+        for task_id in ids:
+            app.result(task_id).get(timeout=30)
+    finally:
+        worker.stop()
+        app._portal.run(flush_namespace(app))
+        app.close()

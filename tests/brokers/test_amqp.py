@@ -697,16 +697,10 @@ def test_a_busy_worker_claims_its_next_messages_with_its_outcomes(
 ) -> None:
     require_server("amqp")
     require_server("redis")
-    from tests.apps import basic
-    from tests.support import thread_worker
+    from tests.support import drain_then_close, enqueue_noops
 
     app = Offload(AMQP_URL, namespace=namespace, results=REDIS_URL)
-    noop = app.task(name="tests.apps.basic.noop")(basic.noop.fn)
-
-    async def enqueue() -> list[str]:
-        return [(await noop.adelay()).id for _ in range(200)]
-
-    ids = app._portal.run(enqueue())
+    ids = enqueue_noops(app, 200)
     claims: list[int] = []
     original = AmqpBroker._claim
 
@@ -716,14 +710,7 @@ def test_a_busy_worker_claims_its_next_messages_with_its_outcomes(
         return await original(self, message_ids)
 
     monkeypatch.setattr(AmqpBroker, "_claim", counting)
-    worker = thread_worker(app, concurrency=2)
-    try:
-        for task_id in ids:
-            app.result(task_id).get(timeout=30)
-    finally:
-        worker.stop()
-        app._portal.run(flush_namespace(app))
-        app.close()
+    drain_then_close(app, ids, concurrency=2)
     # Claiming on its own, the fetch loop claims one or two messages at a time (about 110
     # claims for 200 tasks); with the refill most ride along with the outcomes.
     assert len(claims) < len(ids) / 3, claims

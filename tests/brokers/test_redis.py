@@ -607,27 +607,13 @@ async def test_acks_can_bring_the_next_messages_in_the_same_round_trip(url: str,
 def test_a_busy_worker_takes_its_next_messages_with_its_acks(
     url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from offload import Offload
     from offload.brokers.redis import RedisBroker
-    from tests.apps import basic
-    from tests.support import flush_namespace, thread_worker
+    from tests.support import drain_then_close, enqueue_noops
 
     app = Offload(url, namespace=namespace)
-    noop = app.task(name="tests.apps.basic.noop")(basic.noop.fn)
-
-    async def enqueue() -> list[str]:
-        return [(await noop.adelay()).id for _ in range(200)]
-
-    ids = app._portal.run(enqueue())
+    ids = enqueue_noops(app, 200)
     calls = counted(monkeypatch, RedisBroker, "fetch")  # every fetch, the worker's first included
-    worker = thread_worker(app, concurrency=2)
-    try:
-        for task_id in ids:
-            app.result(task_id).get(timeout=30)
-    finally:
-        worker.stop()
-        app._portal.run(flush_namespace(app))
-        app.close()
+    drain_then_close(app, ids, concurrency=2)
     fetches = calls["fetch"]
     # Claiming on its own, the fetch loop would need one fetch per two tasks (it claims once
     # half of its four places are free); the acks' refills take most of that over.
@@ -641,16 +627,10 @@ def test_a_worker_with_one_place_takes_each_next_message_with_the_ack_of_the_las
     the worker's places: with -c 1 and no prefetch, one message leased at a time."""
     from offload.brokers.redis import RedisBroker
     from offload.worker.consumer import Worker
-    from tests.apps import basic
-    from tests.support import thread_worker
+    from tests.support import drain_then_close, enqueue_noops
 
     app = Offload(url, namespace=namespace)
-    noop = app.task(name="tests.apps.basic.noop")(basic.noop.fn)
-
-    async def enqueue() -> list[str]:
-        return [(await noop.adelay()).id for _ in range(50)]
-
-    ids = app._portal.run(enqueue())
+    ids = enqueue_noops(app, 50)
     brought: list[int] = []
     held: list[int] = []
     store_and_ack, start = RedisBroker.store_and_ack, Worker._start
@@ -666,14 +646,7 @@ def test_a_worker_with_one_place_takes_each_next_message_with_the_ack_of_the_las
 
     monkeypatch.setattr(RedisBroker, "store_and_ack", recording)
     monkeypatch.setattr(Worker, "_start", starting)
-    worker = thread_worker(app, concurrency=1, prefetch=0)
-    try:
-        for task_id in ids:
-            app.result(task_id).get(timeout=30)
-    finally:
-        worker.stop()
-        app._portal.run(flush_namespace(app))
-        app.close()
+    drain_then_close(app, ids, concurrency=1, prefetch=0)
     assert sum(brought) >= len(ids) - 2, brought  # every batch but the last brought the next
     assert max(held) == 1, held
 
