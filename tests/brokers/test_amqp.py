@@ -652,11 +652,11 @@ async def _consumer_prefetch(queue_name: str) -> int:
     return counts[0]
 
 
-async def test_rabbitmq_pushes_half_again_the_workers_places(amqp: MakeBroker, namespace: str) -> None:
+async def test_rabbitmq_pushes_twice_the_workers_places(amqp: MakeBroker, namespace: str) -> None:
     broker, tuned = await amqp(), await amqp(AMQP_URL + "?prefetch=10")
     assert await broker.fetch(["a"], 4, timeout_s=0.05) == []
     assert await tuned.fetch(["b"], 4, timeout_s=0.05) == []
-    assert await _consumer_prefetch(f"offload.{namespace}.a") == 6
+    assert await _consumer_prefetch(f"offload.{namespace}.a") == 8
     assert await _consumer_prefetch(f"offload.{namespace}.b") == 10
 
 
@@ -712,5 +712,6 @@ def test_a_busy_worker_claims_its_next_messages_with_its_outcomes(
     monkeypatch.setattr(AmqpBroker, "_claim", counting)
     drain_then_close(app, ids, concurrency=2)
     # Claiming on its own, the fetch loop claims one or two messages at a time (about 110
-    # claims for 200 tasks); with the refill most ride along with the outcomes.
-    assert len(claims) < len(ids) / 3, claims
+    # claims for 200 tasks); with the refill most ride along with the outcomes (10 to 25 claims
+    # of its own here, under load too; up to 67 with a window of half again the places).
+    assert len(claims) < len(ids) / 4, claims

@@ -5,7 +5,7 @@ and consumed on their aiormq channels directly (see `_publish_once` and `_amqp_r
 The virtual host is the URL's path, %-encoded (``/%2F`` or an empty path is ``/``). URL
 parameters: ``connect_timeout`` (seconds of retrying before `BrokerUnavailable`, default 5),
 ``publish_timeout`` (how long an enqueue waits for a lost connection to come back, default 30),
-``prefetch`` (unacknowledged deliveries per consumed queue; default: half again the first
+``prefetch`` (unacknowledged deliveries per consumed queue; default: twice the first
 `fetch`'s limit, see `_window`), ``sync_connections`` (connections of the sync face's sender,
 see `amqp_direct`; default 4, 0 sends everything through the loop),
 and for ``amqps://`` ``cafile``, ``certfile``, ``keyfile``.
@@ -264,10 +264,12 @@ def _window(places: int) -> int:
     """RabbitMQ's prefetch for a worker with ``places`` (its first fetch's limit: running plus
     held). RabbitMQ sends a message only after the ack of another, so with exactly ``places``
     the next messages are still on their way when places free up, and each fetch claims one or
-    two on its own. Half as many again wait in the buffer, where the acks' refill hands them out
-    with their claims written beside the outcomes (`AmqpBroker.store_and_ack`)."""
+    two on its own. As many again wait in the buffer, where the acks' refill hands them out with
+    their claims written beside the outcomes (`AmqpBroker.store_and_ack`). Half as many again
+    was too few once a worker's threads took their next task without the loop: the buffer ran
+    dry between batches and most claims went out on their own again."""
     places = max(places, 1)
-    return places + (places + 1) // 2
+    return places * 2
 
 
 def _cancelled_from_outside() -> bool:
