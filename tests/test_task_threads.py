@@ -19,6 +19,17 @@ from offload.worker.executors import Job, ThreadRunner
 from offload.worker.threads import TaskThreads
 
 
+def _holding() -> tuple[Callable[[], bool], threading.Event, threading.Event]:
+    """A function that holds its thread until released, and two events: it began; release it."""
+    began, release = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        began.set()
+        return release.wait(10)
+
+    return hold, began, release
+
+
 async def test_values_and_errors_come_back_to_the_loop() -> None:
     threads = TaskThreads(2)
     try:
@@ -44,12 +55,7 @@ async def test_tasks_run_side_by_side() -> None:
 
 async def test_close_drops_what_has_not_started() -> None:
     threads = TaskThreads(1)
-    started, release = threading.Event(), threading.Event()
-
-    def hold() -> bool:
-        started.set()
-        return release.wait(10)
-
+    hold, started, release = _holding()
     running = threads.submit(hold)
     waiting = threads.submit(lambda: "never")
     assert await asyncio.to_thread(started.wait, 10)
@@ -67,12 +73,7 @@ async def test_close_drops_what_has_not_started() -> None:
 
 async def test_withdraw_takes_back_only_what_no_thread_has_begun() -> None:
     threads = TaskThreads(1)
-    started, release = threading.Event(), threading.Event()
-
-    def hold() -> bool:
-        started.set()
-        return release.wait(10)
-
+    hold, started, release = _holding()
     try:
         running = threads.submit(hold)
         waiting = [threads.submit(lambda i=i: i) for i in range(3)]
@@ -149,12 +150,7 @@ async def test_a_task_cancelled_while_it_waits_never_runs() -> None:
 
 async def test_the_runner_withdraws_the_tasks_that_wait() -> None:
     runner = ThreadRunner(1)
-    began, release = threading.Event(), threading.Event()
-
-    def hold() -> bool:
-        began.set()
-        return release.wait(10)
-
+    hold, began, release = _holding()
     try:
         running = asyncio.ensure_future(runner.run(_job(hold, task_id="a")))
         waiting = [asyncio.ensure_future(runner.run(_job(lambda: None, task_id=i))) for i in ("b", "c")]
