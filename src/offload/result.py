@@ -201,10 +201,9 @@ async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, m
             if deadline is not None and left <= 0:
                 raise ResultTimeout(f"task {ids[0] if len(ids) == 1 else ids} still running after {timeout} s")
             await watch.wait(max(left, 0.0))
-            finals = [watch.final_state(i) for i in ids]
-            if all(raw is not None for raw in finals):
-                # Each final state came with its change signal: no read.
-                return [app.decode_state(raw) for raw in finals if raw is not None]
+            finals = watch.final_states(ids)
+            if finals is not None:  # each came with its change signal: no read
+                return [app.decode_state(raw) for raw in finals]
 
 
 def wait_state_direct(

@@ -214,6 +214,17 @@ class Watch(abc.ABC):
         states along (a waiter then need not read it); None otherwise."""
         return None
 
+    def final_states(self, task_ids: Sequence[str]) -> list[bytes] | None:
+        """Every one of the tasks' final states as they came with their signals (the answer,
+        without a read), or None unless all of them came."""
+        finals: list[bytes] = []
+        for task_id in task_ids:
+            raw = self.final_state(task_id)
+            if raw is None:
+                return None
+            finals.append(raw)
+        return finals
+
 
 class Store(abc.ABC):
     """Task states, change notifications, pub/sub channels and a small key-value space."""

@@ -74,10 +74,9 @@ class Waiting:
                     gw.metrics.waiting.labels("poll").inc()
                     stack.callback(gw.metrics.waiting.labels("poll").dec)
                 await watch.wait(min(left, gw.recheck_s))
-                finals = [watch.final_state(i) for i in self.task_ids]
-                if all(raw is not None for raw in finals):
-                    # Every task's final state came with its signal: the answer, without a read.
-                    known = [gw.reader.rendered(i, raw) for i, raw in zip(self.task_ids, finals, strict=True) if raw is not None]
+                finals = watch.final_states(self.task_ids)
+                if finals is not None:  # each came with its signal: the answer, without a read
+                    known = [gw.reader.rendered(i, raw) for i, raw in zip(self.task_ids, finals, strict=True)]
                     if self.ready(known):
                         return list[Rendered | None](known)
 
