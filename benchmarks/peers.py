@@ -186,19 +186,11 @@ def tree_cpu_s(pid: int) -> float:
     """User plus system CPU seconds of a process and its live descendants."""
     import psutil
 
-    total = 0.0
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return cpu_of([root.pid, *(child.pid for child in root.children(recursive=True))])
     except psutil.NoSuchProcess:
-        return total
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+        return 0.0
 
 
 def server_pids() -> list[int]:
