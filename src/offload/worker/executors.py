@@ -115,7 +115,7 @@ class ThreadRunner:
 
     def __init__(self, concurrency: int) -> None:
         self._threads = TaskThreads(concurrency)
-        self._waiting: dict[asyncio.Future[Any], str] = {}  # submitted and not ended: its task id
+        self._submitted: dict[asyncio.Future[Any], str] = {}  # not ended (waiting or running): task id
 
     async def run(self, job: Job) -> Outcome:
         env = job.env
@@ -141,7 +141,7 @@ class ThreadRunner:
                 reset_context(token)
 
         future = self._threads.submit(call)
-        self._waiting[future] = env.id
+        self._submitted[future] = env.id
         try:
             if begun is None:
                 # The common case costs one hand-off each way and nothing else.
@@ -152,11 +152,11 @@ class ThreadRunner:
             await asyncio.wait({future, begun}, return_when=asyncio.FIRST_COMPLETED)
             return await self._within_limits(env, future, where, soft, hard)
         finally:
-            self._waiting.pop(future, None)
+            self._submitted.pop(future, None)
 
     def withdraw(self) -> set[str]:
         """Take back the tasks still waiting for a thread (shutdown puts them back unrun): their ids."""
-        return {self._waiting[f] for f in self._threads.withdraw() if f in self._waiting}
+        return {self._submitted[f] for f in self._threads.withdraw() if f in self._submitted}
 
     async def _within_limits(
         self, env: Envelope, future: asyncio.Future[Any], where: list[Any], soft: float | None, hard: float | None
