@@ -6,8 +6,8 @@ task system at all.
     python benchmarks/amqp_round_trip_floor.py --rounds 6 -n 1000
 
 A caller (this process) and a worker (a process of its own, one thread, py-amqp and redis-py,
-prefetch 4) do the least a round trip needs: the caller publishes a persistent message holding
-a task id and waits for the result with BLMOVE on a done list; the worker takes the message,
+prefetch 4) do the least a round trip needs: the caller publishes a persistent message (the task
+id is its message id) and waits for the result with BLMOVE on a done list; the worker takes the message,
 runs ``echo``, stores the result (state and done list, one script, as offload's store does) and
 acks. Then the same with each of offload's promises added in turn:
 
@@ -21,9 +21,9 @@ acks. Then the same with each of offload's promises added in turn:
    queued task never runs).
 
 The variants run in turn, round after round, so that the machine's drift weighs on each alike;
-each figure is the median over rounds of the round trip's median. Compare the last line with
-offload and with Dramatiq in `benchmarks/peers.py --brokers amqp` run in the same hour: what
-offload adds to the floor is its own cost; what the floor adds to Dramatiq is the promises'.
+each figure is the median over rounds of the round trip's median. The last variant also runs
+as the ``floor`` row of `benchmarks/peers.py --brokers amqp`, in turn with offload and Dramatiq:
+what offload adds to the floor is its own cost; what the floor adds to Dramatiq is the promises'.
 Queues are named ``offload-floor-*`` and deleted, keys ``offload-floor:*`` expire in a minute.
 """
 
@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,17 @@ VARIANTS = [
 ]
 
 
-def echo(x: bytes) -> bytes:
-    return x
+def echo(body: bytes) -> bytes:
+    return body
 
 
-def work(url: str, redis_url: str, queue: str, variant: Variant, ready: Any) -> None:
-    """The worker: take a message, (claim,) run, store, ack; until the caller kills it."""
+#: The variant with every promise: what `benchmarks/peers.py` runs as its ``floor`` row.
+EVERY_PROMISE = VARIANTS[-1]
+
+
+def work(url: str, redis_url: str, queue: str, variant: Variant, ready: Any, run: Callable[[bytes], bytes] = echo) -> None:
+    """The worker: take a message, (claim,) run, store, ack; until it is killed. The task id
+    is the message id; ``run`` turns the body into the result."""
     client = redis.Redis.from_url(redis_url)
     store = client.register_script(STORE)
     connection = _connect(url)
@@ -93,17 +99,57 @@ def work(url: str, redis_url: str, queue: str, variant: Variant, ready: Any) -> 
     channel.basic_qos(0, 4, False)
 
     def on_message(message: amqp.Message) -> None:
-        task_id = message.body.decode()
+        task_id = message.properties["message_id"]
         claimed = not variant.claim or client.set(f"offload-floor:claim:{task_id}", b"1", nx=True, px=TTL_MS)
         if claimed:
-            result = echo(message.body)
+            result = run(message.body)
             store(keys=[f"offload-floor:state:{task_id}", f"offload-floor:done:{task_id}"], args=[result, TTL_MS])
         channel.basic_ack(message.delivery_tag)
 
     channel.basic_consume(queue, callback=on_message)
-    ready.set()
+    if ready is not None:
+        ready.set()
     while True:
         connection.drain_events(timeout=60)
+
+
+class Caller:
+    """The caller's side of ``variant`` on one connection: `send` publishes (and waits as the
+    variant says), `wait` blocks until the worker has stored the result."""
+
+    def __init__(self, url: str, redis_url: str, queue: str, variant: Variant) -> None:
+        self.queue, self.variant = queue, variant
+        self.client = redis.Redis.from_url(redis_url)
+        self.connection = _connect(url)
+        self.channel = self.connection.channel()
+        self.declare_queue()
+        if variant.confirm:
+            self.channel.confirm_select()
+
+    def declare_queue(self) -> None:
+        self.channel.queue_declare(self.queue, durable=True, auto_delete=False, arguments=self.variant.arguments())
+
+    def send(self, body: bytes) -> str:
+        task_id = uuid.uuid4().hex
+        message = amqp.Message(body, delivery_mode=2, priority=0, message_id=task_id)
+        self.channel.basic_publish(message, exchange="", routing_key=self.queue)
+        if self.variant.queued:
+            self.client.set(f"offload-floor:state:{task_id}", b"queued", nx=True, px=TTL_MS)
+        if self.variant.confirm:
+            self.channel.wait([amqp.spec.Basic.Ack, amqp.spec.Basic.Nack])
+        return task_id
+
+    def wait(self, task_id: str, timeout_s: float = 10) -> None:
+        done = f"offload-floor:done:{task_id}"
+        if self.client.blmove(done, done, timeout_s, "LEFT", "LEFT") is None:
+            raise TimeoutError(f"no result for {task_id} ({self.variant.label})")
+
+    def delete_queue(self) -> None:
+        self.channel.queue_delete(self.queue)
+
+    def close(self) -> None:
+        self.connection.close()
+        self.client.close()
 
 
 def round_trips(url: str, redis_url: str, variant: Variant, n: int) -> float:
@@ -113,36 +159,22 @@ def round_trips(url: str, redis_url: str, variant: Variant, n: int) -> float:
     ready = context.Event()
     worker = context.Process(target=work, args=(url, redis_url, queue, variant, ready))
     worker.start()
-    client = redis.Redis.from_url(redis_url)
-    connection = _connect(url)
+    caller = Caller(url, redis_url, queue, variant)
     try:
         if not ready.wait(30):
             raise TimeoutError("the worker process did not start")
-        channel = connection.channel()
-        if variant.confirm:
-            channel.confirm_select()
         took: list[float] = []
         for i in range(n + 20):
-            task_id = uuid.uuid4().hex
             started = time.perf_counter()
-            message = amqp.Message(task_id.encode(), delivery_mode=2, priority=0, message_id=task_id)
-            channel.basic_publish(message, exchange="", routing_key=queue)
-            if variant.queued:
-                client.set(f"offload-floor:state:{task_id}", b"queued", nx=True, px=TTL_MS)
-            if variant.confirm:
-                channel.wait([amqp.spec.Basic.Ack, amqp.spec.Basic.Nack])
-            done = f"offload-floor:done:{task_id}"
-            if client.blmove(done, done, 10, "LEFT", "LEFT") is None:
-                raise TimeoutError(f"no result for {task_id} ({variant.label})")
+            caller.wait(caller.send(b"echo"))
             if i >= 20:
                 took.append((time.perf_counter() - started) * 1000)
         return statistics.median(took)
     finally:
         worker.kill()  # it holds nothing unacked between round trips; its keys expire
         worker.join(10)
-        connection.channel().queue_delete(queue)
-        connection.close()
-        client.close()
+        caller.delete_queue()
+        caller.close()
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
 """offload side by side with Celery, RQ, Dramatiq, Huey, arq and taskiq: the same workloads, the
-same local Redis, one library after another; then offload, Celery and Dramatiq on RabbitMQ.
+same local Redis, one library after another; then offload, Celery and Dramatiq on RabbitMQ, and
+beside them the ``floor`` row: no library, the least a task system can do on RabbitMQ while
+keeping offload's promises (benchmarks/peers/floor_peer.py).
 
     make bench-peers                                  # or: python benchmarks/peers.py
     python benchmarks/peers.py --quick                # 500 tasks, 100 round trips: a smoke run
@@ -11,7 +13,7 @@ benchmarks/requirements-peers.txt plus this checkout of offload (editable); the 
 it when missing and re-runs itself there.
 
 For each library and broker, in a fresh driver process, with the library's own Redis database
-(8 + its index below, flushed before and after) and its RabbitMQ queues deleted:
+(8 + its index below, modulo 8; flushed before and after) and its RabbitMQ queues deleted:
 
 1. enqueue: N drain tasks sent one after another from this process (one producer);
 2. drain: then one worker process is started (its own command, two cores' worth of
@@ -27,8 +29,9 @@ For each library and broker, in a fresh driver process, with the library's own R
    library asks of the servers it shares with every other worker; on a machine of two cores it
    is also CPU the worker cannot have). Not shown when the servers run elsewhere.
 
-The table and the ratios (offload / the best peer on each figure) are printed and, unless
---quick, written to benchmarks/results/peers-latest.md.
+The table and the ratios (offload / the best peer on each figure; the floor is not a peer, and
+offload's drain and round trip are compared with it on lines of their own) are printed and,
+unless --quick, written to benchmarks/results/peers-latest.md.
 """
 
 from __future__ import annotations
@@ -69,19 +72,25 @@ LIBRARIES = {
     "arq": "benchmarks.peers.arq_peer",
     "taskiq": "benchmarks.peers.taskiq_peer",
     "dramatiq-confirms": "benchmarks.peers.dramatiq_confirms_peer",
+    "floor": "benchmarks.peers.floor_peer",
 }
 #: The libraries that also run on RabbitMQ; the others speak Redis only.
-ON_AMQP = {"offload", "celery", "dramatiq", "dramatiq-confirms"}
+ON_AMQP = {"offload", "celery", "dramatiq", "dramatiq-confirms", "floor"}
 #: Variants that only mean something on RabbitMQ.
-AMQP_ONLY = {"dramatiq-confirms"}
+AMQP_ONLY = {"dramatiq-confirms", "floor"}
+#: Rows that are not libraries (the least any task system keeping offload's promises can do):
+#: shown, and compared with offload on a line of their own, never taken as the best peer.
+REFERENCES = {"floor"}
 #: Distribution names whose versions the report shows.
 DISTRIBUTIONS = {
     "offload": ["offload", "redis", "hiredis", "aio-pika"], "celery": ["celery", "kombu"], "rq": ["rq"],
     "dramatiq": ["dramatiq", "pika"], "huey": ["huey"], "arq": ["arq"], "taskiq": ["taskiq", "taskiq-redis"],
+    "floor": ["amqp"],
 }
 #: Process names of the servers whose CPU per task the drain also reports (when they run here).
 SERVER_PROCESSES = {"redis-server", "beam.smp"}
 WARMUP = 10
+DATABASES = 8  # from --db-base on
 RESULT_MARK = "PEERS-RESULT "
 
 
@@ -376,7 +385,7 @@ def medians(runs: list[Row]) -> list[Row]:
 
 
 def ratios(rows: list[Row]) -> list[str]:
-    """offload / the best peer, per broker and figure."""
+    """offload / the best peer, per broker and figure; then offload / each reference row."""
     figures = [  # field, label, unit, whether higher is better
         ("enqueue_per_s", "enqueue", "/s", True), ("drain_per_s", "drain", "/s", True),
         ("p50_ms", "round trip p50", " ms", False), ("p99_ms", "round trip p99", " ms", False),
@@ -385,19 +394,27 @@ def ratios(rows: list[Row]) -> list[str]:
     lines = []
     for broker in dict.fromkeys(r.broker for r in rows):
         ours = next((r for r in rows if r.broker == broker and r.library == "offload" and not r.error), None)
-        peers = [r for r in rows if r.broker == broker and r.library != "offload" and not r.error]
-        if ours is None or not peers:
+        if ours is None:
             continue
-        for field, label, unit, higher in figures:
+        others = [r for r in rows if r.broker == broker and r.library != "offload" and not r.error]
+        peers = [r for r in others if r.library not in REFERENCES]
+        for field, label, unit, higher in figures if peers else []:
             best = (max if higher else min)(peers, key=lambda r, f=field: getattr(r, f))  # type: ignore[misc]
-            mine, theirs = getattr(ours, field), getattr(best, field)
-            ratio = mine / theirs if theirs else float("inf")
-            better = ratio > 1 if higher else ratio < 1
-            lines.append(
-                f"{broker:5} {label:16} offload {mine:8.1f}{unit:3}  best peer {best.library:9} {theirs:8.1f}{unit:3}"
-                f"  ratio {ratio:5.2f}  ({'offload ahead' if better else 'peer ahead'})"
-            )
+            lines.append(_ratio_line(broker, label, unit, higher, getattr(ours, field), f"best peer {best.library:9}", getattr(best, field), "peer"))
+        for reference in (r for r in others if r.library in REFERENCES):
+            for field, label, unit, higher in figures[1:3]:
+                mine, theirs = getattr(ours, field), getattr(reference, field)
+                lines.append(_ratio_line(broker, label, unit, higher, mine, f"{reference.library:19}", theirs, reference.library))
     return lines
+
+
+def _ratio_line(broker: str, label: str, unit: str, higher: bool, mine: float, who: str, theirs: float, other: str) -> str:
+    ratio = mine / theirs if theirs else float("inf")
+    better = ratio > 1 if higher else ratio < 1
+    return (
+        f"{broker:5} {label:16} offload {mine:8.1f}{unit:3}  {who} {theirs:8.1f}{unit:3}"
+        f"  ratio {ratio:5.2f}  ({'offload' if better else other} ahead)"
+    )
 
 
 def table(rows: list[Row]) -> list[str]:
@@ -450,7 +467,10 @@ def orchestrate(args: argparse.Namespace) -> None:
                 if (broker == "amqp" and name not in ON_AMQP) or (broker != "amqp" and name in AMQP_ONLY):
                     continue
                 print(f"{name} on {broker}" + (f", round {round_no}" if args.rounds > 1 else "") + " ...", flush=True)
-                row = run_one(name, broker, args.db_base + list(LIBRARIES).index(name), args)
+                # Eight databases for nine rows: one is shared, harmlessly, since each run flushes
+                # its database before and after and the runs go one at a time.
+                db = args.db_base + list(LIBRARIES).index(name) % DATABASES
+                row = run_one(name, broker, db, args)
                 runs.append(row)
                 if row.error:
                     print(f"  {name} on {broker} failed: {row.error}", file=sys.stderr)
@@ -463,7 +483,7 @@ def orchestrate(args: argparse.Namespace) -> None:
     print()
     print("\n".join(lines))
     print()
-    print("offload / best peer (rates: higher is better; latency and memory: lower is better)")
+    print("offload / best peer, and / each reference row (rates: higher is better; latency and memory: lower is better)")
     print("\n".join(ratio_lines))
     print(f"\nload average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     if args.out is None:
@@ -481,7 +501,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         "",
         *lines,
         "",
-        "offload / the best peer on each figure (rates: above 1 is better; latency and memory: below 1 is better):",
+        "offload / the best peer on each figure, then / each reference row (rates: above 1 is better; latency and "
+        "memory: below 1 is better):",
         "",
         *(["```", *ratio_lines, "```"] if ratio_lines else ["(offload, or every peer, is missing from this run)"]),
         "",
@@ -496,7 +517,9 @@ def orchestrate(args: argparse.Namespace) -> None:
         "is taken between the first and the last increment. Every library stores every task's result. "
         "Workers log warnings only. On RabbitMQ, offload's enqueue waits for the broker's publisher confirm "
         "and writes the task's queued state to Redis first; Celery and Dramatiq publish without confirms by "
-        "default. See benchmarks/peers.py and docs/performance.md.",
+        "default. The floor row is no library: a py-amqp caller and a one-thread py-amqp worker that keep "
+        "offload's promises (persistent messages on a priority queue, the confirm, the QUEUED state, the claim) "
+        "and do nothing else. See benchmarks/peers.py and docs/performance.md.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -514,7 +537,7 @@ def main() -> None:
     parser.add_argument("--brokers", default="redis,amqp", help="comma-separated: redis, amqp (default: both)")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server, without a database")
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672/%2F", help="RabbitMQ URL")
-    parser.add_argument("--db-base", type=int, default=8, help="the first of the 8 Redis databases used (flushed!)")
+    parser.add_argument("--db-base", type=int, default=8, help=f"the first of the {DATABASES} Redis databases used (flushed!)")
     parser.add_argument("--out", type=Path, help=f"report file (default {RESULTS.relative_to(ROOT)}, none with --quick)")
     parser.add_argument("--drive", help=argparse.SUPPRESS)
     parser.add_argument("--broker", help=argparse.SUPPRESS)
