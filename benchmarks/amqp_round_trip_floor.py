@@ -157,9 +157,9 @@ def round_trips(url: str, redis_url: str, variant: Variant, n: int) -> float:
     queue = f"offload-floor-{uuid.uuid4().hex[:8]}"
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
+    caller = Caller(url, redis_url, queue, variant)
     worker = context.Process(target=work, args=(url, redis_url, queue, variant, ready))
     worker.start()
-    caller = Caller(url, redis_url, queue, variant)
     try:
         if not ready.wait(30):
             raise TimeoutError("the worker process did not start")
