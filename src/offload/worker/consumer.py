@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -148,9 +149,6 @@ class Worker:
         self._now = asyncio.Event()
         self._space = asyncio.Event()
         self._slots = asyncio.Semaphore(self.concurrency)
-        # Sync tasks of the thread pool: the running ones and those waiting at the threads (see
-        # ThreadRunner), as many as the worker leases.
-        self._thread_places = asyncio.Semaphore(self.concurrency + self.prefetch)
         backends = await self.app._backends()
         self.broker: Broker = backends.broker
         self.broker.hands_out_early = True  # see _admitted
@@ -432,7 +430,10 @@ class Worker:
                 log.debug("held back %s[%s] for %.2f s", env.name, env.id, wait_s)
                 await self.broker.requeue(d, None, wait_s)
                 return
-        places = self._thread_places if self.pool == "thread" and not task.is_async else self._slots
+        # Sync tasks of the thread pool go to the threads at once and wait there (see
+        # ThreadRunner); the worker never leases more than `_capacity`, so they need no
+        # semaphore of their own.
+        places = self._slots if task.is_async or self.pool != "thread" else contextlib.nullcontext()
         async with places:
             assert self._stopping is not None
             if self._stopping.is_set():
