@@ -567,6 +567,44 @@ async def test_a_hand_off_after_the_fetch_gave_up_goes_to_the_next_fetch_or_back
         await other.ack([again])
 
 
+async def test_a_hand_off_that_overtakes_the_claims_reply_counts_against_the_registration(
+    url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The claim that registers a fetch as waiting replies on the command connection; a hand-off
+    # to that registration comes on the pub/sub connection, and can arrive first when another
+    # process enqueues at that moment. The registration must count it: here it stood for one
+    # message, so the next message waits in the queue for a claim, which the next fetch makes.
+    async with opened_broker(url, namespace) as consumer, opened_broker(url, namespace) as producer:
+        assert isinstance(consumer, redis_backend.RedisBroker)
+        first = msg()
+        original = consumer._claim_once
+
+        async def claim_then_race(*args: Any, **kwargs: Any) -> Any:
+            reply = await original(*args, **kwargs)
+            if not reply[0] and not hasattr(claim_then_race, "raced"):
+                claim_then_race.raced = True  # type: ignore[attr-defined]
+                # Enqueued after the claim registered the fetch, handed over, and delivered to
+                # the consumer before it has read the claim's reply.
+                await producer.enqueue(first)
+                deadline = time.monotonic() + 5
+                while not consumer._handed._items:
+                    assert time.monotonic() < deadline, "the hand-off never arrived"
+                    await asyncio.sleep(0.001)
+            return reply
+
+        monkeypatch.setattr(consumer, "_claim_once", claim_then_race)
+        [got] = await consumer.fetch(["default"], 1, timeout_s=2)
+        assert got.id == first.id
+        second = msg()
+        await producer.enqueue(second)
+        assert (await producer.stats()).queued == {"default": 1}  # nobody is registered for it
+        started = time.monotonic()
+        [again] = await consumer.fetch(["default"], 1, timeout_s=0.5)
+        assert again.id == second.id
+        assert time.monotonic() - started < 0.4, "the fetch waited on a registration that was used up"
+        await consumer.ack([got, again])
+
+
 async def test_a_hand_off_nobody_receives_leaves_the_message_in_its_queue(
     url: str, namespace: str, admin: aioredis.Redis
 ) -> None:

@@ -1108,6 +1108,14 @@ class _Registration:
         )  # fmt: skip
 
 
+@dataclass(slots=True)
+class _Claiming:
+    """A claim on its way that may register ``waiter``: hand-offs to it seen before its reply."""
+
+    waiter: str
+    handed: int = 0
+
+
 class _Handed:
     """Messages an enqueue handed to this broker's blocked fetches (see ``hand()`` in the Lua):
     already leased to this process, kept until a fetch for their queue takes them."""
@@ -1167,6 +1175,7 @@ class RedisBroker(Broker):
         self._hand_channel = f"{self._prefix}hand:{uuid.uuid4().hex}".encode()
         self._handed = _Handed(self._hand_channel, self._wakeups, self._on_handed)
         self._registration: _Registration | None = None
+        self._claiming: _Claiming | None = None
         register = self._cmds.pool.register_script
         self._enqueue = register(_LUA_COMMON + _LUA_ENQUEUE)
         self._claim = register(_LUA_COMMON + _LUA_CLAIM_FN + _LUA_CLAIM)
@@ -1235,15 +1244,23 @@ class RedisBroker(Broker):
                     reg = self._registration = None
                     waiter = uuid.uuid4().hex
                     left = max(deadline - now, 0.0)
-                    got, next_in = await self._claim_once(list(names), limit, uuid.uuid4().hex, waiter, left)
+                    # Counted from before the claim: a wake-up or a hand-off that reaches the
+                    # pub/sub connection ahead of the claim's reply must count against the
+                    # registration, or it would stand for messages the server no longer sends.
+                    wakes = self._wakeups.count
+                    self._claiming = _Claiming(waiter)
+                    try:
+                        got, next_in = await self._claim_once(list(names), limit, uuid.uuid4().hex, waiter, left)
+                    finally:
+                        claiming, self._claiming = self._claiming, None
                     if got:
                         return got
                     now = loop.time()
                     due = None if next_in is None else now + next_in
                     if left > 0:
-                        reg = _Registration(waiter, names, now + left + 1 - _REGISTRATION_MARGIN_S, limit,
-                                            self._wakeups.count, due)  # fmt: skip
-                        if self._hub.started:
+                        reg = _Registration(waiter, names, now + left + 1 - _REGISTRATION_MARGIN_S,
+                                            limit - claiming.handed, wakes, due)  # fmt: skip
+                        if self._hub.started and reg.left > 0:
                             self._registration = reg
                     if due is not None and due <= now:
                         continue
@@ -1262,6 +1279,8 @@ class RedisBroker(Broker):
         reg = self._registration
         if reg is not None and reg.waiter == waiter:
             reg.left -= 1
+        elif self._claiming is not None and self._claiming.waiter == waiter:
+            self._claiming.handed += 1
 
     async def _subscribe_wakeups(self, channels: list[bytes]) -> None:
         missing = [c for c in channels if c not in self._wake_subscribed]
