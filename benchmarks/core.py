@@ -1,4 +1,5 @@
-"""offload's own speed: enqueue rate, drain rate with one worker (-c 2), round-trip latency.
+"""offload's own speed: enqueue rate, drain rate with one worker (-c 2), round-trip latency,
+alone and with several processes sending at once.
 
     python benchmarks/core.py                       # sqlite (the default broker)
     python benchmarks/core.py --url redis://127.0.0.1:6379/0
@@ -6,11 +7,15 @@
 
 Drain rate is measured from the stored states (first start to last finish), so worker start-up
 is not counted. Round trip: delay() then get(), one after another, with a worker waiting.
+Concurrent senders: ``--senders`` spawned processes (4, like a pre-forking web server's
+workers) each make round trips in lock-step with the others, so their messages reach the broker
+together; the p99 shows whether any of them waits for something other than the task.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -19,6 +24,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,12 +42,41 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(int(len(ordered) * p), len(ordered) - 1)]
 
 
+def lock_step_sender(barrier: Any, rounds: int, out: Any) -> None:
+    """One of the concurrent senders: a round trip each time every sender is ready."""
+    from benchmarks.bench_app import app, echo
+
+    echo.delay(0).get(timeout=60)
+    latencies = []
+    for i in range(rounds):
+        barrier.wait(timeout=60)
+        t0 = time.perf_counter()
+        assert echo.delay(i).get(timeout=10) == i
+        latencies.append((time.perf_counter() - t0) * 1000)
+    app.close()
+    out.put(latencies)
+
+
+def concurrent_round_trips(senders: int, rounds: int) -> list[float]:
+    """Round-trip latencies (ms) of ``senders`` spawned processes sending in lock-step."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(senders), ctx.Queue()
+    procs = [ctx.Process(target=lock_step_sender, args=(barrier, rounds, out)) for _ in range(senders)]
+    for proc in procs:
+        proc.start()
+    latencies = [ms for _ in procs for ms in out.get(timeout=600)]
+    for proc in procs:
+        proc.join(30)
+    return latencies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url")
     parser.add_argument("--results")
     parser.add_argument("-n", type=int, default=5000, help="tasks for the enqueue and drain runs")
     parser.add_argument("--round-trips", type=int, default=500)
+    parser.add_argument("--senders", type=int, default=4, help="processes sending at once, for the concurrent p99")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="offload-bench-")
     url = args.url or f"sqlite:///{tmp}/bench.db"
@@ -78,6 +113,8 @@ def main() -> None:
             t0 = time.perf_counter()
             assert echo.delay(i).get(timeout=10) == i
             latencies.append((time.perf_counter() - t0) * 1000)
+        os.environ["PYTHONPATH"] = str(ROOT)  # for the spawned senders
+        concurrent = concurrent_round_trips(args.senders, args.round_trips // args.senders)
     finally:
         w.terminate()
         w.wait(30)
@@ -88,6 +125,9 @@ def main() -> None:
     print(f"drain (-c 2)    {args.n / drain_s:8.0f} tasks/s  ({args.n} no-op tasks, one worker process)")
     print(f"round trip p50  {statistics.median(latencies):8.2f} ms")
     print(f"round trip p99  {percentile(latencies, 0.99):8.2f} ms  ({args.round_trips} delay()+get() in a row)")
+    print(f"concurrent p50  {statistics.median(concurrent):8.2f} ms")
+    print(f"concurrent p99  {percentile(concurrent, 0.99):8.2f} ms  ({len(concurrent)} round trips, {args.senders} processes in lock-step)")
+    print(f"concurrent max  {max(concurrent):8.2f} ms")
 
 
 if __name__ == "__main__":
