@@ -4,11 +4,11 @@ implementation there, so there is one implementation and it never blocks the cal
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from offload import forks
 from offload.loops import loop_factory
 
 T = TypeVar("T")
@@ -19,7 +19,7 @@ class Portal:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        os.register_at_fork(after_in_child=self._forget)
+        forks.after_fork(self._forget)
 
     def _forget(self) -> None:
         # The thread does not exist in a forked child; start a new one on demand.
@@ -29,6 +29,7 @@ class Portal:
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
+        forks.check()
         with self._lock:
             if self._loop is None:
                 ready = threading.Event()

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from offload import ratelimit
+from offload import forks, ratelimit
 from offload import workflow as workflows
 from offload._portal import Portal
 from offload.brokers import check_stores_results, make_broker, make_direct, make_store
@@ -123,12 +123,16 @@ class Offload:
         # The broker's sender from the caller's thread, for a separate store (same convention).
         self._direct_sender_client: DirectSender | bool | None = None
         self._direct_lock = threading.Lock()
-        os.register_at_fork(after_in_child=self._after_fork)
+        forks.after_fork(self._after_fork)
 
     def _after_fork(self) -> None:
+        # What the parent made is the parent's: dropped here, never closed (closing would
+        # disturb the parent's connections).
         self._by_loop.clear()
+        self._connecting.clear()
         self._direct_lock = threading.Lock()
-        self._direct_sender_client = None  # it belongs to the parent's broker; not closed here
+        self._direct_client = None
+        self._direct_sender_client = None
 
     def __repr__(self) -> str:
         return f"<Offload {self.url.masked} namespace={self.namespace!r}>"
@@ -202,6 +206,7 @@ class Offload:
 
     # -- connections, one set per event loop ---------------------------------------------------
     async def _backends(self) -> _Backends:
+        forks.check()
         loop = asyncio.get_running_loop()
         found = self._by_loop.get(loop)
         if found is not None:
@@ -285,6 +290,7 @@ class Offload:
     def _made_once(self, attribute: str, make: Callable[[_Backends], Any]) -> Any:
         """A blocking face kept in ``attribute`` (None until made, False when there is none),
         made from the loop-side backends once they have connected."""
+        forks.check()
         made = getattr(self, attribute)
         if made is None:
             backends = self._portal.run(self._backends())

@@ -35,6 +35,7 @@ import time
 import weakref
 from collections.abc import Collection, Iterable
 
+from offload import forks
 from offload.brokers._signals import Listener, Signals
 
 __all__ = ["Notifier", "open_notifier"]
@@ -442,5 +443,5 @@ def _at_exit() -> None:
         notifier._unlink_at_exit()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+forks.after_fork(_after_fork_in_child)
 atexit.register(_at_exit)

@@ -44,6 +44,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterator, Seque
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from offload import forks
 from offload.brokers._notify import Notifier, open_notifier
 from offload.brokers._signals import Listener
 from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store, Watch
@@ -162,7 +163,7 @@ def _after_fork_in_child() -> None:
     _shared.clear()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+forks.after_fork(_after_fork_in_child)
 
 _NOTHING: Any = object()
 _MAX_GROUP = 256  # calls answered by one batched job at most
