@@ -1,16 +1,22 @@
 """Fixtures shared by every test: backend URLs per kind, fresh namespaces, a clean environment.
 
 Redis and RabbitMQ tests skip, saying why, when the server is not reachable, unless
-OFFLOAD_REQUIRE_BROKERS=1 (CI), where an unreachable server fails the run instead.
+OFFLOAD_REQUIRE_BROKERS=1 (CI), where an unreachable server fails the run instead; so do tests
+that need a browser, a program (rabbitmqctl, uwsgi) or an optional package (uvloop, Django).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import shutil
 import socket
+import sys
+import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -37,10 +43,31 @@ def require_server(kind: str) -> None:
     host, port = _SERVERS[kind]
     if _reachable(host, port):
         return
-    reason = f"{kind} not reachable at {host}:{port}"
+    missing(f"{kind} not reachable at {host}:{port}")
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip (locally) or fail (CI, OFFLOAD_REQUIRE_BROKERS=1) for something the test needs that
+    this machine lacks: a server, a browser, a program or a package."""
     if os.environ.get("OFFLOAD_REQUIRE_BROKERS") == "1":
         pytest.fail(f"{reason} (OFFLOAD_REQUIRE_BROKERS=1)")
     pytest.skip(reason)
+
+
+def require_module(name: str, install: str) -> types.ModuleType:
+    """``pytest.importorskip`` that fails in CI instead of skipping."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"{name} is not installed ({install})")
+
+
+def require_program(name: str, install: str) -> str:
+    """The path of a program on PATH (or beside this interpreter), or `missing`."""
+    found = shutil.which(name, path=os.path.dirname(sys.executable)) or shutil.which(name)
+    if found is None:
+        missing(f"{name} is not installed ({install})")
+    return found
 
 
 def urls_for(kind: str, tmp_path: Path) -> tuple[str, str | None]:

@@ -11,9 +11,10 @@ import pytest
 from offload import Offload
 from offload.errors import ConfigError
 from offload.loops import loop_factory, loop_kind
+from tests.conftest import require_module
 from tests.support import run_cli, start_worker
 
-uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (pip install 'offload[fast]')")
+uvloop = require_module("uvloop", "pip install 'offload[fast]'")
 
 
 def test_auto_picks_uvloop_when_it_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:

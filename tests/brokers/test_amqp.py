@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import shutil
 import socket
 import time
 import uuid
@@ -31,7 +30,7 @@ from offload.config import parse_url
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
 from offload.result import Status, TaskState
 from offload.task import Options
-from tests.conftest import AMQP_URL, REDIS_URL, require_server
+from tests.conftest import AMQP_URL, REDIS_URL, require_program, require_server
 from tests.support import flush_namespace
 
 MakeBroker = Callable[..., Awaitable[AmqpBroker]]
@@ -76,10 +75,9 @@ async def amqp(namespace: str) -> AsyncIterator[MakeBroker]:
 
 
 async def rabbitmqctl(*args: str) -> str:
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl is not installed here")
+    program = require_program("rabbitmqctl", "Debian's rabbitmq-server package")
     proc = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        program, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     if proc.returncode != 0:

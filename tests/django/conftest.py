@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("django")
-
-import django
-
+from tests.conftest import require_module
 from tests.support import ROOT, OffloadProcess
+
+django = require_module("django", "pip install 'offload[django]'")
 
 TEST_DIR = Path(tempfile.mkdtemp(prefix="offload-django-"))
 NAMESPACE = f"dj{uuid.uuid4().hex[:10]}"

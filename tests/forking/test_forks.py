@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_server, urls_for
+from tests.conftest import require_program, require_server, urls_for
 from tests.support import ROOT, OffloadProcess, env_for, start_worker
 
 KINDS = ["sqlite", "redis"]
@@ -84,11 +82,7 @@ def _get(port: int) -> tuple[int, dict[str, int]]:
 def test_uwsgi_prefork_without_lazy_apps_answers_every_request(
     urls: tuple[str, str | None], namespace: str, worker: OffloadProcess, tmp_path: Path
 ) -> None:
-    uwsgi = shutil.which("uwsgi", path=os.path.dirname(sys.executable)) or shutil.which("uwsgi")
-    if uwsgi is None:
-        if os.environ.get("OFFLOAD_REQUIRE_BROKERS") == "1":
-            pytest.fail("uwsgi is not installed (pip install uwsgi; OFFLOAD_REQUIRE_BROKERS=1)")
-        pytest.skip("uwsgi is not installed (pip install uwsgi)")
+    uwsgi = require_program("uwsgi", "pip install uwsgi")
     url, results = urls
     port = _free_port()
     # The spooler tutorial's configuration: four processes of two threads, the app loaded once in

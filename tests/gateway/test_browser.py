@@ -16,6 +16,7 @@ import pytest
 
 from offload import Offload
 from offload.tokens import make_token
+from tests.conftest import missing, require_module
 from tests.gateway.conftest import SECRET, Server
 from tests.support import env_for, start_worker
 
@@ -31,8 +32,8 @@ BASIC = "tests.apps.basic."
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The site (page + gateway at /jobs) and a worker, on sqlite, with a secret."""
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
-    pytest.importorskip("playwright")
+        missing(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
+    require_module("playwright", "pip install playwright")
     url = f"sqlite:///{tmp_path_factory.mktemp('browser') / 'offload.db'}"
     namespace = "browser"
     env = env_for(url, namespace, OFFLOAD_TEST_SECRET=SECRET)

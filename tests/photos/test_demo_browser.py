@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import missing, require_module
 from tests.support import ROOT, OffloadProcess
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -60,9 +61,9 @@ class Demo(OffloadProcess):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
-    pytest.importorskip("playwright")
-    pytest.importorskip("django")
+        missing(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
+    require_module("playwright", "pip install playwright")
+    require_module("django", "pip install 'offload[django]'")
     started = time.monotonic()
     process = Demo(tmp_path_factory.mktemp("photos"))
     print(f"demo ready in {time.monotonic() - started:.1f} s")
