@@ -73,6 +73,18 @@ def touch_then_sleep(marker: str, seconds: float) -> str:
 
 
 @app.task
+def touch_then_report(marker: str, seconds: float) -> str:
+    """A thread task that reports progress as it goes: each report is a chance to be cancelled."""
+    Path(marker).write_text(str(os.getpid()))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        current.progress(None, "working")
+        time.sleep(0.01)
+    Path(marker + ".finished").write_text("ran to the end")
+    return "reported"
+
+
+@app.task
 async def async_touch_then_sleep(marker: str, seconds: float) -> str:
     Path(marker).write_text(str(os.getpid()))
     await asyncio.sleep(seconds)
