@@ -187,9 +187,11 @@ def test_upload_export_and_private_link(demo: Demo, browser: Any, tmp_path: Path
     other_page.click("#switch-bob")
     other_page.wait_for_selector("#username:text('bob')")
     assert other_page.query_selector("#photos img.thumbnail") is None  # bob sees none of demo's photos
-    assert other.request.get(url).status in (403, 404)
+    # Someone else's export is not found, as if it did not exist: neither the other user nor a
+    # stranger who is signed in as nobody learns that it does.
+    assert other.request.get(url).status == 404
     stranger = browser.new_context()
-    assert stranger.request.get(url).status in (403, 404)
+    assert stranger.request.get(url).status == 404
     stranger.close()
     other.close()
 
