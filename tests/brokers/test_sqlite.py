@@ -28,6 +28,7 @@ import pytest
 
 from offload.brokers import _notify, make_broker, make_store
 from offload.brokers import sqlite as sqlite_backend
+from offload.brokers._signals import Listener
 from offload.brokers.base import Broker, OutgoingMessage, Store
 from offload.brokers.sqlite import SqliteBroker, SqliteStore, database_path
 from offload.config import parse_url
@@ -132,15 +133,18 @@ def child_watch(url: str, ns: str, task_id: str, ready: Any, out: Any) -> None:
 
 def child_fetch_one(url: str, ns: str, ready: Any, out: Any) -> None:
     sqlite_backend.SAFETY_POLL_S = NO_SAFETY_POLL_S
+    wait = Listener.wait
+
+    async def say_ready_then_wait(self: Listener, timeout_s: float) -> bool:
+        ready.set()  # the fetch found nothing and waits: only a wake-up can bring the message now
+        return await wait(self, timeout_s)
 
     async def main() -> None:
         broker = await _open_broker(url, ns)
         assert isinstance(broker, SqliteBroker)
         try:
-            # Bind the notifier's socket before saying ready, as a waiting fetch would have.
-            with broker._h.notifier.listen(["warm-up"]):
-                ready.set()
-                got = await broker.fetch(["default"], 1, timeout_s=30)
+            Listener.wait = say_ready_then_wait  # type: ignore[method-assign]
+            got = await broker.fetch(["default"], 1, timeout_s=30)
             out.put(([d.id for d in got], time.time()))
         finally:
             await broker.close()
@@ -216,10 +220,7 @@ async def test_a_waiter_in_another_process_is_woken_by_the_notifier(url: str, na
 async def test_a_fetch_in_another_process_is_woken_by_enqueue(url: str, namespace: str, broker: SqliteBroker) -> None:
     ready, out = SPAWN.Event(), SPAWN.Queue()
     with child(child_fetch_one, url, namespace, ready, out) as proc:
-        assert await asyncio.to_thread(ready.wait, 30), "child did not start"
-        # The child's fetch may or may not have begun waiting yet; either way it must get the
-        # message at once, from its first read or from the wake-up.
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(ready.wait, 30), "the child's fetch never waited"
         m = msg()
         sent_at = time.time()
         await broker.enqueue(m)
