@@ -27,9 +27,12 @@ test: install browser
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
-# The photo site (examples/photos): site, workers and beat on http://127.0.0.1:8000; Ctrl-C stops all.
+# The photo site (examples/photos): site, workers and beat on http://$(HOST):$(PORT); Ctrl-C stops all.
+# `make demo PORT=8080` serves it on another port (0: any free one).
+HOST ?= 127.0.0.1
+PORT ?= 8000
 demo: install
-	$(PY) -m examples.photos.run
+	$(PY) -m examples.photos.run --host $(HOST) --port $(PORT)
 
 bench: install
 	$(PY) benchmarks/core.py

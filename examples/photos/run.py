@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     offload = [sys.executable, "-m", "offload"]
     children = [
         Child("web", [sys.executable, "-m", "uvicorn", "examples.photos.asgi:application", "--host", args.host,
-                      "--port", str(port), "--no-access-log", "--timeout-graceful-shutdown", "2"],
+                      "--port", str(port), "--no-access-log", "--lifespan", "off", "--timeout-graceful-shutdown", "2"],
               "Uvicorn running on", env),
         Child("images", [*offload, "worker", APP, "-q", "images", "--pool", "process", "--grace", "10"], "worker ready", env),
         Child("tasks", [*offload, "worker", APP, "-q", "default,exports", "-c", "4", "--grace", "10"], "worker ready", env),

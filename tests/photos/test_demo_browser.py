@@ -238,3 +238,11 @@ def cleanup(demo: Demo, older_than_days: float) -> Any:
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_demo_starts_without_warnings(demo: Demo) -> None:
+    # Everything the demo prints up to "ready" is its own report: a warning there (uvicorn on
+    # Django's missing lifespan support, a deprecation) is noise a new user reads as a fault.
+    ready_at = next(i for i, line in enumerate(demo.lines) if _READY.search(line))
+    noisy = [line for line in demo.lines[:ready_at] if re.search(r"warn|deprecat|unsupported", line, re.I)]
+    assert noisy == []
