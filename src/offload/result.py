@@ -183,6 +183,26 @@ class Result(Generic[R]):
         return make_token(self.app, self.id, expires_in)
 
 
+def not_done_after(states: Sequence[TaskState], timeout: float | None) -> str:
+    """What a `ResultTimeout` says: where each task that has not ended stands, and for one that
+    never started, that no worker took it (none runs, or none consumes its queue)."""
+    waiting = [s for s in states if not s.done]
+    if len(waiting) == 1:
+        return f"{_where(waiting[0])} after waiting {timeout} s"
+    where = "; ".join(_where(s) for s in waiting[:5]) + ("; ..." if len(waiting) > 5 else "")
+    return f"{len(waiting)} of {len(states)} tasks not done after waiting {timeout} s: {where}"
+
+
+def _where(state: TaskState) -> str:
+    task = f"task {state.id} ({state.name})"
+    if state.status is Status.QUEUED:
+        return f"{task} is still queued: no worker has started it (is a worker running on its queue?)"
+    if state.status is Status.RETRYING:
+        return f"{task} is waiting for attempt {state.attempts + 1}"
+    since = "" if state.started_at is None else f" since {state.started_at.isoformat(timespec='seconds')}"
+    return f"{task} is still running{since}, attempt {state.attempts}"
+
+
 async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, mode: str = "all") -> list[TaskState]:
     """Wait until all (or, with mode="any", one) of the tasks end, woken by the store's change
     signals. Returns the states read last. Raises ResultTimeout when time runs out."""
@@ -199,7 +219,7 @@ async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, m
                 return states  # type: ignore[return-value]
             left = SAFETY_POLL_S if deadline is None else min(deadline - time.monotonic(), SAFETY_POLL_S)
             if deadline is not None and left <= 0:
-                raise ResultTimeout(f"task {ids[0] if len(ids) == 1 else ids} still running after {timeout} s")
+                raise ResultTimeout(not_done_after([s for s in states if s is not None], timeout))
             await watch.wait(max(left, 0.0))
             finals = watch.final_states(ids)
             if finals is not None:  # each came with its change signal: no read
@@ -229,7 +249,7 @@ def wait_state_direct(
             return state
         left = SAFETY_POLL_S if deadline is None else min(deadline - time.monotonic(), SAFETY_POLL_S)
         if left <= 0:
-            raise ResultTimeout(f"task {task_id} still running after {timeout} s")
+            raise ResultTimeout(not_done_after([state], timeout))
         raw = direct.wait_final(task_id, left)
         if raw is not None:
             state = app.decode_state(raw)

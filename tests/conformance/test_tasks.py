@@ -11,6 +11,7 @@ import pytest
 
 from offload import ResultTimeout, SerializationError, Status, TaskFailed
 from tests.conformance.conftest import Harness
+from tests.support import wait_until
 
 
 def test_delay_then_get(harness: Harness) -> None:
@@ -44,11 +45,28 @@ def test_failure_carries_type_message_traceback(harness: Harness) -> None:
 
 def test_get_times_out_while_queued(harness: Harness) -> None:
     r = harness.task("add").delay(1, 1)
-    with pytest.raises(ResultTimeout):
+    with pytest.raises(ResultTimeout) as info:
         r.get(timeout=0.3)
+    # It says where the task stands: nobody has started it, so no worker took it.
+    assert str(info.value) == (
+        f"task {r.id} (tests.apps.basic.add) is still queued: no worker has started it "
+        "(is a worker running on its queue?) after waiting 0.3 s"
+    )
     with pytest.raises(TimeoutError):  # ResultTimeout is a TimeoutError too
         r.get(timeout=0.1)
     assert r.status() is Status.QUEUED
+
+
+def test_a_timeout_on_a_running_task_says_it_runs(harness: Harness) -> None:
+    harness.worker("-c", "1")
+    marker = harness.tmp_path / "running"
+    r = harness.task("touch_then_report").delay(str(marker), 30)
+    wait_until(marker.exists, 20, "task start")
+    with pytest.raises(ResultTimeout) as info:
+        r.get(timeout=0.2)
+    assert f"task {r.id} (tests.apps.basic.touch_then_report) is still running since " in str(info.value)
+    assert str(info.value).endswith(", attempt 1 after waiting 0.2 s")
+    r.cancel()  # it stops at its next progress report
 
 
 def test_state_is_durable_and_readable_from_a_new_app(harness: Harness) -> None:
