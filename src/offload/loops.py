@@ -30,7 +30,7 @@ def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         import uvloop
     except ImportError:
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop  # type: ignore[no-any-return, unused-ignore]
 
 
 def loop_factory(name: str | None = None) -> Callable[[], asyncio.AbstractEventLoop]:

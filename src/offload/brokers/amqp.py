@@ -665,7 +665,7 @@ class AmqpBroker(Broker):
         headers = message_headers(message_id, queue, deliveries, key=key, expires=expires, eta=eta, now=now)
         exchange = ""
         expiration: str | None = None
-        if not is_due(eta, now):
+        if eta is not None and not is_due(eta, now):
             await self._ensure_topology()
             headers[_H_DELAY] = str(_level_ms(eta - now))
             exchange = self._delay_exchange

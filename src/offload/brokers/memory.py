@@ -60,6 +60,15 @@ class _Lanes:
         return None
 
 
+@dataclass(frozen=True, eq=False)
+class _Subscriber:
+    """One `subscribe` of a channel: its queue and the loop that reads it (publish may come
+    from another thread's loop)."""
+
+    queue: asyncio.Queue[bytes]
+    loop: asyncio.AbstractEventLoop
+
+
 @dataclass
 class _Space:
     """Everything stored under one memory URL."""
@@ -71,7 +80,7 @@ class _Space:
     dead: dict[tuple[str, str], DeadLetter] = field(default_factory=dict)
     states: dict[tuple[str, str], tuple[bytes, float | None]] = field(default_factory=dict)
     values: dict[tuple[str, str], tuple[bytes, float | None]] = field(default_factory=dict)
-    channels: dict[tuple[str, str], set[asyncio.Queue[bytes]]] = field(default_factory=dict)
+    channels: dict[tuple[str, str], set[_Subscriber]] = field(default_factory=dict)
     lanes: dict[tuple[str, str], _Lanes] = field(default_factory=dict)
     seq: int = 0
 
@@ -305,24 +314,23 @@ class MemoryStore(Store):
             return [_alive(self._s.states.get((self.namespace, t))) for t in task_ids]
 
     @asynccontextmanager
-    async def watch(self, task_ids: Sequence[str]) -> AsyncIterator[Watch]:  # type: ignore[override]
+    async def watch(self, task_ids: Sequence[str]) -> AsyncIterator[Watch]:  # type: ignore[override, unused-ignore]
         with self._s.signals.listen(self._topic(t) for t in task_ids) as listener:
             yield _MemoryWatch(listener)
 
     async def publish(self, channel: str, data: bytes) -> None:
         with self._s.lock:
             queues = list(self._s.channels.get((self.namespace, channel), ()))
-        for q in queues:
-            loop = q._offload_loop
-            loop.call_soon_threadsafe(q.put_nowait, data)
+        for subscriber in queues:
+            subscriber.loop.call_soon_threadsafe(subscriber.queue.put_nowait, data)
 
     @asynccontextmanager
-    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:  # type: ignore[override]
+    async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[bytes]]:  # type: ignore[override, unused-ignore]
         q: asyncio.Queue[bytes] = asyncio.Queue()
-        q._offload_loop = asyncio.get_running_loop()  # type: ignore[attr-defined]
+        subscriber = _Subscriber(q, asyncio.get_running_loop())
         key = (self.namespace, channel)
         with self._s.lock:
-            self._s.channels.setdefault(key, set()).add(q)
+            self._s.channels.setdefault(key, set()).add(subscriber)
 
         async def messages() -> AsyncIterator[bytes]:
             while True:
@@ -332,7 +340,7 @@ class MemoryStore(Store):
             yield messages()
         finally:
             with self._s.lock:
-                self._s.channels.get(key, set()).discard(q)
+                self._s.channels.get(key, set()).discard(subscriber)
 
     async def set_if_absent(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
         with self._s.lock:

@@ -1047,7 +1047,7 @@ async def _read(ps: PubSub, timeout_s: float) -> Any:
 
 async def _close_pubsub(ps: PubSub) -> None:
     with contextlib.suppress(Exception):
-        await ps.aclose()  # type: ignore[no-untyped-call]
+        await ps.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
 
 class _Wakeups:

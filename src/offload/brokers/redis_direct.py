@@ -46,7 +46,7 @@ class RedisDirect(Direct):
         self._keys = [self._prefix]
         kwargs = _connection_kwargs(url, namespace)
         kwargs["connection_class"] = redis.SSLConnection if url.scheme == "rediss" else redis.Connection
-        pool = redis.BlockingConnectionPool(
+        pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call, unused-ignore]
             max_connections=int(url.param_float("max_connections", _MAX_CONNECTIONS)),
             timeout=_OPERATION_TIMEOUT_S,
             socket_timeout=_OPERATION_TIMEOUT_S,
@@ -73,7 +73,7 @@ class RedisDirect(Direct):
         except (RedisError, OSError):
             return self._run(usual)
         try:
-            conn.send_packed_command(conn.pack_command(*command), check_health=False)
+            conn.send_packed_command(conn.pack_command(*command), check_health=False)  # type: ignore[no-untyped-call, unused-ignore]
             return cast("_T", conn.read_response())
         except (RedisError, TimeoutError) as e:
             error = _sent_directly_failed(self._masked, e)
@@ -107,7 +107,8 @@ class RedisDirect(Direct):
         # long wait is several calls.
         timeout = min(max(round(timeout_s, 3), 0.001), _OPERATION_TIMEOUT_S - _BLOCK_SLACK_S)
         command = ("BLMOVE", done, done, "LEFT", "LEFT", timeout)
-        return self._command(command, lambda: cast("bytes | None", self._client.blmove(done, done, timeout, "LEFT", "LEFT")))
+        # The server takes seconds with decimals; redis-py annotates the timeout as int.
+        return self._command(command, lambda: cast("bytes | None", self._client.blmove(done, done, timeout, "LEFT", "LEFT")))  # type: ignore[arg-type, unused-ignore]
 
     def close(self) -> None:
         self._client.close()
