@@ -8,21 +8,21 @@ that does not exist there. So each place that keeps such things registers here w
 `after_fork`, and the entry points that use them call `check`, which compares the process id
 with the one the state belongs to and, in a child, runs every registered function once, first.
 
-Registered functions run in the order they were registered; bound methods are held weakly, so
-registering an object does not keep it alive.
+Registered functions run in the order they were registered. They are held strongly, as
+`os.register_at_fork` holds its hooks: an app lives as long as the process, and is never
+collected with connections still open on a loop that has gone.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 __all__ = ["after_fork", "check"]
 
-_callbacks: list[Callable[[], Callable[[], Any] | None]] = []
+_callbacks: list[Callable[[], Any]] = []
 _owner_pid = os.getpid()
 # One lock per process id, made on demand: a lock made in the parent may have been held by one
 # of its threads at the fork and would never be released in the child. dict.setdefault is atomic.
@@ -31,11 +31,7 @@ _locks: dict[int, threading.Lock] = {}
 
 def after_fork(fn: Callable[[], Any]) -> None:
     """Call ``fn`` in a forked child before offload uses anything made in the parent."""
-    if hasattr(fn, "__self__") and hasattr(fn, "__func__"):
-        method = weakref.WeakMethod(fn)
-        _callbacks.append(method)
-    else:
-        _callbacks.append(lambda: fn)
+    _callbacks.append(fn)
 
 
 def check() -> None:
@@ -51,14 +47,8 @@ def _start_again(pid: int) -> None:
     with _locks.setdefault(pid, threading.Lock()):
         if _owner_pid == pid:
             return  # another thread of this child did it
-        registered = list(_callbacks)
-        alive = []
-        for ref in registered:
-            fn = ref()
-            if fn is not None:
-                fn()
-                alive.append(ref)
-        _callbacks[: len(registered)] = alive  # keeping any registered meanwhile
+        for fn in list(_callbacks):
+            fn()
         _owner_pid = pid
         for other in [p for p in _locks if p != pid]:
             _locks.pop(other, None)
