@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def env_for(url: str, namespace: str, results: str | None = None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFLOAD_") or k == "OFFLOAD_REQUIRE_BROKERS"}
-    env.update({"OFFLOAD_URL": url, "OFFLOAD_NAMESPACE": namespace, "PYTHONPATH": str(ROOT), **extra})
+    # src first: the worker runs the code under test, not whatever copy is installed.
+    pythonpath = os.pathsep.join((str(ROOT / "src"), str(ROOT)))
+    env.update({"OFFLOAD_URL": url, "OFFLOAD_NAMESPACE": namespace, "PYTHONPATH": pythonpath, **extra})
     if results:
         env["OFFLOAD_TEST_RESULTS"] = results
     return env
