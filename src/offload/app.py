@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import logging
 import os
 import secrets
 import threading
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+log = logging.getLogger("offload")
 
 DEFAULT_URL = "sqlite:///offload.db"
 #: How long a delay() with a key waits for a finished holder to release it (about 1 s in all).
@@ -468,6 +471,14 @@ class Offload:
 
             async def decoded() -> AsyncIterator[Any]:
                 async for data in raw:
-                    yield self.codec.loads(data)
+                    # Anyone who can publish on the store can send bytes here: one that does not
+                    # decode (or, with pickle, is not signed) is dropped, not raised, so it
+                    # cannot end every subscriber's loop.
+                    try:
+                        value = self.codec.loads(data)
+                    except Exception as e:
+                        log.warning("dropped an undecodable message on channel %r: %s", channel, e)
+                        continue
+                    yield value
 
             yield decoded()

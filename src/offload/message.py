@@ -6,6 +6,14 @@ Wire format (every broker carries these bytes unchanged)::
 
 flags: bits 0-3 the serializer code, bit 4 zlib-compressed, bit 5 signed. The signature
 covers the header and the payload, so neither can be altered without detection.
+
+Values (task states, channel and control messages) are the serializer's bytes alone, except
+with a serializer that runs code when loading (pickle)::
+
+    HMAC-SHA256 under the value key (32 bytes) | payload
+
+The value key is derived from the secret under a label of its own, so a value's signature
+never passes for an envelope's, nor the other way round.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import zlib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from offload.errors import MessageError, SerializationError, SignatureError
+from offload.errors import ConfigError, MessageError, SerializationError, SignatureError
 from offload.serializers import BY_CODE, Serializer
 
 MAGIC = b"OF"
@@ -25,6 +33,7 @@ VERSION = 1
 _COMPRESSED = 0x10
 _SIGNED = 0x20
 _DIGEST = 32
+_VALUE_KEY_LABEL = b"offload value signature v1"
 
 
 @dataclass(slots=True)
@@ -91,13 +100,37 @@ class Codec:
         self.serializer = serializer
         self.secret = secret
         self.compress_over = compress_over
+        # Set only for a serializer that runs code when loading: JSON and msgpack values carry
+        # no signature and pay nothing for it.
+        self._value_key: bytes | None = None
+        if serializer.runs_code:
+            if not secret:
+                raise ConfigError(
+                    f"serializer={serializer.name!r} needs a secret=...: loading it runs code, so offload loads "
+                    "only values signed with the app's secret (else anyone who can write to the broker or "
+                    "result store runs code in every process)"
+                )
+            self._value_key = hmac.new(secret, _VALUE_KEY_LABEL, hashlib.sha256).digest()
 
-    # Values (results, channel messages) use the serializer alone: they are never executed.
+    # Values (results, states, channel messages) use the serializer alone, signed when loading
+    # them could run code.
     def dumps(self, value: Any) -> bytes:
-        return self.serializer.dumps(value)
+        payload = self.serializer.dumps(value)
+        if self._value_key is None:
+            return payload
+        return hmac.new(self._value_key, payload, hashlib.sha256).digest() + payload
 
     def loads(self, data: bytes) -> Any:
-        return self.serializer.loads(data)
+        if self._value_key is None:
+            return self.serializer.loads(data)
+        digest, payload = data[:_DIGEST], data[_DIGEST:]
+        expected = hmac.new(self._value_key, payload, hashlib.sha256).digest()
+        if len(digest) < _DIGEST or not hmac.compare_digest(digest, expected):
+            raise SignatureError(
+                f"{self.serializer.name} value refused unread: its signature is missing or wrong "
+                "(not written by an app with this secret)"
+            )
+        return self.serializer.loads(payload)
 
     def encode(self, env: Envelope) -> bytes:
         payload = self.serializer.dumps(env.to_dict())

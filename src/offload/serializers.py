@@ -21,6 +21,9 @@ from offload.errors import ConfigError, SerializationError
 class Serializer(Protocol):
     name: str
     code: int
+    #: Whether loading bytes can run code (pickle): the codec then signs every value it writes
+    #: and checks that signature before loading one.
+    runs_code: bool
 
     def dumps(self, value: Any) -> bytes: ...
     def loads(self, data: bytes) -> Any: ...
@@ -131,6 +134,7 @@ _DECODER = json.JSONDecoder(object_hook=_untag_object)
 class JSONSerializer:
     name = "json"
     code = 1
+    runs_code = False
 
     def dumps(self, value: Any) -> bytes:
         try:
@@ -145,6 +149,7 @@ class JSONSerializer:
 class MsgpackSerializer:
     name = "msgpack"
     code = 2
+    runs_code = False
 
     def __init__(self) -> None:
         try:
@@ -155,7 +160,8 @@ class MsgpackSerializer:
 
     def dumps(self, value: Any) -> bytes:
         try:
-            return self._msgpack.packb(_tag(value), use_bin_type=True)
+            packed: bytes = self._msgpack.packb(_tag(value), use_bin_type=True)
+            return packed
         except (TypeError, ValueError) as e:
             raise SerializationError(f"cannot serialize with msgpack: {e}") from None
 
@@ -164,10 +170,12 @@ class MsgpackSerializer:
 
 
 class PickleSerializer:
-    """Only when the app is created with serializer="pickle": unpickling runs code."""
+    """Only when the app is created with serializer="pickle" and a secret: unpickling runs
+    code, so the codec unpickles only bytes it signed."""
 
     name = "pickle"
     code = 3
+    runs_code = True
 
     def dumps(self, value: Any) -> bytes:
         try:
@@ -179,7 +187,7 @@ class PickleSerializer:
         return pickle.loads(data)
 
 
-_BY_NAME = {"json": JSONSerializer, "msgpack": MsgpackSerializer, "pickle": PickleSerializer}
+_BY_NAME: dict[str, type[Serializer]] = {"json": JSONSerializer, "msgpack": MsgpackSerializer, "pickle": PickleSerializer}
 BY_CODE = {cls.code: cls for cls in _BY_NAME.values()}
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from offload import Offload, Retry, current
 
-app = Offload(results=os.environ.get("OFFLOAD_TEST_RESULTS") or None, secret=os.environ.get("OFFLOAD_TEST_SECRET") or None)
+app = Offload(results=os.environ.get("OFFLOAD_TEST_RESULTS") or None, secret=os.environ.get("OFFLOAD_TEST_SECRET") or None,
+              serializer=os.environ.get("OFFLOAD_TEST_SERIALIZER") or "json")
 
 
 @app.on_worker_start

@@ -60,3 +60,11 @@ def test_a_worker_without_django_settings_says_what_is_missing() -> None:
     assert done.returncode == 2
     assert "set DJANGO_SETTINGS_MODULE" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_pickle_without_a_secret_is_refused_in_the_settings() -> None:
+    with override_settings(OFFLOAD={"SERIALIZER": "pickle", "SECRET": None}), \
+            pytest.raises(ConfigError, match=r"'pickle' needs a secret"):
+        conf.app_options()
+    with override_settings(OFFLOAD={"SERIALIZER": "pickle"}):
+        assert Offload("memory://", **{k: v for k, v in conf.app_options().items() if k != "url"}).codec.serializer.name == "pickle"

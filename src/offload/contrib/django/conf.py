@@ -8,7 +8,8 @@
 ``RESULTS``     result store URL (needed with ``amqp://``); else ``$OFFLOAD_RESULTS``
 ``SECRET``      signs messages and browser tokens; else ``$OFFLOAD_SECRET``; else derived
                 from ``SECRET_KEY`` under a salt of its own. ``None`` turns signing off.
-``SERIALIZER``  ``"json"`` (default), ``"msgpack"`` or ``"pickle"``
+``SERIALIZER``  ``"json"`` (default), ``"msgpack"`` or ``"pickle"`` (needs a secret: values
+                are signed and checked before they are unpickled)
 ``TIMEZONE``    for cron schedules; else ``TIME_ZONE``
 ``RESULT_TTL``  seconds (or a timedelta) task states are kept
 ``DEBUG``       tracebacks reach browsers (default ``False``, whatever ``DEBUG`` says)
@@ -100,6 +101,11 @@ def app_options() -> dict[str, Any]:
     for key, name in (("SERIALIZER", "serializer"), ("RESULT_TTL", "result_ttl"), ("COMPRESS_OVER", "compress_over")):
         if key in conf:
             options[name] = conf[key]
+    if options.get("serializer") == "pickle" and not options["secret"]:
+        raise ConfigError(
+            "settings.OFFLOAD['SERIALIZER'] = 'pickle' needs a secret: unpickling runs code, so offload "
+            "unpickles only what it signed; remove SECRET=None (the default derives one from SECRET_KEY)"
+        )
     return options
 
 
