@@ -10,7 +10,9 @@ from offload.errors import (
     BrokerError,
     BrokerUnavailable,
     ConfigError,
+    InvalidArgument,
     MessageError,
+    NotAWorkflow,
     OffloadError,
     ResultTimeout,
     Retry,
@@ -21,6 +23,8 @@ from offload.errors import (
     TaskExpired,
     TaskFailed,
     TaskTimeLimit,
+    UnknownTask,
+    UsageError,
 )
 from offload.result import Result, Status, TaskState
 from offload.scheduler import Beat, cron, every
@@ -32,7 +36,9 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailable",
     "ConfigError",
+    "InvalidArgument",
     "MessageError",
+    "NotAWorkflow",
     "Offload",
     "OffloadError",
     "Result",
@@ -49,6 +55,8 @@ __all__ = [
     "TaskFailed",
     "TaskState",
     "TaskTimeLimit",
+    "UnknownTask",
+    "UsageError",
     "Workflow",
     "WorkflowResult",
     "chain",

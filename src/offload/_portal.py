@@ -9,6 +9,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from offload import forks
+from offload.errors import UsageError
 from offload.loops import loop_factory
 
 T = TypeVar("T")
@@ -57,7 +58,7 @@ class Portal:
         loop = self.loop
         if threading.current_thread() is self._thread:
             coro.close()
-            raise RuntimeError("a blocking offload call was made on offload's own loop; use the async form")
+            raise UsageError("a blocking offload call was made on offload's own loop; use the async form")
         done = threading.Lock()
         done.acquire()
         started: list[asyncio.Task[T]] = []

@@ -10,7 +10,7 @@ from typing import Any
 
 from offload.app import Offload
 from offload.brokers.base import DeadLetter, OutgoingMessage, QueueStats
-from offload.errors import MessageError
+from offload.errors import MessageError, UnknownTask
 from offload.result import SAFETY_POLL_S, Status, TaskState
 
 
@@ -68,7 +68,7 @@ async def follow(app: Offload, task_id: str, timeout: float | None = None) -> As
         while True:
             state = await app._read_state(task_id)
             if state is None:
-                raise LookupError(f"unknown task id {task_id!r}")
+                raise UnknownTask(task_id)
             key = (state.status, state.progress, state.message)
             if key != last:
                 last = key

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from offload.errors import OffloadError, TaskCancelled
+from offload.errors import InvalidArgument, OffloadError, TaskCancelled
 
 # Progress writes are throttled so a loop calling progress() per row costs almost nothing.
 PROGRESS_INTERVAL_S = 0.1
@@ -76,7 +76,7 @@ class _Current:
         Calls closer together than PROGRESS_INTERVAL_S are dropped, except with force=True."""
         ctx = self._get()
         if fraction is not None and not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"progress must be between 0 and 1, got {fraction}")
+            raise InvalidArgument(f"progress must be between 0 and 1, got {fraction}")
         now = time.monotonic()
         if not force and now - ctx.last_progress_at < PROGRESS_INTERVAL_S:
             return

@@ -2,6 +2,11 @@
 
     OffloadError
     ├── ConfigError                 a bad URL, option or combination of inputs
+    ├── InvalidArgument (ValueError) an argument outside what the call accepts
+    ├── UsageError (RuntimeError)   a call made where it cannot work (a blocking call on
+    │                               offload's own event loop)
+    ├── UnknownTask (LookupError)   no state for this id: never enqueued here, or expired
+    ├── NotAWorkflow (LookupError)  workflow members asked of a plain task's id
     ├── SerializationError          a value the serializer cannot carry
     ├── MessageError                bytes that are not a valid offload message
     │   └── SignatureError          unsigned or tampered with, when the app has a secret
@@ -26,6 +31,30 @@ class OffloadError(Exception):
 
 class ConfigError(OffloadError):
     """A URL, option or combination of inputs that cannot work."""
+
+
+class InvalidArgument(OffloadError, ValueError):
+    """An argument outside what the call accepts (a progress fraction above 1)."""
+
+
+class UsageError(OffloadError, RuntimeError):
+    """A call made where it cannot work, such as a blocking call on offload's own event loop."""
+
+
+class UnknownTask(OffloadError, LookupError):
+    """No state is stored for this task id: it was never enqueued here, or its result expired."""
+
+    def __init__(self, task_id: str, detail: str = "never enqueued here, or its result expired") -> None:
+        self.task_id = task_id
+        self.detail = detail
+        super().__init__(f"unknown task id {task_id!r} ({detail})")
+
+    def __reduce__(self) -> tuple[type[UnknownTask], tuple[str, str]]:
+        return (type(self), (self.task_id, self.detail))
+
+
+class NotAWorkflow(OffloadError, LookupError):
+    """Workflow members were asked of the id of a plain task."""
 
 
 class SerializationError(OffloadError):

@@ -16,6 +16,7 @@ from offload.errors import (
     TaskExpired,
     TaskFailed,
     TaskTimeLimit,
+    UnknownTask,
 )
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class Result(Generic[R]):
     async def astate(self) -> TaskState:
         state = await self.app._read_state(self.id)
         if state is None:
-            raise LookupError(f"unknown task id {self.id!r} (never enqueued here, or its result expired)")
+            raise UnknownTask(self.id)
         return state
 
     async def wait(self, timeout: float | None = None) -> R:
@@ -160,7 +161,7 @@ class Result(Generic[R]):
             return self.app._portal.run(self.astate())
         [raw] = direct.get_states([self.id])
         if raw is None:
-            raise LookupError(f"unknown task id {self.id!r} (never enqueued here, or its result expired)")
+            raise UnknownTask(self.id)
         return self.app.decode_state(raw)
 
     def status(self) -> Status:
@@ -213,7 +214,7 @@ async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, m
             states = await app._read_states(ids)
             missing = [i for i, s in zip(ids, states, strict=True) if s is None]
             if missing:
-                raise LookupError(f"unknown task id {missing[0]!r} (never enqueued here, or its result expired)")
+                raise UnknownTask(missing[0])
             done = [s for s in states if s is not None and s.done]
             if (mode == "any" and done) or len(done) == len(ids):
                 return states  # type: ignore[return-value]
@@ -243,7 +244,7 @@ def wait_state_direct(
     while True:
         [raw] = direct.get_states([task_id])
         if raw is None:
-            raise LookupError(f"unknown task id {task_id!r} (never enqueued here, or its result expired)")
+            raise UnknownTask(task_id)
         state = app.decode_state(raw)
         if state.done:
             return state

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from offload.errors import ConfigError
+from offload.errors import ConfigError, NotAWorkflow
 from offload.message import Envelope
 from offload.result import Result, Status, TaskState, wait_states
 from offload.task import Signature
@@ -340,7 +340,7 @@ class WorkflowResult(Result[Any]):
         """Handles on the members, in order (a chain's later steps may not have started yet)."""
         state = await self.astate()
         if "workflow" not in state.meta:
-            raise LookupError(f"{self.id!r} is a task, not a workflow")
+            raise NotAWorkflow(f"{self.id!r} is a task, not a workflow")
         return [
             WorkflowResult(self.app, c["id"]) if "kind" in c else Result(self.app, c["id"])
             for c in state.meta["children"]
