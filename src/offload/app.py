@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from offload import forks, ratelimit
 from offload import workflow as workflows
 from offload._portal import Portal
-from offload.brokers import check_stores_results, make_broker, make_direct, make_store
+from offload.brokers import check_stores_results, check_url, make_broker, make_direct, make_store
 from offload.brokers.base import Broker, Direct, DirectSender, OutgoingMessage, Store
 from offload.config import BrokerURL, parse_url
 from offload.errors import ConfigError, MessageError
@@ -94,6 +94,9 @@ class Offload:
         if not self.namespace.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"namespace must be letters, digits, '-', '_' or '.', got {self.namespace!r}")
         self.results_url: BrokerURL = parse_url(results) if results else self.url
+        check_url(self.url)
+        if self.results_url is not self.url:
+            check_url(self.results_url)
         check_stores_results(self.results_url)
         if isinstance(secret, str):
             secret = secret.encode()

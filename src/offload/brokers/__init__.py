@@ -18,6 +18,20 @@ _MODULES = {
 }
 _EXTRAS = {"redis": "redis", "rediss": "redis", "amqp": "amqp", "amqps": "amqp"}
 
+# The URL parameters each kind reads (its module's ``url.params`` and ``param_float`` calls),
+# in one place: any other parameter is refused, so a misspelt one cannot be ignored silently.
+_LEASED = frozenset({"visibility_timeout"})
+_REDIS = _LEASED | {"max_connections"}
+_AMQP = frozenset({"connect_timeout", "publish_timeout", "prefetch", "sync_connections"})  # no leases: no visibility_timeout
+URL_PARAMS: dict[str, frozenset[str]] = {
+    "memory": _LEASED,
+    "sqlite": _LEASED,
+    "redis": _REDIS,
+    "rediss": _REDIS | {"ssl_cert_reqs", "ssl_ca_certs"},
+    "amqp": _AMQP,
+    "amqps": _AMQP | {"cafile", "certfile", "keyfile"},
+}
+
 
 def _module(url: BrokerURL):  # type: ignore[no-untyped-def]
     name = _MODULES.get(url.scheme)
@@ -29,6 +43,19 @@ def _module(url: BrokerURL):  # type: ignore[no-untyped-def]
         extra = _EXTRAS.get(url.scheme)
         hint = f": pip install 'offload[{extra}]'" if extra else ""
         raise ConfigError(f"the {url.scheme}:// backend cannot be loaded ({e}){hint}") from None
+
+
+def check_url(url: BrokerURL) -> None:
+    """Raise ConfigError for an unknown scheme, a backend that cannot be loaded, or a URL
+    parameter this kind does not read (naming the ones it does)."""
+    _module(url)
+    unknown = sorted(set(url.params) - URL_PARAMS[url.scheme])
+    if unknown:
+        known = ", ".join(sorted(URL_PARAMS[url.scheme]))
+        raise ConfigError(
+            f"unknown URL parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {url.masked}; "
+            f"{url.scheme}:// accepts {known}"
+        )
 
 
 def make_broker(url: BrokerURL, namespace: str) -> Broker:
@@ -52,4 +79,4 @@ def make_store(url: BrokerURL, namespace: str) -> Store:
 def make_direct(url: BrokerURL, namespace: str) -> Direct | None:
     """The backend's blocking face for sync callers, or None when it has none."""
     factory = getattr(_module(url), "make_direct", None)
-    return None if factory is None else factory(url, namespace)  # type: ignore[no-any-return]
+    return None if factory is None else factory(url, namespace)
