@@ -8,8 +8,10 @@ import functools
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
+import types
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -21,7 +23,7 @@ from offload import workflow as workflows
 from offload._portal import Portal
 from offload.brokers import check_stores_results, check_url, make_broker, make_direct, make_store
 from offload.brokers.base import Broker, Direct, DirectSender, OutgoingMessage, Store
-from offload.config import BrokerURL, parse_url
+from offload.config import BrokerURL, absolute_sqlite, parse_url
 from offload.errors import ConfigError, MessageError
 from offload.message import Codec, Envelope
 from offload.result import Result, Status, TaskState
@@ -36,7 +38,7 @@ R = TypeVar("R")
 
 log = logging.getLogger("offload")
 
-DEFAULT_URL = "sqlite:///offload.db"
+DEFAULT_URL = "sqlite:///offload.db"  # beside the module that creates the app: see default_base_dir
 #: How long a delay() with a key waits for a finished holder to release it (about 1 s in all).
 KEY_RELEASE_PAUSES_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.3)
 #: Workers listen here for cancellations of running tasks.
@@ -64,6 +66,18 @@ def _drop_outcome(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def default_base_dir() -> str:
+    """The directory of the module whose code creates the app (the first caller outside this
+    package), or the working directory for code without a file (a REPL, ``python -c``)."""
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] == "offload":
+        frame = frame.f_back
+    filename = frame.f_globals.get("__file__") if frame is not None else None
+    if isinstance(filename, str) and os.path.exists(filename):
+        return os.path.dirname(os.path.abspath(filename))
+    return os.getcwd()
+
+
 def new_task_id() -> str:
     """128 random bits, URL-safe (22 characters)."""
     return secrets.token_urlsafe(16)
@@ -89,11 +103,17 @@ class Offload:
         compress_over: int = 8192,
         debug: bool = False,
     ) -> None:
-        self.url: BrokerURL = parse_url(url or os.environ.get("OFFLOAD_URL") or DEFAULT_URL)
+        given = url or os.environ.get("OFFLOAD_URL")
+        # The default database lives beside the code that creates the app, so that a web process
+        # and a worker of one project meet whatever their working directories; a relative path
+        # given explicitly is the working directory's, as a path on the command line would be.
+        base_dir = os.getcwd() if given else default_base_dir()
+        self.url: BrokerURL = absolute_sqlite(parse_url(given or DEFAULT_URL), base_dir)
         self.namespace = namespace or os.environ.get("OFFLOAD_NAMESPACE") or "default"
         if not self.namespace.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"namespace must be letters, digits, '-', '_' or '.', got {self.namespace!r}")
-        self.results_url: BrokerURL = parse_url(results) if results else self.url
+        results = results or os.environ.get("OFFLOAD_RESULTS")
+        self.results_url: BrokerURL = absolute_sqlite(parse_url(results), os.getcwd()) if results else self.url
         check_url(self.url)
         if self.results_url is not self.url:
             check_url(self.results_url)

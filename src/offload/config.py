@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import urllib.parse
 from dataclasses import dataclass, field
@@ -69,6 +70,19 @@ def _check_userinfo(scheme: str, userinfo: str, hostpart: str) -> None:
                 f"the {label} in the {scheme}:// URL has characters that must be %-encoded "
                 f"({escapes}); write {scheme}://{shown_user}:<urllib.parse.quote(password, safe=\"\")>@{hostpart}"
             )
+
+
+def absolute_sqlite(url: BrokerURL, base_dir: str) -> BrokerURL:
+    """A ``sqlite://`` URL whose relative path is resolved against ``base_dir``, so that every
+    log line and every process names the same file; other URLs are returned as they are."""
+    if url.scheme != "sqlite":
+        return url
+    raw_path = url.path[1:] if url.path.startswith("/") else url.path
+    if not raw_path or raw_path == ":memory:" or raw_path.startswith("file:") or os.path.isabs(raw_path):
+        return url  # absolute already, or refused with its reason when the broker is made
+    _, _, query = url.raw.partition("?")
+    resolved = "sqlite:///" + os.path.normpath(os.path.join(base_dir, raw_path)) + ("?" + query if query else "")
+    return parse_url(resolved)
 
 
 def parse_url(url: str) -> BrokerURL:

@@ -3,7 +3,8 @@
 ``settings.OFFLOAD`` is a dict; every key is optional:
 
 =============== =============================================================================
-``URL``         broker URL; else ``$OFFLOAD_URL``; else ``sqlite:///offload.db``
+``URL``         broker URL; else ``$OFFLOAD_URL``; else ``offload.db`` in ``BASE_DIR`` (or the
+                working directory)
 ``NAMESPACE``   else ``$OFFLOAD_NAMESPACE``; else ``"default"``
 ``RESULTS``     result store URL (needed with ``amqp://``); else ``$OFFLOAD_RESULTS``
 ``SECRET``      signs messages and browser tokens; else ``$OFFLOAD_SECRET``; else derived
@@ -91,7 +92,9 @@ def app_options() -> dict[str, Any]:
 
     conf = user_settings()
     options: dict[str, Any] = {
-        "url": conf.get("URL") or None,  # None: Offload reads $OFFLOAD_URL itself
+        # The default database sits in the project's BASE_DIR (else the working directory).
+        "url": conf.get("URL") or os.environ.get("OFFLOAD_URL")
+        or "sqlite:///" + os.path.join(str(getattr(settings, "BASE_DIR", None) or os.getcwd()), "offload.db"),
         "namespace": conf.get("NAMESPACE") or None,
         "results": conf.get("RESULTS") or os.environ.get("OFFLOAD_RESULTS") or None,
         "secret": conf["SECRET"] if "SECRET" in conf else os.environ.get("OFFLOAD_SECRET") or derived_secret(),
