@@ -5,21 +5,28 @@ catch-up policy."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import itertools
 import logging
 import re
+import socket
+import subprocess
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from offload import ConfigError, Offload, cron, every
-from offload.scheduler import Beat, run_task_id
+from offload import ConfigError, Offload, admin, cron, every
+from offload.result import Status
+from offload.scheduler import Beat, run_id_key, run_task_id
 from offload.task import Task
 from tests import flows_harness
+from tests.conftest import REDIS_URL, require_server
 from tests.flows_harness import Harness
-from tests.support import OffloadProcess, wait_until
+from tests.support import OffloadProcess, flush_namespace, wait_until
 
 harness = flows_harness.harness
 
@@ -97,12 +104,32 @@ def test_an_existing_task_can_be_scheduled_with_options_of_its_own() -> None:
     assert (report.opts.queue, p.task, p.opts.queue) == ("reports", report.name, "hourly")
 
 
-def test_run_ids_are_the_same_in_every_beat_and_secret_with_a_secret() -> None:
-    plain, signed = Offload("memory://ids"), Offload("memory://ids", secret="s3cret")
-    assert run_task_id(plain, "x", 1000) == run_task_id(Offload("memory://ids"), "x", 1000)
-    assert run_task_id(plain, "x", 1000) != run_task_id(plain, "x", 2000)
-    assert run_task_id(signed, "x", 1000) != run_task_id(plain, "x", 1000)
-    assert len(run_task_id(plain, "x", 1000)) == 22
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+async def test_run_ids_are_shared_by_the_apps_of_a_namespace_and_secret_to_anyone_else(store: str, tmp_path: Path) -> None:
+    """Two apps of one deployment derive the same id for a run; the same namespace on another
+    store (or a fresh namespace) does not, so knowing the schedule and due time is not enough."""
+    require_server(store)
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+
+    def url(n: int) -> str:
+        return f"sqlite:///{tmp_path / f'{n}.db'}" if store == "sqlite" else f"{REDIS_URL.rsplit('/', 1)[0]}/{n}"
+
+    web, beat, elsewhere = Offload(url(1), namespace=namespace), Offload(url(1), namespace=namespace), Offload(url(2), namespace=namespace)
+    fresh = Offload(url(1), namespace=namespace + "b")
+    apps = (web, beat, elsewhere, fresh)
+    try:
+        keys = [await run_id_key(app) for app in apps]
+        ids = [run_task_id(key, "nightly", 1000) for key in keys]
+        assert ids[0] == ids[1] and keys[0] == keys[1]
+        assert len({ids[0], ids[2], ids[3]}) == 3
+        assert await run_id_key(web) == keys[0]  # created once, then read
+        assert run_task_id(keys[0], "nightly", 1000) != run_task_id(keys[0], "nightly", 2000)
+        assert run_task_id(keys[0], "nightly", 1000) != run_task_id(keys[0], "weekly", 1000)
+        assert len(ids[0]) == 22
+    finally:
+        for app in apps:
+            await flush_namespace(app)
+            await app.aclose()
 
 
 async def test_a_beat_with_nothing_to_do_returns() -> None:
@@ -192,3 +219,109 @@ def test_three_beats_enqueue_each_run_once_restart_and_catch_up(harness: Harness
     assert ticks.ran() == final
     ids = [line.split()[1] for line in (h.dir / "ticks").read_text().splitlines()]
     assert len(set(ids)) == len(ids)
+
+
+# -- a broker failing between the claim and the enqueue -------------------------------------------
+
+
+class RedisServer:
+    """A redis-server of the test's own on a spare port, to stop and start again."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+RUN_KEY = re.compile(r"periodic:tick:\w+:\d+")
+
+
+async def test_a_run_whose_enqueue_fails_after_its_claim_is_enqueued_once_when_the_broker_is_back(
+    namespace: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    require_server("redis")
+    caplog.set_level(logging.INFO, logger="offload.beat")
+    broker = RedisServer()
+    broker.start()
+    # The claims live in the store (the shared Redis), the messages in the test's own Redis.
+    app = Offload(f"redis://127.0.0.1:{broker.port}/0", results=REDIS_URL, namespace=namespace)
+
+    @app.periodic(every(seconds=1), name="tick")
+    def tick() -> None: ...
+
+    store = await app._store()
+    claim = store.set_if_absent
+    claimed: list[str] = []
+    broker_down = asyncio.Event()
+
+    async def claim_then_stop_the_broker(key: str, value: bytes, ttl_s: float | None = None) -> bool:
+        stored = await claim(key, value, ttl_s)
+        # The first key a beat takes for a run is its claim; the broker goes down right after.
+        if RUN_KEY.fullmatch(key) and not claimed:
+            claimed.append(key)
+            await asyncio.to_thread(broker.stop)
+            broker_down.set()
+        return stored
+
+    monkeypatch.setattr(store, "set_if_absent", claim_then_stop_the_broker)
+    beat = Beat(app)
+    running = asyncio.create_task(beat.run())
+    try:
+        await asyncio.wait_for(broker_down.wait(), 10)
+        due = int(claimed[0].rsplit(":", 1)[1]) / 1000
+        failed = "enqueuing failed"
+        await wait_for_log(caplog, lambda m: failed in m, "the enqueue to fail")
+        await asyncio.to_thread(broker.start)
+        # The failed run is enqueued once the broker is back, by the beat's own retry.
+        await wait_for_log(caplog, lambda m: f"(due {iso(due)})" in m and "enqueued tick" in m, "the failed run enqueued")
+        await wait_for_log(caplog, lambda m: f"(due {iso(due + 1)})" in m and "enqueued tick" in m, "the next run enqueued")
+        beat.stop()
+        await asyncio.wait_for(running, 10)
+        enqueued = [m for m in caplog.messages if m.startswith("enqueued tick")]
+        assert len([m for m in enqueued if f"(due {iso(due)})" in m]) == 1
+        # Every enqueued run is one message in the broker, the failed one included.
+        stats = await admin.status(app)
+        assert stats.queued == {"default": beat.enqueued} and beat.enqueued == len(enqueued)
+        key = await run_id_key(app)
+        state = await app.result(run_task_id(key, "tick", round(due * 1000))).astate()
+        assert state.status is Status.QUEUED
+    finally:
+        running.cancel()
+        await flush_namespace(app)
+        await app.aclose()
+        broker.stop()
+
+
+def iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
+
+
+async def wait_for_log(caplog: pytest.LogCaptureFixture, match: Any, what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(match(m) for m in caplog.messages):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; log: {caplog.messages[-10:]}"
+        await asyncio.sleep(0.02)

@@ -1,14 +1,25 @@
 """Periodic tasks: ``cron(...)``, ``every(...)``, ``@app.periodic(...)`` and the `Beat` that
 enqueues them.
 
-Every due run has an id: the schedule's name and its due time. Any number of beats may run at
-once (one per worker with ``offload worker --beat``, or several ``offload beat``): for each due
-run, each beat tries to claim a key named after the run (`Store.set_if_absent`, with a TTL
-well beyond the schedule's period) and only the one that gets it enqueues. The task id is
-derived from the run id too (and the broker's deduplication key is the run id), so even two
-enqueues of one run would be one message. Due times are computed from the schedule alone
-(``every`` is aligned to the Unix epoch, ``cron`` to the clock in the app's timezone), so all
-beats agree on them without talking to each other.
+Every due run has an id: the schedule's name and its due time. Due times are computed from the
+schedule alone (``every`` is aligned to the Unix epoch, ``cron`` to the clock in the app's
+timezone), so all beats agree on them without talking to each other. Any number of beats may
+run at once (one per worker with ``offload worker --beat``, or several ``offload beat``), and
+each due run is enqueued exactly once:
+
+* a run is *done* once a key named after it is in the store (`Store.set_if_absent`, with a TTL
+  well beyond the schedule's period), and it is set only after the broker took the message;
+* before enqueuing, a beat claims the run with a short lease holding its own id. The claimer
+  enqueues; the others wait for the run to be done, and take over if the lease runs out first
+  (its beat died midway). A claimer whose enqueue failed (the broker away) finds its own claim
+  when it tries again, and sends again;
+* every send of one run carries the same task id and the same broker deduplication key, so a
+  send repeated after a failure that hid its success (or by a beat that took over) is one
+  message.
+
+The task id of a run is an HMAC of its id under a random key created once per namespace in the
+store (set-if-absent, read by every beat): the same in every beat, and not computable by
+someone who knows only the schedule's name and due time.
 
 A beat that starts skips the runs that fell due while no beat was running, unless it (or the
 periodic task) has ``catch_up=True``: then it enqueues every run due since the last one
@@ -47,6 +58,13 @@ MAX_CATCH_UP = 1000
 #: A run's claim outlives its due time by at least this, so a beat restarting or lagging
 #: behind within this time cannot enqueue it again.
 MIN_CLAIM_TTL_S = 3600.0
+#: A beat that claimed a run and died before enqueuing it holds it this long; then another
+#: beat takes it over.
+RUN_LEASE_S = 30.0
+#: How often a beat looks again at a run another beat claimed but has not enqueued yet.
+PENDING_PAUSE_S = 0.25
+#: The store key of the random key run task ids are derived from (one per namespace).
+RUN_ID_KEY = "periodic:run-id-key"
 _LOCK_TTL_S = 5.0
 RETRY_PAUSE_S = 1.0
 
@@ -154,11 +172,21 @@ def register(app: Offload, schedule: Cron | Every, *, name: str | None, catch_up
     return decorate
 
 
-def run_task_id(app: Offload, name: str, due_ms: int) -> str:
-    """The task id of one due run: the same in every beat, and (with the app's secret) as hard
-    to guess as a random id."""
-    data = f"{app.namespace}\0{name}\0{due_ms}".encode()
-    digest = hmac.new(app.secret, data, hashlib.sha256).digest() if app.secret else hashlib.sha256(data).digest()
+async def run_id_key(app: Offload) -> bytes:
+    """The random key run task ids are derived from: created by the first beat of the
+    namespace (set-if-absent, so concurrent first beats agree), read by every other."""
+    store = await app._store()
+    await store.set_if_absent(RUN_ID_KEY, secrets.token_urlsafe(32).encode())
+    key = await store.get_value(RUN_ID_KEY)
+    if key is None:  # removed between the two calls (a flushed namespace)
+        raise ConfigError(f"the store lost {RUN_ID_KEY!r} while it was being read; start the beat again")
+    return key
+
+
+def run_task_id(key: bytes, name: str, due_ms: int) -> str:
+    """The task id of one due run under the namespace's `run_id_key`: the same in every beat,
+    and as hard to guess as a random id without the key."""
+    digest = hmac.new(key, f"{name}\0{due_ms}".encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
 
 
@@ -175,6 +203,7 @@ class Beat:
         self.catch_up = catch_up
         self.id = secrets.token_hex(6)
         self.enqueued = 0
+        self._run_id_key: bytes | None = None
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -210,11 +239,14 @@ class Beat:
                 now = time.time()
                 left = RETRY_PAUSE_S
                 try:
+                    pending = False
                     for p in periodic:
                         if due[p.name] <= now:
-                            await self._enqueue(p, due[p.name], tz)
-                            due[p.name] = p.schedule.next_after(due[p.name], tz)
-                    left = min(due.values()) - time.time()
+                            if await self._enqueue(p, due[p.name], tz):
+                                due[p.name] = p.schedule.next_after(due[p.name], tz)
+                            else:
+                                pending = True
+                    left = PENDING_PAUSE_S if pending else min(due.values()) - time.time()
                 except Exception as e:  # the store or broker is away: keep the run due, try again
                     log.warning("beat: enqueuing failed (%s); retrying in %.0f s", e, RETRY_PAUSE_S)
                 # Sleep until the next due time (or a stop); the wall clock is re-read on waking.
@@ -251,21 +283,35 @@ class Beat:
         if missed:
             log.info("%s: catching up %d missed run(s) since %s", p.name, len(missed), _iso(last / 1000))
         for t in missed:
-            await self._enqueue(p, t, tz)
+            while not await self._enqueue(p, t, tz):
+                await asyncio.sleep(PENDING_PAUSE_S)
 
     async def _enqueue(self, p: Periodic, due: float, tz: dt.tzinfo) -> bool:
-        """Enqueue one due run unless another beat (or an earlier life of this one) did."""
+        """Enqueue one due run unless it is done (see the module docstring). True once the run
+        is done, by this beat or another; False while another beat holds its claim. Raises if
+        the store or broker fails: the run is then still due, and claimed by this beat."""
         store = await self.app._store()
         due_ms = round(due * 1000)
         run_id = f"{p.name}@{_iso(due)}"
-        if not await store.set_if_absent(f"periodic:{p.name}:run:{due_ms}", self.id.encode(), self._claim_ttl(p, tz)):
+        done_key = f"periodic:{p.name}:run:{due_ms}"
+        if await store.get_value(done_key) is not None:
             log.debug("%s already enqueued by another beat", run_id)
-            return False
+            return True
+        claim_key = f"periodic:{p.name}:claim:{due_ms}"
+        owner = self.id.encode()
+        if not await store.set_if_absent(claim_key, owner, RUN_LEASE_S) and await store.get_value(claim_key) != owner:
+            # Claimed by another beat: done in a moment, or free again if that beat died.
+            return await store.get_value(done_key) is not None
+        if self._run_id_key is None:
+            self._run_id_key = await run_id_key(self.app)
         opts = p.opts.merge(key=f"periodic:{run_id}", headers={"periodic": p.name, "due": _iso(due)})
-        env = self.app.build(p.task, (), {}, opts, task_id=run_task_id(self.app, p.name, due_ms))
+        env = self.app.build(p.task, (), {}, opts, task_id=run_task_id(self._run_id_key, p.name, due_ms))
         await self.app.enqueue_envelope(env)
-        self.enqueued += 1
-        log.info("enqueued %s (due %s) as %s", p.name, _iso(due), env.id)
+        # Done only now that the broker has the message: a failure above leaves the run to
+        # this beat's next try (its own claim), or to another beat when the lease runs out.
+        if await store.set_if_absent(done_key, owner, self._claim_ttl(p, tz)):
+            self.enqueued += 1
+            log.info("enqueued %s (due %s) as %s", p.name, _iso(due), env.id)
         await self._remember(p, due_ms)
         return True
 
