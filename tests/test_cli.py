@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.support import run_cli, start_worker
+from tests.support import env_for, run_cli, start_worker
 
 APP = "tests.apps.basic:app"
 
@@ -91,3 +93,80 @@ def test_unreachable_broker_is_one_line_with_masked_password(ns: str) -> None:
     assert out.returncode == 69
     assert "broker unavailable" in out.stderr and "hunter2" not in out.stderr
     assert "Traceback" not in out.stderr
+
+
+BROKEN_MODULES = {
+    "syntax": ("def nightly(:\n    pass\n", "SyntaxError", "line 1"),
+    "missing_dependency": ("import offload\nimport no_such_dependency_xyz\n", "No module named 'no_such_dependency_xyz'", "line 2"),
+    "raises": ("import offload\n\nraise RuntimeError('settings missing')\n", "RuntimeError: settings missing", "line 3"),
+}
+EVERY_COMMAND = [
+    ["worker", "{app}"], ["beat", "{app}"], ["gateway", "{app}", "--port", "0"], ["send", "{app}", "x.y", "[]"],
+    ["status", "{app}"], ["purge", "{app}", "default", "--yes"], ["dead", "{app}"],
+]
+
+
+def run_in(directory: Path, url: str, ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "offload", *args], cwd=directory, env=env_for(url, ns),
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN_MODULES))
+def test_an_app_module_that_fails_to_import_is_one_line_from_every_command(broken: str, tmp_path: Path, url: str, ns: str) -> None:
+    source, error, where = BROKEN_MODULES[broken]
+    (tmp_path / f"{broken}_tasks.py").write_text(source)
+    for command in EVERY_COMMAND:
+        args = [a.format(app=f"{broken}_tasks:app") for a in command]
+        out = run_in(tmp_path, url, ns, *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert "Traceback" not in out.stderr, args
+        [line] = out.stderr.strip().splitlines()
+        assert line.startswith(f"offload: error: cannot import '{broken}_tasks': "), line
+        assert error in line and where in line, line
+
+
+TASKS_WITH_A_FACTORY = """\
+import pathlib
+from offload import Offload
+
+app = Offload()
+
+@app.task
+def nightly_cleanup():
+    pathlib.Path("cleaned").write_text("ran")
+
+def wipe():
+    pathlib.Path("wiped").write_text("ran")
+
+def make_app():
+    return app
+
+def make_nothing():
+    return 42
+"""
+
+
+@pytest.mark.parametrize(
+    ("attribute", "message"),
+    [
+        ("nightly_cleanup", "is the task 'tasks.nightly_cleanup', not an app"),
+        ("wipe", "not an offload.Offload app; to build the app by calling it, write 'tasks:wipe()'"),
+        ("nightly_cleanup()", "names a Task, not a function that returns an offload.Offload app"),
+        ("make_nothing()", "the app factory 'tasks:make_nothing()' returned 42, not an offload.Offload app"),
+    ],
+)
+def test_an_app_path_naming_a_task_or_a_plain_function_never_calls_it(attribute: str, message: str, tmp_path: Path, url: str, ns: str) -> None:
+    (tmp_path / "tasks.py").write_text(TASKS_WITH_A_FACTORY)
+    for command in ("status", "worker"):
+        out = run_in(tmp_path, url, ns, command, f"tasks:{attribute}", *(["--burst"] if command == "worker" else []))
+        assert out.returncode == 2, out.stderr
+        [line] = out.stderr.strip().splitlines()
+        assert message in line, line
+    assert not (tmp_path / "cleaned").exists() and not (tmp_path / "wiped").exists()
+
+
+def test_an_app_factory_named_with_parentheses_is_called(tmp_path: Path, url: str, ns: str) -> None:
+    (tmp_path / "tasks.py").write_text(TASKS_WITH_A_FACTORY)
+    out = run_in(tmp_path, url, ns, "status", "tasks:make_app()")
+    assert out.returncode == 0, out.stderr
+    assert f"namespace {ns}" in out.stdout

@@ -69,7 +69,8 @@ LOOP_OPTION = click.option(
     help=f"Event loop: uvloop when installed (auto), or asyncio's own. [default: ${loops.LOOP_ENV}, else auto]",
 )
 
-APP_HELP = "APP is module:attribute (or a module holding `app`), e.g. myproject.tasks:app."
+APP_HELP = ("APP is module:attribute (or a module holding `app`), e.g. myproject.tasks:app, or "
+            "module:function() to build the app by calling a function, e.g. myproject.tasks:create_app().")
 
 
 @click.group(epilog=APP_HELP)
