@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import env_for, run_cli, start_worker
+from offload import Offload
+from tests.support import OffloadProcess, env_for, run_cli, start_worker
 
 APP = "tests.apps.basic:app"
 
@@ -170,3 +171,44 @@ def test_an_app_factory_named_with_parentheses_is_called(tmp_path: Path, url: st
     out = run_in(tmp_path, url, ns, "status", "tasks:make_app()")
     assert out.returncode == 0, out.stderr
     assert f"namespace {ns}" in out.stdout
+
+
+SCRIPT = """\
+from offload import Offload
+
+app = Offload()
+
+
+@app.task
+def double(x):
+    return 2 * x
+
+
+if __name__ == "__main__":
+    print(double.name)
+    print(double.delay(21).id)
+"""
+
+
+@pytest.mark.parametrize(
+    ("run", "module"),
+    [(["tasks.py"], "tasks"), (["-m", "tasks"], "tasks"), (["shop/tasks.py"], "shop.tasks"), (["-m", "shop.tasks"], "shop.tasks")],
+)
+def test_tasks_sent_by_a_script_run_directly_are_named_for_the_module_a_worker_imports(
+    run: list[str], module: str, tmp_path: Path, url: str, ns: str,
+) -> None:
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "__init__.py").write_text("")
+    for folder in (tmp_path, tmp_path / "shop"):
+        (folder / "tasks.py").write_text(SCRIPT)
+    sent = subprocess.run([sys.executable, *run], cwd=tmp_path, env=env_for(url, ns), capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    name, task_id = sent.stdout.split()
+    worker = OffloadProcess(["worker", f"{module}:app"], env_for(url, ns), ready_line="worker ready", cwd=tmp_path)
+    try:
+        app = Offload(url, namespace=ns)
+        assert app.result(task_id).get(timeout=30) == 42
+        app.close()
+    finally:
+        worker.stop()
+    assert name == f"{module}.double"

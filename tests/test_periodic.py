@@ -77,7 +77,7 @@ def test_bad_schedules_fail_when_built(build: Any) -> None:
 def test_periodic_registers_a_task_and_its_schedule() -> None:
     app = Offload("memory://periodic-registry")
 
-    @app.periodic(every(minutes=2), queue="maintenance")
+    @app.periodic(every(minutes=2), name="sweep", queue="maintenance")
     def sweep() -> None: ...
 
     @app.periodic(cron("0 3 * * *"), name="nightly-report", catch_up=True)
@@ -97,7 +97,7 @@ def test_an_existing_task_can_be_scheduled_with_options_of_its_own() -> None:
     app = Offload("memory://periodic-existing")
 
     @app.periodic(every(hours=1), queue="hourly")
-    @app.task(queue="reports")
+    @app.task(name="report", queue="reports")
     def report() -> None: ...
 
     [p] = app.periodic_tasks

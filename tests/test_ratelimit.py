@@ -27,7 +27,7 @@ def test_a_bad_rate_fails_at_decoration_time(text: str) -> None:
     app = Offload("memory://ratelimit-parse")
     with pytest.raises(ConfigError, match="rate_limit"):
 
-        @app.task(rate_limit=text)
+        @app.task(name="limited", rate_limit=text)
         def limited() -> None: ...
 
     assert app.tasks == {} and app.admission_hooks == []
@@ -36,15 +36,15 @@ def test_a_bad_rate_fails_at_decoration_time(text: str) -> None:
 def test_the_limiter_is_hung_on_the_app_once_and_only_when_needed() -> None:
     app = Offload("memory://ratelimit-hook")
 
-    @app.task
+    @app.task(name="free")
     def free() -> None: ...
 
     assert app.admission_hooks == []
 
-    @app.task(rate_limit="1/s")
+    @app.task(name="one", rate_limit="1/s")
     def one() -> None: ...
 
-    @app.task(rate_limit="2/s")
+    @app.task(name="two", rate_limit="2/s")
     def two() -> None: ...
 
     assert len(app.admission_hooks) == 1

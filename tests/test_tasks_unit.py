@@ -15,24 +15,45 @@ def app() -> Offload:
     return Offload("memory://unit")
 
 
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+class Invoices:
+    @staticmethod
+    def total(amounts: list[int]) -> int:
+        return sum(amounts)
+
+
 def test_names_and_inline_calls(app: Offload) -> None:
-    @app.task
-    def add(x: int, y: int) -> int:
-        return x + y
+    add_task = app.task(add)
 
     @app.task(name="custom.name", queue="images", priority=5, retries=3, retry_backoff=2.0, time_limit=30,
               soft_time_limit=25, expires=60, rate_limit="10/s")
     def thumb(path: str) -> str:
         return path
 
-    assert add.name == f"{__name__}.test_names_and_inline_calls.<locals>.add" or add.name.endswith(".add")
-    assert add(1, 2) == 3 and thumb("p") == "p"
+    assert add_task.name == f"{__name__}.add"
+    assert app.task(Invoices.total).name == f"{__name__}.Invoices.total"
+    assert add_task(1, 2) == 3 and thumb("p") == "p"
     assert app.tasks["custom.name"] is thumb
     assert thumb.opts.queue == "images" and thumb.opts.priority == 5 and thumb.opts.time_limit_s == 30
 
 
+def test_a_function_a_worker_cannot_import_needs_a_name(app: Offload) -> None:
+    def local() -> None: ...
+
+    with pytest.raises(ConfigError, match=r"test_tasks_unit\.test_a_function_a_worker_cannot_import_needs_a_name\.<locals>\.local is defined inside a function.*name="):
+        app.task(local)
+    with pytest.raises(ConfigError, match=r"is a lambda.*name="):
+        app.task(lambda: None)
+    assert app.tasks == {}
+    named = app.task(name="reports.local")(local)
+    assert named.name == "reports.local" and app.tasks == {"reports.local": named}
+
+
 def test_async_tasks_are_recognised(app: Offload) -> None:
-    @app.task
+    @app.task(name="fetch")
     async def fetch(url: str) -> int:
         return len(url)
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from offload.errors import ConfigError
@@ -158,8 +160,8 @@ class Task(_Sends, Generic[P, R]):
 
     if TYPE_CHECKING:  # precise types for editors: delay() takes the task's parameters
 
-        def delay(self, *args: P.args, **kwargs: P.kwargs) -> Result[R]: ...  # type: ignore[override]
-        async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> Result[R]: ...  # type: ignore[override]
+        def delay(self, *args: P.args, **kwargs: P.kwargs) -> Result[R]: ...
+        async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> Result[R]: ...
 
 
 @dataclass(slots=True)
@@ -204,6 +206,44 @@ class Signature:
 
 
 def task_name(fn: Callable[..., Any]) -> str:
-    module = getattr(fn, "__module__", None) or "__main__"
-    return f"{module}.{fn.__qualname__}"
+    """``module.function`` (``module.Class.method`` for a method): the name under which a
+    worker that imports the module finds the task.
 
+    A function defined in a script run as ``python tasks.py`` (or ``python -m tasks``) lives in
+    ``__main__``, but a worker imports it as ``tasks``: it is named after that module. A
+    function defined inside another function, or a lambda, has no name a worker could import
+    it by, so it needs ``name=``.
+    """
+    qualname = getattr(fn, "__qualname__", None)
+    module = getattr(fn, "__module__", None) or "__main__"
+    if not isinstance(qualname, str):
+        raise ConfigError(f"{fn!r} has no __qualname__ to name the task by; give it name='...'")
+    if "<locals>" in qualname or "<lambda>" in qualname:
+        what = "a lambda" if qualname.endswith("<lambda>") else "defined inside a function"
+        raise ConfigError(
+            f"task {module}.{qualname} is {what}, so a worker can never import it by name: define it at "
+            "the top level of a module, or give it name='...' (and register it where workers import it)"
+        )
+    if module == "__main__":
+        module = main_module_name()
+    return f"{module}.{qualname}"
+
+
+def main_module_name() -> str:
+    """The name a worker imports the ``__main__`` module by: its ``-m`` name, or its file's
+    name with the packages (directories holding ``__init__.py``) around it. ``__main__`` when
+    it has no file (an interactive session, ``python -c``)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        return str(spec.name)
+    file = getattr(main, "__file__", None)
+    if not file:
+        return "__main__"
+    path = Path(file).resolve()
+    parts = [path.stem]
+    folder = path.parent
+    while (folder / "__init__.py").exists() and folder.parent != folder:
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return ".".join(parts)
