@@ -5,8 +5,11 @@ have their own."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +17,7 @@ from offload import (
     ConfigError,
     Status,
     TaskCancelled,
+    TaskExpired,
     TaskFailed,
     WorkflowResult,
     chain,
@@ -22,7 +26,8 @@ from offload import (
     race,
 )
 from offload.brokers.base import Delivery
-from offload.result import TaskState
+from offload.result import Result, TaskState
+from offload.task import Signature
 from offload.workflow import on_outcome
 from tests import flows_harness
 from tests.flows_harness import Harness
@@ -31,6 +36,7 @@ from tests.support import wait_until
 harness = flows_harness.harness
 shared = flows_harness.shared
 
+PREFIX_FAST = flows_harness.PREFIX + "fast"
 T = 30  # seconds any single workflow may take before a test fails
 
 
@@ -75,6 +81,45 @@ def test_a_failing_step_stops_the_chain_and_is_its_error(shared: Harness) -> Non
     assert first.status() is Status.SUCCEEDED and failed.status() is Status.FAILED
     with pytest.raises(LookupError):  # the step after the failure was never sent
         never.state()
+
+
+def is_sent(r: Result[Any]) -> bool:
+    try:
+        return r.state() is not None
+    except LookupError:
+        return False
+
+
+def test_a_chain_member_keeps_its_countdown_key_headers_and_expiry(shared: Harness) -> None:
+    h = shared
+    key = f"member-{uuid.uuid4().hex}"
+    member = h.s("headers_of").options(countdown=1.5, expires=60, key=key, headers={"trace": "abc"})
+    handle = chain(h.s("add", 1, 2), member).delay()
+    first, second = handle.children()
+    # Sent when the first step ended, and held back by its countdown: while it waits, its key
+    # is taken, so another call with that key is the member itself.
+    wait_until(lambda: is_sent(second), T, "the second step sent")
+    assert h.app.ref(PREFIX_FAST).options(key=key).delay("other").id == second.id
+    result = handle.get(timeout=T)
+    assert result["value"] == 3 and result["headers"]["trace"] == "abc"
+    started, ended = second.state().started_at, first.state().finished_at
+    assert started is not None and ended is not None and (started - ended).total_seconds() >= 1.5
+    # An expiry shorter than the countdown: the member expires instead of running.
+    expiring = chain(h.s("fast", 1), h.s("fast").options(countdown=1, expires=0.2)).delay()
+    with pytest.raises(TaskExpired):
+        expiring.get(timeout=T)
+    assert expiring.children()[1].status() is Status.EXPIRED
+
+
+def test_a_signature_keeps_every_option_given_through_the_serializer(shared: Harness) -> None:
+    h = shared
+    eta = dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    given = h.s("fast", 1).options(eta=eta, expires=dt.timedelta(minutes=5), key="k", headers={"a": 1}, priority=7)
+    again = Signature.from_dict(h.app, h.app.codec.loads(h.app.codec.dumps(given.to_dict())))
+    o = again.opts
+    assert (o.eta, o.expires, o.key, o.headers, o.priority) == (eta, 300.0, "k", {"a": 1}, 7)
+    later = Signature.from_dict(h.app, given.options(eta=None, countdown=2.5).to_dict())
+    assert later.opts.countdown_s == 2.5 and later.opts.eta is None
 
 
 # -- chord ----------------------------------------------------------------------------------------

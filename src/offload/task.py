@@ -187,10 +187,15 @@ class Signature:
         return replace(self, args=(value, *self.args))
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data for the serializer: the call and the options given for it. ``countdown``
+        and a relative ``expires`` stay relative: they count from when the call is sent (a
+        workflow member is sent when its turn comes)."""
         o = self.opts
+        expires = o.expires.total_seconds() if isinstance(o.expires, dt.timedelta) else o.expires
         options = {
             "queue": o.queue, "priority": o.priority, "retries": o.retries, "retry_backoff": o.retry_backoff_s,
-            "time_limit": o.time_limit_s, "soft_time_limit": o.soft_time_limit_s,
+            "time_limit": o.time_limit_s, "soft_time_limit": o.soft_time_limit_s, "countdown": o.countdown_s,
+            "eta": o.eta, "expires": expires, "key": o.key, "headers": o.headers,
         }
         # Only what was set explicitly: library defaults would override, in the process that
         # sends the call, the options of a task it knows only by name.

@@ -57,6 +57,12 @@ def fast(value: Any) -> Any:
 
 
 @app.task
+def headers_of(value: Any) -> dict[str, Any]:
+    """The value it was given and the headers this run was sent with."""
+    return {"value": value, "headers": dict(current.headers)}
+
+
+@app.task
 async def end_at(at: float, value: Any) -> Any:
     """Ends at the wall-clock time ``at``, so members on different workers end together."""
     await asyncio.sleep(max(at - time.time(), 0.0))
