@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import time
 import zlib
 from dataclasses import dataclass, field, fields
@@ -79,14 +80,78 @@ class Envelope:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Envelope:
-        try:
-            env = cls(**{k: v for k, v in data.items() if k in _ENVELOPE_NAMES})
-        except TypeError as e:
-            raise MessageError(f"not an offload envelope: {e}") from None
-        if not isinstance(env.id, str) or not isinstance(env.name, str):
-            raise MessageError("not an offload envelope: id and name must be strings")
-        env.args = tuple(env.args)
-        return env
+        """The envelope a decoded payload describes, every field checked for its type and range:
+        a field a worker would trip over later (a string time limit, a negative retry count)
+        is refused here, naming it, so the message is dead-lettered instead of failing the
+        worker on each delivery. Unknown fields are ignored (a newer sender may add some)."""
+        missing = [name for name in ("id", "name") if name not in data]
+        if missing:
+            raise MessageError(f"not an offload envelope: no {' or '.join(missing)}")
+        checked = {name: _check_field(name, value) for name, value in data.items() if name in _ENVELOPE_NAMES}
+        return cls(**checked)
+
+
+#: The priorities a sender may give (see `Options.merge`): 0 to 9, higher runs first.
+PRIORITIES = range(10)
+# Epoch seconds a worker can turn into a datetime (up to the year 9999).
+_LATEST_TIMESTAMP = 253402300799.0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bad(name: str, value: Any, expected: str) -> MessageError:
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return MessageError(f"bad envelope field {name!r}: expected {expected}, got {shown}")
+
+
+def _check_field(name: str, value: Any) -> Any:
+    """``value`` as the envelope holds it, or a MessageError naming the field."""
+    if name in ("id", "name", "queue"):
+        if not isinstance(value, str) or not value:
+            raise _bad(name, value, "a non-empty string")
+        return value
+    if name == "key":
+        if value is not None and not isinstance(value, str):
+            raise _bad(name, value, "a string or null")
+        return value
+    if name == "args":
+        if not isinstance(value, (list, tuple)):
+            raise _bad(name, value, "a list")
+        return tuple(value)
+    if name in ("kwargs", "headers"):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _bad(name, value, "a mapping with string keys")
+        return value
+    if name == "priority":
+        if not _is_int(value) or value not in PRIORITIES:
+            raise _bad(name, value, f"an int from {PRIORITIES[0]} to {PRIORITIES[-1]}")
+        return value
+    if name == "attempt":
+        if not _is_int(value) or value < 1:
+            raise _bad(name, value, "an int >= 1")
+        return value
+    if name == "retries":
+        if value is not None and (not _is_int(value) or value < 0):
+            raise _bad(name, value, "an int >= 0 or null")
+        return value
+    if name in ("retry_backoff", "time_limit", "soft_time_limit"):
+        if value is not None and (not _is_number(value) or value < 0):
+            raise _bad(name, value, "a finite number of seconds >= 0 or null")
+        return value
+    if name in ("eta", "expires", "queued_at"):
+        nullable = name != "queued_at"
+        if (value is None and nullable) or (_is_number(value) and 0 <= value <= _LATEST_TIMESTAMP):
+            return value
+        raise _bad(name, value, "epoch seconds" + (" or null" if nullable else ""))
+    raise AssertionError(f"no check for envelope field {name!r}")  # a field added without one
 
 
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))

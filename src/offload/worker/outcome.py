@@ -45,5 +45,6 @@ class Outcome:
 def backoff_delay(attempt: int, base_s: float) -> float:
     """Exponential backoff with jitter: about base * 2**(attempt-1), randomised in [50%, 100%]
     so that tasks failing together do not retry together."""
-    ceiling = min(base_s * (2 ** (attempt - 1)), MAX_BACKOFF_S)
+    # The exponent is capped: 2**64 seconds is past any ceiling, and a float cannot hold 2**1024.
+    ceiling = min(base_s * (2.0 ** min(attempt - 1, 64)), MAX_BACKOFF_S)
     return ceiling * random.uniform(0.5, 1.0)
