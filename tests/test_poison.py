@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
+
+from offload import TaskFailed
 from offload.message import MAGIC, VERSION
 from offload.serializers import JSONSerializer
 from tests.conformance.conftest import Harness
-from tests.process_harness import dead_reasons, harness, inject
+from tests.process_harness import dead_reasons, harness, inject, start_app_worker
 from tests.support import wait_until
 
 __all__ = ["harness"]
@@ -52,3 +55,19 @@ def test_malformed_envelopes_are_dead_lettered_once_naming_the_field(harness: Ha
         assert len(handled) == 1, handled
     assert "internal error" not in w.output
     assert add.delay(2, 2).get(timeout=30) == 4
+
+
+def test_a_message_the_worker_keeps_failing_on_ends_failed_in_the_dead_letters(harness: Harness) -> None:
+    w = start_app_worker(harness, "tests.apps.misbehaving:app")
+    broken = harness.app.ref("tests.apps.misbehaving.broken_by_hook").delay()
+    with pytest.raises(TaskFailed) as failed:
+        broken.get(timeout=30)
+    assert failed.value.exc_type == "InternalError"
+    assert "RuntimeError: the admission hook is broken" in failed.value.message
+    # The state is stored first, then the message is dead-lettered.
+    wait_until(lambda: broken.id in dead_reasons(harness), 20, "the dead letter")
+    reason = dead_reasons(harness)[broken.id]
+    assert reason == "failed: InternalError: RuntimeError: the admission hook is broken"
+    assert harness.app.ref("tests.apps.misbehaving.add").delay(1, 2).get(timeout=30) == 3
+    assert len([line for line in w.lines if "internal error while handling message" in line]) == 2
+    assert len([line for line in w.lines if f"dead-lettered message {broken.id} after 3 internal errors" in line]) == 1

@@ -49,6 +49,10 @@ Pool = Literal["thread", "process", "async"]
 FETCH_WAIT_S = 0.5
 BURST_FETCH_WAIT_S = 0.25
 REVOKED_REMEMBERED = 10_000
+# A message the worker fails on (not the task: the worker itself, a hook, the store) goes back
+# this many times less one, a pause apart, then to the dead letters.
+INTERNAL_ERRORS_BEFORE_DEAD = 3
+INTERNAL_ERROR_PAUSE_S = 1.0
 # STARTED is stored only once a task has run this long: a short task's first stored state after
 # QUEUED is its outcome, which saves a write and keeps it off the path to the waiting caller.
 STARTED_AFTER_S = 0.02
@@ -115,6 +119,8 @@ class Worker:
         self.processed = 0
         self._held: dict[str, _Held] = {}
         self._revoked: collections.OrderedDict[str, None] = collections.OrderedDict()
+        # Internal errors per message id (see _after_internal_error); the oldest forgotten first.
+        self._internal_errors: collections.OrderedDict[str, int] = collections.OrderedDict()
         # Events and the loop belong to run(): they are created on the worker's own loop.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -363,16 +369,45 @@ class Worker:
             await self._process(held)
         except asyncio.CancelledError:
             pass  # shutdown: _drain put the message back
-        except Exception:
-            log.exception("internal error while handling message %s; putting it back", d.id)
-            try:
-                await self.broker.requeue(d, None, 1.0)
-            except Exception:
-                pass  # its lease runs out and it comes back anyway
+        except Exception as e:
+            await self._after_internal_error(held, e)
         finally:
             if not self._abandoned:
                 self._held.pop(d.id, None)
             self._space.set()
+
+    async def _after_internal_error(self, held: _Held, error: Exception) -> None:
+        """A fault of the worker (or of a hook, or of the store) while handling a message: put
+        it back a few times, since a store or broker that failed may be back; then dead-letter
+        it, so that a message which fails every time cannot keep the worker busy forever."""
+        d = held.delivery
+        seen = self._internal_errors.pop(d.id, 0) + 1
+        if seen < INTERNAL_ERRORS_BEFORE_DEAD:
+            self._internal_errors[d.id] = seen
+            while len(self._internal_errors) > REVOKED_REMEMBERED:
+                self._internal_errors.popitem(last=False)
+            log.exception("internal error while handling message %s (%d of %d); putting it back", d.id, seen,
+                          INTERNAL_ERRORS_BEFORE_DEAD)
+            try:
+                await self.broker.requeue(d, None, INTERNAL_ERROR_PAUSE_S)
+            except Exception:
+                pass  # its lease runs out and it comes back anyway
+            return
+        reason = f"{type(error).__name__}: {error}"
+        log.exception("dead-lettered message %s after %d internal errors: %s", d.id, seen, reason)
+        self.writer.forget(d.id)  # a STARTED still waiting must not land after FAILED
+        try:
+            if held.env is not None:
+                state = TaskState(
+                    id=held.env.id, name=held.env.name, status=Status.FAILED, attempts=held.env.attempt,
+                    queued_at=dt.datetime.fromtimestamp(held.env.queued_at, dt.UTC), finished_at=_utcnow(),
+                    error={"type": "InternalError", "message": f"the worker failed on it {seen} times: {reason}",
+                           "traceback": ""},
+                )
+                await self.app._write_states([state])
+            await self.broker.dead_letter(d, f"failed: InternalError: {reason}")
+        except Exception as e:  # the lease runs out; the next delivery tries again
+            log.warning("could not dead-letter %s (%s); it returns when its lease runs out", d.id, e)
 
     async def _process(self, held: _Held) -> None:
         d = held.delivery
