@@ -438,14 +438,10 @@ class Worker:
         if env.id in self._revoked:
             await self._finish(held, state, Status.CANCELLED)
             return
-        if env.expires is not None and time.time() > env.expires:
+        if _past_expiry(env):
             if not await self._admitted(held):
                 return
-            log.warning("expired %s[%s]: not started before its expiry", env.name, env.id)
-            state.status, state.finished_at = Status.EXPIRED, _utcnow()
-            await self.app._write_states([state])
-            await self._run_outcome_hooks(env, state)
-            await self.broker.dead_letter(d, "expired: not started before its expiry time")
+            await self._expire(held, env, state)
             return
         if task is None:
             if not await self._admitted(held):
@@ -478,6 +474,10 @@ class Worker:
                 await self._finish(held, state, Status.CANCELLED)
                 return
             if not await self._admitted(held):
+                return
+            # Again, now: waiting for a slot, or held back by a hook, may have taken it past.
+            if _past_expiry(env):
+                await self._expire(held, env, state)
                 return
             state.started_at = _utcnow()
             held.state = state
@@ -513,6 +513,9 @@ class Worker:
                     state.started_at = dt.datetime.fromtimestamp(job.started_at, dt.UTC)
                     started = job.started_perf
             elapsed_ms = (time.perf_counter() - started) * 1000
+        if outcome.kind == "expired":  # it waited for a thread past its expiry, and never ran
+            await self._expire(held, env, state)
+            return
         if (held.ctx.cancelled and outcome.kind != "ok") or outcome.kind == "cancelled":
             if self._abandoned:
                 return
@@ -548,6 +551,14 @@ class Worker:
             await self.app._write_states([state])
         except Exception as e:  # the dead letter matters more; the state stays QUEUED
             log.warning("could not store the refusal of %s: %s", d.id, e)
+
+    async def _expire(self, held: _Held, env: Envelope, state: TaskState) -> None:
+        log.warning("expired %s[%s]: not started before its expiry", env.name, env.id)
+        self.writer.forget(env.id)  # the STARTED of a task that never began
+        state.status, state.started_at, state.finished_at = Status.EXPIRED, None, _utcnow()
+        await self.app._write_states([state])
+        await self._run_outcome_hooks(env, state)
+        await self.broker.dead_letter(held.delivery, "expired: not started before its expiry time")
 
     async def _admitted(self, held: _Held) -> bool:
         """Wait for the broker's verdict on a message it handed out before its cancellation
@@ -661,6 +672,10 @@ async def _first(*aws: Any) -> None:
     finally:
         for t in tasks:
             t.cancel()
+
+
+def _past_expiry(env: Envelope) -> bool:
+    return env.expires is not None and time.time() > env.expires
 
 
 def _relative_seconds(expires: Any) -> float | None:

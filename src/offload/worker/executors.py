@@ -25,7 +25,7 @@ from offload.context import TaskContext, reset_context, set_context
 from offload.errors import SoftTimeLimitExceeded, TaskCancelled, TaskTimeLimit
 from offload.message import Envelope
 from offload.task import Task
-from offload.worker.outcome import Outcome
+from offload.worker.outcome import ExpiredBeforeStart, Outcome
 from offload.worker.threads import TaskThreads
 
 
@@ -127,6 +127,9 @@ class ThreadRunner:
         where: list[Any] = [0, False]
 
         def call() -> Any:
+            # A task that waited for a thread past its expiry is not begun at all.
+            if env.expires is not None and time.time() > env.expires:
+                raise ExpiredBeforeStart(f"task {env.id} waited for a thread past its expiry")
             job.started_at, job.started_perf = time.time(), time.perf_counter()
             where[0] = threading.get_ident()
             if begun is not None:

@@ -9,10 +9,15 @@ from typing import Any, Literal
 
 from offload.errors import Retry, SoftTimeLimitExceeded, TaskCancelled, TaskFailed, TaskTimeLimit
 
-Kind = Literal["ok", "error", "retry", "timeout", "cancelled", "lost"]
+Kind = Literal["ok", "error", "retry", "timeout", "cancelled", "lost", "expired"]
 
 #: Longest wait between two attempts, whatever the backoff says.
 MAX_BACKOFF_S = 600.0
+
+
+class ExpiredBeforeStart(Exception):
+    """Raised in place of a task that a thread, coming to begin it, found past its expiry: the
+    task never ran, and ends expired."""
 
 
 @dataclass(slots=True)
@@ -28,6 +33,8 @@ class Outcome:
     def from_exception(cls, exc: BaseException) -> Outcome:
         if isinstance(exc, Retry):
             return cls("retry", exc_type="Retry", message=exc.reason, retry_countdown=exc.countdown)
+        if isinstance(exc, ExpiredBeforeStart):
+            return cls("expired", exc_type="TaskExpired", message=str(exc))
         if isinstance(exc, TaskCancelled):
             return cls("cancelled", exc_type="TaskCancelled", message=str(exc))
         if isinstance(exc, TaskTimeLimit):
