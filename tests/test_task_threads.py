@@ -66,7 +66,7 @@ async def test_close_drops_what_has_not_started() -> None:
         await waiting
     with pytest.raises(RuntimeError, match="closed"):
         threads.submit(lambda: None)
-    for thread in threads._threads:
+    for thread in threads._threads.values():
         thread.join(10)
         assert not thread.is_alive()
 

@@ -7,8 +7,9 @@ What each can guarantee for time limits and cancellation:
 * thread: `soft_time_limit` raises `SoftTimeLimitExceeded` inside the thread and `time_limit`
   raises `TaskTimeLimit` there, both at the next Python bytecode; a thread blocked inside C
   code (a socket read without timeout) cannot be interrupted, so the worker reports the task as
-  timed out, stops waiting for it and leaves the thread to finish on its own. cancel() takes
-  effect at the task's next use of `current`.
+  timed out and stops waiting for it; a second later, if the thread is still stuck, a new
+  thread takes its place (see `TaskThreads.replace`) and the stuck one ends when its call
+  returns. cancel() takes effect at the task's next use of `current`.
 * process (see process_pool.py): the child is terminated at `time_limit`, always.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +29,12 @@ from offload.message import Envelope
 from offload.task import Task
 from offload.worker.outcome import ExpiredBeforeStart, Outcome
 from offload.worker.threads import TaskThreads
+
+log = logging.getLogger("offload.worker")
+
+# How long after its time limit's exception a thread that has not let go of its task counts
+# as stuck (a thread running Python code lets go at its next bytecode, well within this).
+STUCK_AFTER_S = 1.0
 
 
 @dataclass(slots=True)
@@ -175,6 +183,7 @@ class ThreadRunner:
         if not done:
             if where[0] and not where[1]:
                 _raise_in_thread(where[0], TaskTimeLimit)
+                asyncio.get_running_loop().call_later(STUCK_AFTER_S, self._replace_if_stuck, env, future, where[0])
             # The thread may be stuck in C code; report the limit and stop waiting for it.
             future.add_done_callback(lambda f: f.exception())
             return Outcome("timeout", exc_type="TaskTimeLimit", message=_limit_message(env, hard))
@@ -186,6 +195,21 @@ class ThreadRunner:
         if isinstance(exc, SoftTimeLimitExceeded):
             return Outcome("error", exc_type="SoftTimeLimitExceeded", message=_limit_message(env, soft, soft=True))
         return Outcome.from_exception(exc)
+
+    def _replace_if_stuck(self, env: Envelope, future: asyncio.Future[Any], ident: int) -> None:
+        """A thread that has not come back from a task STUCK_AFTER_S after its time limit's
+        exception was raised in it is in a call that exception cannot interrupt (a C call, a
+        read without a timeout): without a new thread in its place, the tasks waiting at the
+        threads would wait for as long as it stays stuck."""
+        if future.done():
+            return
+        if self._threads.replace(ident):
+            log.warning("task %s[%s] is stuck in its thread past its time limit, in a call that cannot be "
+                        "interrupted; a new thread takes its place", env.name, env.id)
+        else:
+            log.error("task %s[%s] is stuck in its thread past its time limit, in a call that cannot be "
+                      "interrupted, and %d stuck threads are replaced already: the worker runs fewer sync tasks "
+                      "at once until they return (restart it if they never do)", env.name, env.id, self._threads.stuck)
 
     def close(self) -> None:
         self._threads.close()

@@ -33,12 +33,46 @@ def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None
 
 
 class TaskThreads:
+    """``size`` threads serving one queue. A thread stuck in a call it cannot be interrupted in
+    can be replaced (`replace`): a new thread serves in its place, and the stuck one ends once
+    its call returns. At most ``size`` stuck threads are replaced at a time, so that a task
+    that hangs every thread it gets cannot make the worker start threads without end."""
+
     def __init__(self, size: int, name: str = "offload-task") -> None:
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._closed = False
-        self._threads = [threading.Thread(target=self._serve, name=f"{name}_{i}", daemon=True) for i in range(size)]
-        for thread in self._threads:
-            thread.start()
+        self._name = name
+        self._lock = threading.Lock()  # guards the two collections below and the count
+        self._threads: dict[int, threading.Thread] = {}  # serving, by ident
+        self._replaced: set[int] = set()  # idents of stuck threads to end when their call returns
+        self._started = 0
+        with self._lock:
+            for _ in range(size):
+                self._start_thread()
+
+    def _start_thread(self) -> None:
+        thread = threading.Thread(target=self._serve, name=f"{self._name}_{self._started}", daemon=True)
+        self._started += 1
+        thread.start()
+        assert thread.ident is not None  # set by start()
+        self._threads[thread.ident] = thread
+
+    def replace(self, ident: int) -> bool:
+        """Start a thread in place of the serving thread ``ident``, stuck in its task; that one
+        ends when its call returns. False when ``ident`` serves no more or too many are stuck."""
+        with self._lock:
+            if self._closed or ident not in self._threads or len(self._replaced) >= len(self._threads):
+                return False
+            del self._threads[ident]
+            self._replaced.add(ident)
+            self._start_thread()
+            return True
+
+    @property
+    def stuck(self) -> int:
+        """How many replaced threads are still stuck in their call."""
+        with self._lock:
+            return len(self._replaced)
 
     def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run ``fn()`` in one of the threads; a future of this loop with its value or error."""
@@ -50,6 +84,7 @@ class TaskThreads:
         return future
 
     def _serve(self) -> None:
+        ident = threading.get_ident()
         while True:
             # A time limit's exception is raised into this thread asynchronously; when it lands
             # a moment after the task returned, it must not end the thread.
@@ -61,6 +96,11 @@ class TaskThreads:
                 del work
             except BaseException as e:  # see above
                 log.debug("ignored %r raised into a task thread between tasks", e)
+            with self._lock:
+                if ident in self._replaced:  # another thread serves in its place
+                    self._replaced.discard(ident)
+                    log.info("a task thread that was stuck past its time limit returned and ends")
+                    return
 
     @staticmethod
     def _run(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], fn: Callable[[], Any]) -> None:
@@ -96,7 +136,8 @@ class TaskThreads:
 
     def close(self) -> None:
         """Stop the threads once they finish what they run; work not started is dropped."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
         while True:
             try:
                 work = self._queue.get_nowait()
@@ -106,5 +147,7 @@ class TaskThreads:
                 loop, future, _ = work
                 if not loop.is_closed():
                     loop.call_soon_threadsafe(future.cancel)
-        for _ in self._threads:
+        with self._lock:
+            serving = len(self._threads)
+        for _ in range(serving):  # a replaced thread ends by itself
             self._queue.put(None)
