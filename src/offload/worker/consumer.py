@@ -291,7 +291,8 @@ class Worker:
         if running:
             all_done = asyncio.gather(*running, return_exceptions=True)
             now_wait = asyncio.create_task(self._now.wait())
-            await asyncio.wait({all_done, now_wait}, timeout=self.grace_s, return_when=asyncio.FIRST_COMPLETED)
+            either: set[asyncio.Future[Any]] = {all_done, now_wait}
+            await asyncio.wait(either, timeout=self.grace_s, return_when=asyncio.FIRST_COMPLETED)
             now_wait.cancel()
         left = [h for h in self._held.values() if h.task is not None and not h.task.done()]
         if left:
@@ -640,6 +641,9 @@ class Worker:
 
     # -- what `current` calls -------------------------------------------------------------------
     def _progress_reporter(self, held: _Held) -> Any:
+        loop = self._loop
+        assert loop is not None  # tasks start only inside run()
+
         def report(fraction: float | None, message: str | None) -> None:
             def put() -> None:
                 state = held.state
@@ -651,16 +655,19 @@ class Worker:
             if threading.get_ident() == self._loop_thread:
                 put()
             else:
-                self._loop.call_soon_threadsafe(put)
+                loop.call_soon_threadsafe(put)
 
         return report
 
     def _publisher(self) -> Any:
+        loop = self._loop
+        assert loop is not None  # tasks start only inside run()
+
         def publish(channel: str, data: Any) -> None:
             if threading.get_ident() == self._loop_thread:
-                self._loop.create_task(self.app.apublish(channel, data))
+                loop.create_task(self.app.apublish(channel, data))
             else:
-                asyncio.run_coroutine_threadsafe(self.app.apublish(channel, data), self._loop).result()
+                asyncio.run_coroutine_threadsafe(self.app.apublish(channel, data), loop).result()
 
         return publish
 
