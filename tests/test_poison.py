@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from offload import TaskFailed
+from offload import Status, TaskFailed
 from offload.message import MAGIC, VERSION
 from offload.serializers import JSONSerializer
 from tests.conformance.conftest import Harness
@@ -49,6 +49,11 @@ def test_malformed_envelopes_are_dead_lettered_once_naming_the_field(harness: Ha
     reasons = dead_reasons(harness)
     for message_id, name in poisoned.items():
         assert reasons[message_id].startswith(f"malformed: bad envelope field {name!r}"), reasons[message_id]
+        # Its task ended failed (never STARTED, as one with a string time_limit used to stay).
+        state = harness.app.result(message_id).state()
+        assert state.status is Status.FAILED and state.error is not None
+        assert state.error["type"] == "MessageMalformed"
+        assert state.error["message"] == f"the worker could not read the message: {reasons[message_id].removeprefix('malformed: ')}"
     # Each was handled once: refused at decoding, never put back to come round again.
     for message_id in poisoned:
         handled = [line for line in w.lines if message_id in line]

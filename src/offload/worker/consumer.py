@@ -416,11 +416,14 @@ class Worker:
             env = self.app.codec.decode(d.body)
         except SignatureError as e:
             log.error("dead-lettered message %s: %s", d.id, e)
-            await self._store_refusal(d, e)
+            await self._store_rejection(
+                d, "MessageRefused", f"the worker refused the message: {e} (the sender and the workers must share one secret)"
+            )
             await self.broker.dead_letter(d, f"rejected: {e}")
             return
         except MessageError as e:
             log.error("dead-lettered malformed message %s: %s", d.id, e)
+            await self._store_rejection(d, "MessageMalformed", f"the worker could not read the message: {e}")
             await self.broker.dead_letter(d, f"malformed: {e}")
             return
         task = self.app.tasks.get(env.name)
@@ -525,33 +528,32 @@ class Worker:
             return
         await self._settle(held, env, state, outcome, elapsed_ms)
 
-    async def _store_refusal(self, d: Delivery, error: SignatureError) -> None:
-        """Store a refused message's task as FAILED (``MessageRefused``), so that its sender,
-        most often an app whose secret differs from this worker's, hears at once instead of
+    async def _store_rejection(self, d: Delivery, error_type: str, message: str) -> None:
+        """Store the task of a message refused or unreadable as FAILED, so that its sender
+        (most often an app whose secret differs from this worker's) hears at once instead of
         waiting out every get().
 
-        Nothing of the unverified envelope is used. The id is the broker's (the one the
-        sender's Result is keyed by); the name and owner come from the state the sender stored.
-        Whoever can put a message under an id on the broker could already withhold or replace
-        that very message: all this lets them add is a FAILED state for that id. And only a
-        task still queued (or with no state yet: the sender's QUEUED write may come second, and
-        then leaves this one be) is marked; one that started or ended keeps its state."""
+        Nothing of the envelope is used: unverified or unreadable, it cannot be trusted. The id
+        is the broker's (the one the sender's Result is keyed by); the name and owner come from
+        the state the sender stored. Whoever can put a message under an id on the broker could
+        already withhold or replace that very message: all this lets them add is a FAILED state
+        for that id. And only a task still queued (or with no state yet: the sender's QUEUED
+        write may come second, and then leaves this one be) is marked; one that started or
+        ended keeps its state."""
         try:
             raw = await self.store.get_state(d.id)
             previous = None if raw is None else self.app.decode_state(raw)
             if previous is not None and previous.status is not Status.QUEUED:
                 return
-            hint = "the sender and the workers must share one secret"
             state = TaskState(
                 id=d.id, name=previous.name if previous else "?", status=Status.FAILED,
                 queued_at=previous.queued_at if previous else None, finished_at=_utcnow(),
                 meta=previous.meta if previous else {},
-                error={"type": "MessageRefused", "message": f"the worker refused the message: {error} ({hint})",
-                       "traceback": ""},
+                error={"type": error_type, "message": message, "traceback": ""},
             )
             await self.app._write_states([state])
-        except Exception as e:  # the dead letter matters more; the state stays QUEUED
-            log.warning("could not store the refusal of %s: %s", d.id, e)
+        except Exception as e:  # the dead letter matters more; the state stays as it was
+            log.warning("could not store the failure of %s: %s", d.id, e)
 
     async def _expire(self, held: _Held, env: Envelope, state: TaskState) -> None:
         log.warning("expired %s[%s]: not started before its expiry", env.name, env.id)
