@@ -201,7 +201,7 @@ class ThreadRunner:
         exception was raised in it is in a call that exception cannot interrupt (a C call, a
         read without a timeout): without a new thread in its place, the tasks waiting at the
         threads would wait for as long as it stays stuck."""
-        if future.done():
+        if future.done() or self._threads.closed:  # it let go, or the worker is stopping
             return
         if self._threads.replace(ident):
             log.warning("task %s[%s] is stuck in its thread past its time limit, in a call that cannot be "

@@ -69,6 +69,10 @@ class TaskThreads:
             return True
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def stuck(self) -> int:
         """How many replaced threads are still stuck in their call."""
         with self._lock:
