@@ -2,11 +2,13 @@
 
 Order of events for one message::
 
-    fetch (leased) -> decode -> [malformed/tampered: dead letter]
+    fetch (leased) -> decode -> [malformed/tampered: FAILED (if still queued) + dead letter]
                    -> [revoked: cancelled] -> [expired: expired + dead letter]
+                   -> wait for a place -> [expired meanwhile: expired + dead letter]
                    -> STARTED -> run (async | thread | process) -> outcome stored -> ack
                                                                  -> retry: RETRYING + requeue
                                                                  -> final failure: FAILED + dead letter
+    an error of the worker itself at any step -> put back, twice; the third time FAILED + dead letter
 
 A heartbeat renews the leases of everything this worker holds, so a long task is never handed
 to a second worker while this one lives; when the worker dies, the leases run out and the
