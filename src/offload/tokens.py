@@ -5,6 +5,11 @@ one namespace, until it expires. It is ``<expiry>.<mac>``: the expiry in epoch s
 HMAC-SHA256, in URL-safe base64, over the kind (task or channel), the namespace, the subject
 and the expiry. The MAC key is derived from the app's ``secret`` under a label of its own, so
 a token can never pass for a message signature, nor a task token for a channel token.
+
+A token has exactly one spelling, the one `make_token` writes: ASCII digits without a leading
+zero, a dot, and the 43 characters of the unpadded MAC. Anything else (other scripts' digits,
+which ``int()`` reads, padding, whitespace, any non-ASCII byte) is refused before the MAC is
+computed, and checking never raises, whatever a client sends.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -30,6 +36,10 @@ DEFAULT_EXPIRES_S = 86_400.0
 _LABEL = b"offload.gateway-token.v1"
 _TASK = "task"
 _CHANNEL = "channel"
+#: The canonical token: an expiry (epoch seconds, at most 12 digits) and an unpadded
+#: URL-safe base64 SHA-256 MAC. Explicit character classes, not \d or \w, which match
+#: digits and letters of every script.
+_TOKEN = re.compile(r"([1-9][0-9]{0,11})\.([A-Za-z0-9_-]{43})")
 
 
 def make_token(app: Offload, task_id: str, expires_in: float | dt.timedelta | None = None) -> str:
@@ -64,16 +74,16 @@ def _make(app: Offload, kind: str, subject: str, expires_in: float | dt.timedelt
 
 
 def _check(app: Offload, kind: str, subject: str, token: str | None) -> bool:
-    if app.secret is None or not token:
+    if app.secret is None or not isinstance(token, str):
         return False
-    expiry, sep, mac = token.partition(".")
-    if not sep or not expiry.isdigit() or len(expiry) > 12:
+    parsed = _TOKEN.fullmatch(token)
+    if parsed is None:
         return False
-    expires_at = int(expiry)
+    expires_at = int(parsed.group(1))
     if expires_at < time.time():
         return False
     expected = _b64(_mac(app.secret, kind, app.namespace, subject, expires_at))
-    return hmac.compare_digest(expected, mac)
+    return hmac.compare_digest(expected.encode("ascii"), parsed.group(2).encode("ascii"))
 
 
 def _mac(secret: bytes, kind: str, namespace: str, subject: str, expires_at: int) -> bytes:
