@@ -10,6 +10,7 @@ import uvicorn
 
 from offload.app import Offload
 from offload.gateway.gateway import Gateway
+from offload.gateway.redact import redact_logs
 
 
 class _DrainingServer(uvicorn.Server):
@@ -33,4 +34,7 @@ def serve(app: Offload, *, host: str = "127.0.0.1", port: int = 8000, cors_origi
         asgi, host=host, port=port, log_level=log_level, lifespan="on", access_log=access_log,
         timeout_graceful_shutdown=max(math.ceil(grace_s), 1),
     )
+    # After uvicorn.Config, which sets up uvicorn's loggers: the access log shows every query
+    # string, and a query string may carry a token.
+    redact_logs()
     _DrainingServer(config, asgi.state.gateway).run()
