@@ -41,8 +41,18 @@ log = logging.getLogger("offload")
 DEFAULT_URL = "sqlite:///offload.db"  # beside the module that creates the app: see default_base_dir
 #: How long a delay() with a key waits for a finished holder to release it (about 1 s in all).
 KEY_RELEASE_PAUSES_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.3)
+#: Channels named with this prefix are offload's own: user code may neither publish to them nor
+#: subscribe to them, and the gateway never serves them (offload writes them through the store).
+RESERVED_CHANNEL_PREFIX = "__offload."
 #: Workers listen here for cancellations of running tasks.
-CONTROL_CHANNEL = "__offload.control"
+CONTROL_CHANNEL = RESERVED_CHANNEL_PREFIX + "control"
+
+
+def check_channel_name(channel: str) -> str:
+    """``channel`` when user code may use it; a `ConfigError` for a name offload reserves."""
+    if channel.startswith(RESERVED_CHANNEL_PREFIX):
+        raise ConfigError(f"channel {channel!r} is reserved: names starting with {RESERVED_CHANNEL_PREFIX!r} are offload's own")
+    return channel
 
 
 @dataclass(slots=True)
@@ -481,7 +491,7 @@ class Offload:
 
     # -- pub/sub -----------------------------------------------------------------------------
     async def apublish(self, channel: str, data: Any) -> None:
-        await (await self._store()).publish(channel, self.codec.dumps(data))
+        await (await self._store()).publish(check_channel_name(channel), self.codec.dumps(data))
 
     def publish(self, channel: str, data: Any) -> None:
         self._portal.run(self.apublish(channel, data))
@@ -489,6 +499,7 @@ class Offload:
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[AsyncIterator[Any]]:
         """``async with app.subscribe("news") as sub: async for data in sub: ...``"""
+        check_channel_name(channel)
         store = await self._store()
         async with store.subscribe(channel) as raw:
 

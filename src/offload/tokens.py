@@ -23,6 +23,7 @@ import re
 import time
 from typing import TYPE_CHECKING
 
+from offload.app import check_channel_name
 from offload.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def check_token(app: Offload, task_id: str, token: str | None) -> bool:
 
 def make_channel_token(app: Offload, channel: str, expires_in: float | dt.timedelta | None = None) -> str:
     """A token that lets a browser follow pub/sub ``channel`` of ``app``'s namespace."""
-    return _make(app, _CHANNEL, channel, expires_in)
+    return _make(app, _CHANNEL, check_channel_name(channel), expires_in)
 
 
 def check_channel_token(app: Offload, channel: str, token: str | None) -> bool:

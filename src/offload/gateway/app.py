@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from offload.app import Offload
+from offload.app import RESERVED_CHANNEL_PREFIX, Offload
 from offload.errors import BrokerError
 from offload.gateway.channels import ChannelEvents, ChannelPoll
 from offload.gateway.gateway import MAX_IDS, MAX_WAIT_S, Gateway
@@ -109,12 +109,12 @@ def create_gateway(
         return LongPoll(gw, task_ids, ready, wait_s, many=True)
 
     async def channel_events(request: Request) -> ASGIApp:
-        name = request.path_params["name"]
+        name = _channel(request.path_params["name"])
         _require(gw.may_follow(name, request.query_params.get("token")))
         return ChannelEvents(gw, name, last_event_id(request.scope, request.query_params))
 
     async def channel_poll(request: Request) -> ASGIApp:
-        name = request.path_params["name"]
+        name = _channel(request.path_params["name"])
         _require(gw.may_follow(name, request.query_params.get("token")))
         return ChannelPoll(gw, name, request.query_params.get("cursor"), _wait(request))
 
@@ -204,6 +204,14 @@ def _task_id(task_id: str) -> str:
     if not task_id or len(task_id) > _MAX_ID_LENGTH:
         raise HTTPException(400, "not a task id")
     return task_id
+
+
+def _channel(name: str) -> str:
+    # offload's own channels (worker control) do not exist for browsers, whatever the token
+    # or the public_channels patterns say.
+    if name.startswith(RESERVED_CHANNEL_PREFIX):
+        raise HTTPException(404, f"no channel {name!r}: names starting with {RESERVED_CHANNEL_PREFIX!r} are reserved")
+    return name
 
 
 def _tokens(request: Request) -> list[str]:
