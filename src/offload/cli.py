@@ -150,17 +150,21 @@ def beat(app_spec: str, catch_up: bool, log_level: str, loop: str | None) -> Non
 @click.option("--cors-origin", "cors_origins", multiple=True, help="An origin allowed to call the gateway from another site (repeatable).")
 @click.option("--grace", type=float, default=5.0, show_default=True,
               help="Seconds requests still running at SIGTERM get to finish (streams end and long polls answer at once).")
-@click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every request.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every request (tokens redacted).")
+@click.option("--metrics/--no-metrics", default=None,
+              help="Serve /metrics. [default: on a loopback --host, or with a metrics token; else off]")
+@click.option("--metrics-token", envvar="OFFLOAD_METRICS_TOKEN", default=None, show_envvar=True,
+              help="/metrics then answers 401 without Authorization: Bearer <this token>.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @user_errors
 def gateway(app_spec: str, host: str, port: int, cors_origins: tuple[str, ...], grace: float, access_log: bool,
-            log_level: str) -> None:
+            metrics: bool | None, metrics_token: str | None, log_level: str) -> None:
     """Serve the browser gateway (long polling, SSE, offload.js, metrics) with uvicorn."""
     from offload.gateway.serve import serve
 
     _setup_logging(log_level)
     serve(load_app(app_spec), host=host, port=port, cors_origins=cors_origins, grace_s=grace, access_log=access_log,
-          log_level=log_level)
+          log_level=log_level, metrics=metrics, metrics_token=metrics_token or None)
 
 
 def _json_arg(text: str, what: str) -> Any:

@@ -9,6 +9,7 @@ Endpoints only parse and check: the waiting happens in the response objects of `
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -27,7 +28,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from offload.app import RESERVED_CHANNEL_PREFIX, Offload
-from offload.errors import BrokerError
+from offload.errors import BrokerError, ConfigError
 from offload.gateway.channels import ChannelEvents, ChannelPoll
 from offload.gateway.gateway import MAX_IDS, MAX_WAIT_S, Gateway
 from offload.gateway.payload import Rendered, dumps
@@ -49,6 +50,8 @@ def create_gateway(
     keepalive_s: float = 15.0,
     recheck_s: float = 15.0,
     public_channels: Sequence[str] = (),
+    metrics: bool = True,
+    metrics_token: str | None = None,
 ) -> Starlette:
     """The gateway of ``app`` as an ASGI application (what ``app.asgi(...)`` returns).
 
@@ -57,7 +60,12 @@ def create_gateway(
     ``keepalive_s``: idle seconds before a stream gets a keep-alive comment.
     ``recheck_s``: how often a waiting long poll re-reads its tasks without a change signal.
     ``public_channels``: channel name patterns anyone may follow when the app has a secret.
+    ``metrics``: serve ``GET /metrics`` (it names the queues and counts their tasks).
+    ``metrics_token``: when given, ``/metrics`` answers 401 without ``Authorization: Bearer <it>``.
     """
+    if metrics_token is not None and not metrics_token:
+        raise ConfigError("metrics_token must not be empty (pass None to serve /metrics without one)")
+    expected_authorization = f"Bearer {metrics_token}".encode() if metrics_token else None
     gw = Gateway(
         app, debug=app.debug if debug is None else debug, keepalive_s=keepalive_s, recheck_s=recheck_s,
         public_channels=tuple(public_channels),
@@ -132,7 +140,12 @@ def create_gateway(
         gw.metrics.broker.up = True
         return _json(200, {"status": "ok"})
 
-    async def metrics(request: Request) -> Response:
+    async def prometheus(request: Request) -> Response:
+        if expected_authorization is not None:
+            given = request.headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(given, expected_authorization):
+                return _json(401, {"detail": "/metrics needs Authorization: Bearer <the metrics token>"},
+                             {"www-authenticate": 'Bearer realm="metrics"'})
         try:
             gw.metrics.broker.stats = await asyncio.wait_for(_stats(app), HEALTH_TIMEOUT_S)
             gw.metrics.broker.up = True
@@ -169,8 +182,9 @@ def create_gateway(
         Route("/channels/{name}", channel_poll, methods=["GET"]),
         Route("/offload.js", offload_js, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
     ]
+    if metrics:
+        routes.append(Route("/metrics", prometheus, methods=["GET"]))
     middleware = []
     if cors_origins:
         middleware.append(Middleware(
