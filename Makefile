@@ -21,11 +21,13 @@ browser:
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 		else echo "chromium is missing: install Debian's chromium package for the browser tests"; fi; }
 
-test: install browser
+test: install browser lint
 	$(PY) -m pytest -n 2
 
+# Types are a gate: mypy --strict on the package, ruff on everything.
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(PY) -m mypy --strict src/offload
 
 # The photo site (examples/photos): site, workers and beat on http://$(HOST):$(PORT); Ctrl-C stops all.
 # `make demo PORT=8080` serves it on another port (0: any free one).

@@ -178,8 +178,12 @@ class Offload:
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
     @overload
     def task(self, *, name: str | None = None, **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
-    def task(self, fn: Any = None, /, *, name: str | None = None, **options: Any) -> Any:
+    def task(self, *args: Any, **options: Any) -> Any:
         """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(queue=...)``."""
+        if len(args) > 1:
+            raise ConfigError("app.task takes one function; give its options by keyword")
+        fn = args[0] if args else None
+        name: str | None = options.pop("name", None)
         opts = Options().merge(**options)
 
         def register(f: Callable[P, R]) -> Task[P, R]:
