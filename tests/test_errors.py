@@ -82,3 +82,16 @@ def test_a_blocking_call_inside_offloads_own_loop_is_a_usage_error() -> None:
         app.close()
     assert isinstance(info.value, OffloadError) and isinstance(info.value, RuntimeError)
     asyncio.run(asyncio.sleep(0))  # the test's own loop is unaffected
+
+
+def test_stopping_a_worker_that_is_not_running_is_a_usage_error() -> None:
+    from offload.worker.consumer import Worker
+    from offload.worker.threads import TaskThreads
+
+    worker = Worker(Offload("memory://"), handle_signals=False)
+    with pytest.raises(UsageError, match="the worker is not running"):
+        worker.stop()
+    threads = TaskThreads(1)
+    threads.close()
+    with pytest.raises(UsageError, match="the task threads are closed"):
+        threads.submit(lambda: None)

@@ -32,7 +32,7 @@ from typing import Any, Literal
 from offload.app import CONTROL_CHANNEL, Offload
 from offload.brokers.base import Broker, Delivery, Store, Verdict
 from offload.context import TaskContext
-from offload.errors import ConfigError, MessageError, SerializationError, SignatureError
+from offload.errors import ConfigError, MessageError, SerializationError, SignatureError, UsageError
 from offload.loops import loop_kind
 from offload.message import Envelope
 from offload.result import Status, TaskState
@@ -134,7 +134,7 @@ class Worker:
     def stop(self, now: bool = False) -> None:
         """Stop fetching; let running tasks finish within the grace period (or not, with now)."""
         if self._loop is None:
-            raise RuntimeError("the worker is not running")
+            raise UsageError("the worker is not running: stop() is for a worker whose run() has started")
         self._loop.call_soon_threadsafe(self._request_stop, now)
 
     def _request_stop(self, now: bool = False) -> None:

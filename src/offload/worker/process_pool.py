@@ -19,6 +19,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
+from offload.errors import ConfigError
 from offload.worker.executors import Job, _limit_message
 from offload.worker.outcome import Outcome
 
@@ -66,7 +67,7 @@ class ProcessRunner:
             first = ("error", "child did not start in time")
         if first[0] != "ready":
             self._forget(child)
-            raise RuntimeError(f"worker child failed to start: {first[1]}")
+            raise ConfigError(f"worker child failed to start: {first[1]}")
         log.debug("child %s ready", process.pid)
         child.reply = None
         self._idle.put_nowait(child)

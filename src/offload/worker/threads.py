@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from offload.errors import UsageError
+
 T = TypeVar("T")
 
 log = logging.getLogger("offload.worker")
@@ -81,7 +83,7 @@ class TaskThreads:
     def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run ``fn()`` in one of the threads; a future of this loop with its value or error."""
         if self._closed:
-            raise RuntimeError("the task threads are closed")
+            raise UsageError("the task threads are closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((loop, future, fn))
