@@ -6,14 +6,13 @@ import collections
 import os
 import signal
 import time
-import uuid
 
 import pytest
 
 from offload import Offload, Status
-from offload.brokers.base import OutgoingMessage
 from offload.message import Envelope
 from tests.conformance.conftest import Harness
+from tests.process_harness import dead_reasons, inject
 from tests.support import wait_until
 
 
@@ -110,32 +109,13 @@ def test_second_signal_puts_back_at_once(harness: Harness) -> None:
     assert r.status() is Status.QUEUED
 
 
-def _inject(harness: Harness, body: bytes) -> str:
-    message_id = uuid.uuid4().hex
-
-    async def put() -> None:
-        broker = await harness.app._broker()
-        await broker.enqueue(OutgoingMessage(id=message_id, queue="default", body=body))
-
-    harness.app._portal.run(put())
-    return message_id
-
-
-def _dead_reasons(harness: Harness) -> dict[str, str]:
-    async def read() -> dict[str, str]:
-        broker = await harness.app._broker()
-        return {d.id: d.reason for d in await broker.dead_letters()}
-
-    return harness.app._portal.run(read())
-
-
 def test_garbage_bytes_are_dead_lettered_and_the_worker_serves_on(harness: Harness) -> None:
     harness.worker()
-    garbage = _inject(harness, b"\x00\x01 this is not a message \xff")
-    half = _inject(harness, harness.app.codec.encode(Envelope(id="x", name="y"))[:6])
+    garbage = inject(harness, b"\x00\x01 this is not a message \xff")
+    half = inject(harness, harness.app.codec.encode(Envelope(id="x", name="y"))[:6])
     assert harness.task("add").delay(1, 2).get(timeout=20) == 3
-    wait_until(lambda: len(_dead_reasons(harness)) == 2, 20, "two dead letters")
-    reasons = _dead_reasons(harness)
+    wait_until(lambda: len(dead_reasons(harness)) == 2, 20, "two dead letters")
+    reasons = dead_reasons(harness)
     assert reasons[garbage].startswith("malformed: not an offload message")
     assert reasons[half].startswith("malformed:")
 
@@ -147,11 +127,11 @@ def test_tampered_and_unsigned_messages_are_refused(harness: Harness) -> None:
         body = signed.codec.encode(signed.build("tests.apps.basic.add", (1, 2), {}, signed.ref("tests.apps.basic.add").opts))
         tampered = bytearray(body)
         tampered[-3] ^= 0x01
-        bad = _inject(harness, bytes(tampered))
-        unsigned = _inject(harness, Offload("memory://x").codec.encode(Envelope(id="u", name="tests.apps.basic.add", args=(1, 1))))
+        bad = inject(harness, bytes(tampered))
+        unsigned = inject(harness, Offload("memory://x").codec.encode(Envelope(id="u", name="tests.apps.basic.add", args=(1, 1))))
         assert signed.ref("tests.apps.basic.add").delay(2, 2).get(timeout=20) == 4
-        wait_until(lambda: len(_dead_reasons(harness)) == 2, 20, "two dead letters")
-        reasons = _dead_reasons(harness)
+        wait_until(lambda: len(dead_reasons(harness)) == 2, 20, "two dead letters")
+        reasons = dead_reasons(harness)
         assert reasons[bad].startswith("rejected: bad signature")
         assert reasons[unsigned].startswith("rejected: unsigned message refused")
     finally:
