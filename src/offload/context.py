@@ -31,6 +31,9 @@ class TaskContext:
     publish: Callable[[str, Any], None]
     cancelled: bool = False
     last_progress_at: float = field(default=0.0)
+    # The last progress() call, kept even when the throttle dropped its write: the final state
+    # carries it, so a finished task never shows a stale fraction or message.
+    last_report: tuple[float | None, str | None] | None = None
 
 
 _ctx: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar("offload_task", default=None)
@@ -77,6 +80,7 @@ class _Current:
         ctx = self._get()
         if fraction is not None and not 0.0 <= fraction <= 1.0:
             raise InvalidArgument(f"progress must be between 0 and 1, got {fraction}")
+        ctx.last_report = (fraction, message)
         now = time.monotonic()
         if not force and now - ctx.last_progress_at < PROGRESS_INTERVAL_S:
             return

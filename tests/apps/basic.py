@@ -107,6 +107,23 @@ def progress_steps(steps: int, pause: float = 0.05) -> int:
     return steps
 
 
+@app.task
+def count_rows(rows: int, fail_at: int | None = None) -> int:
+    """An export's loop: a progress() call per row, far more often than the throttle writes."""
+    for i in range(rows):
+        if i == fail_at:
+            raise ValueError(f"row {i} is unreadable")
+        current.progress((i + 1) / rows, f"{i + 1} of {rows} rows")
+    return rows
+
+
+@app.task
+async def acount_rows(rows: int) -> int:
+    for i in range(rows):
+        current.progress((i + 1) / rows, f"{i + 1} of {rows} rows")
+    return rows
+
+
 @app.task(retries=3, retry_backoff=0.05)
 def flaky(path: str, fail_times: int) -> int:
     with open(path, "a") as f:

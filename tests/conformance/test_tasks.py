@@ -126,6 +126,26 @@ def test_progress_is_visible_while_running(harness: Harness) -> None:
     assert len(seen) >= 2 and 1.0 in seen
 
 
+@pytest.mark.parametrize(("task", "pool"), [("count_rows", "thread"), ("count_rows", "process"), ("acount_rows", "async")])
+def test_a_finished_task_carries_its_last_progress(harness: Harness, task: str, pool: str) -> None:
+    # 2,000 reports in well under the throttle's interval: only the first is written while it
+    # runs, and the final state must not keep that one.
+    harness.worker("--pool", pool, "-c", "1")
+    r = harness.task(task).delay(2000)
+    assert r.get(timeout=30) == 2000
+    state = r.state()
+    assert (state.status, state.progress, state.message) == (Status.SUCCEEDED, 1.0, "2000 of 2000 rows")
+
+
+def test_a_failed_task_shows_where_it_stopped(harness: Harness) -> None:
+    harness.worker()
+    r = harness.task("count_rows").delay(2000, 1500)
+    with pytest.raises(TaskFailed):
+        r.get(timeout=30)
+    state = r.state()
+    assert (state.status, state.progress, state.message) == (Status.FAILED, 0.75, "1500 of 2000 rows")
+
+
 @pytest.mark.parametrize("pool", ["thread", "process"])
 def test_worker_start_hook_fills_current_state(harness: Harness, pool: str) -> None:
     harness.worker("--pool", pool, "-c", "1")

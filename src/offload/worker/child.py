@@ -38,12 +38,14 @@ def run_in_child(
         signal.signal(signal.SIGALRM, _on_alarm)
         signal.setitimer(signal.ITIMER_REAL, soft_limit)
     try:
-        return Outcome("ok", value=task.fn(*args, **kwargs))
+        outcome = Outcome("ok", value=task.fn(*args, **kwargs))
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        return Outcome.from_exception(e)
+        outcome = Outcome.from_exception(e)
     finally:
         if soft_limit:
             signal.setitimer(signal.ITIMER_REAL, 0)
         reset_context(token)
+    outcome.last_report = ctx.last_report
+    return outcome

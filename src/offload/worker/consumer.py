@@ -519,6 +519,7 @@ class Worker:
                     state.started_at = dt.datetime.fromtimestamp(job.started_at, dt.UTC)
                     started = job.started_perf
             elapsed_ms = (time.perf_counter() - started) * 1000
+            _keep_last_report(state, outcome.last_report or held.ctx.last_report, outcome.kind == "ok")
         if outcome.kind == "expired":  # it waited for a thread past its expiry, and never ran
             await self._expire(held, env, state)
             return
@@ -683,6 +684,17 @@ async def _first(*aws: Any) -> None:
     finally:
         for t in tasks:
             t.cancel()
+
+
+def _keep_last_report(state: TaskState, report: tuple[float | None, str | None] | None, succeeded: bool) -> None:
+    """The final state shows the task's last progress() call, even one the throttle did not
+    write; a task that succeeded after reporting a fraction reads 1.0, not where its last
+    write happened to fall."""
+    if report is None:
+        return
+    fraction, message = report
+    state.progress = 1.0 if succeeded and fraction is not None else fraction
+    state.message = message
 
 
 def _past_expiry(env: Envelope) -> bool:

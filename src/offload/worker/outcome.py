@@ -28,6 +28,8 @@ class Outcome:
     message: str = ""
     traceback: str = ""
     retry_countdown: float | None = None
+    # The task's last progress() call (fraction, message), from a child process: see TaskContext.
+    last_report: tuple[float | None, str | None] | None = None
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> Outcome:
