@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from offload import Offload
+from offload import Offload, admin
 from tests.support import OffloadProcess, env_for, run_cli, start_worker
 
 APP = "tests.apps.basic:app"
@@ -96,6 +96,42 @@ def test_unreachable_broker_is_one_line_with_masked_password(ns: str) -> None:
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ('{"x": 1}', "ARGS must be a JSON list of positional arguments, got '{\"x\": 1}'; keywords go in --kwargs"),
+        ("5", "ARGS must be a JSON list of positional arguments, got '5'"),
+    ],
+)
+def test_send_refuses_args_that_are_not_a_list(url: str, ns: str, args: str, message: str) -> None:
+    out = run_cli(url, ns, "send", APP, "tests.apps.basic.add", args)
+    assert out.returncode == 2
+    assert message in out.stderr.strip().splitlines()[-1]
+    assert _waiting(url, ns) == 0
+
+
+def test_send_refuses_a_task_the_app_does_not_register(url: str, ns: str) -> None:
+    out = run_cli(url, ns, "send", APP, "tests.apps.basic.addd", "[1, 2]")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        "tests.apps.basic:app registers no task named 'tests.apps.basic.addd'; did you mean tests.apps.basic.add? "
+        "(--unregistered sends it anyway)"
+    )
+    assert _waiting(url, ns) == 0
+    # A task whose code lives only on the workers is sent when asked to.
+    sent = run_cli(url, ns, "send", APP, "elsewhere.only_on_workers", "[]", "--unregistered")
+    assert sent.returncode == 0, sent.stderr
+    assert _waiting(url, ns) == 1
+
+
+def _waiting(url: str, ns: str) -> int:
+    app = Offload(url, namespace=ns)
+    try:
+        return sum(app._portal.run(admin.status(app)).queued.values())
+    finally:
+        app.close()
+
+
 BROKEN_MODULES = {
     "syntax": ("def nightly(:\n    pass\n", "SyntaxError", "line 1"),
     "missing_dependency": ("import offload\nimport no_such_dependency_xyz\n", "No module named 'no_such_dependency_xyz'", "line 2"),
@@ -128,7 +164,7 @@ def test_an_app_module_that_fails_to_import_is_one_line_from_every_command(broke
 
 TASKS_WITH_A_FACTORY = """\
 import pathlib
-from offload import Offload
+from offload import Offload, admin
 
 app = Offload()
 
@@ -174,7 +210,7 @@ def test_an_app_factory_named_with_parentheses_is_called(tmp_path: Path, url: st
 
 
 SCRIPT = """\
-from offload import Offload
+from offload import Offload, admin
 
 app = Offload()
 

@@ -184,23 +184,35 @@ def _json_arg(text: str, what: str) -> Any:
 @click.option("--countdown", type=float, help="Seconds before it may start.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the result, with a progress bar.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds.")
+@click.option("--unregistered", is_flag=True, help="Send NAME although APP does not register it (its code lives only on the workers).")
 @user_errors
 def send(app_spec: str, name: str, args: str, kwargs_json: str, queue: str | None, priority: int | None,
-         countdown: float | None, wait_: bool, timeout: float | None) -> None:
+         countdown: float | None, wait_: bool, timeout: float | None, unregistered: bool) -> None:
     """Enqueue task NAME with ARGS (a JSON list) and print its id."""
     positional = _json_arg(args, "ARGS")
     if not isinstance(positional, list):
-        positional = [positional]
+        # One object or number is not wrapped: `'{"n": 5}'` meant --kwargs more often than not.
+        raise click.BadParameter(f"ARGS must be a JSON list of positional arguments, got {args!r}; keywords go in --kwargs")
     keywords = _json_arg(kwargs_json, "--kwargs")
     if not isinstance(keywords, dict):
         raise click.BadParameter("--kwargs must be a JSON object")
     app = load_app(app_spec)
+    if name not in app.tasks and not unregistered:
+        raise click.BadParameter(_unknown_task_message(app, name), param_hint="NAME")
     opts = {k: v for k, v in (("queue", queue), ("priority", priority), ("countdown", countdown)) if v is not None}
     result = app.ref(name).options(**opts).delay(*positional, **keywords)
     click.echo(result.id)
     if wait_:
         value = app._portal.run(_wait_with_progress(app, result.id, timeout))
         click.echo(json.dumps(value, default=str))
+
+
+def _unknown_task_message(app: Offload, name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(app.tasks), n=3, cutoff=0.9)  # names share long prefixes
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"{app.spec or 'the app'} registers no task named {name!r}{hint} (--unregistered sends it anyway)"
 
 
 async def _wait_with_progress(app: Offload, task_id: str, timeout: float | None) -> Any:
