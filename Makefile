@@ -27,7 +27,7 @@ test: install browser lint
 # Types are a gate: mypy --strict on the package, ruff on everything.
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(PY) -m mypy --strict src/offload
+	$(PY) -m mypy --strict src/offload tests/typecheck
 
 # The photo site (examples/photos): site, workers and beat on http://$(HOST):$(PORT); Ctrl-C stops all.
 # `make demo PORT=8080` serves it on another port (0: any free one).

@@ -28,10 +28,11 @@ from offload.errors import (
 )
 from offload.result import Result, Status, TaskState
 from offload.scheduler import Beat, cron, every
-from offload.task import Signature, Task
+from offload.task import AsyncTask, Signature, Task
 from offload.workflow import Workflow, WorkflowResult, chain, chord, group, race
 
 __all__ = [
+    "AsyncTask",
     "Beat",
     "BrokerError",
     "BrokerUnavailable",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import inspect
 import logging
 import os
 import secrets
@@ -13,7 +14,7 @@ import threading
 import time
 import types
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
@@ -28,7 +29,7 @@ from offload.errors import ConfigError, MessageError
 from offload.message import Codec, Envelope
 from offload.result import Result, Status, TaskState
 from offload.serializers import get_serializer
-from offload.task import Options, Task, TaskRef, task_name
+from offload.task import AsyncTask, Options, Task, TaskDecorator, TaskRef, task_name
 
 if TYPE_CHECKING:
     from offload.scheduler import Periodic
@@ -175,9 +176,11 @@ class Offload:
 
     # -- registry ----------------------------------------------------------------------------
     @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+    @overload
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
     @overload
-    def task(self, *, name: str | None = None, **options: Any) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+    def task(self, *, name: str | None = None, **options: Any) -> TaskDecorator: ...
     def task(self, *args: Any, **options: Any) -> Any:
         """Register a function (sync or ``async def``) as a task: ``@app.task`` or ``@app.task(queue=...)``."""
         if len(args) > 1:
@@ -186,7 +189,7 @@ class Offload:
         name: str | None = options.pop("name", None)
         opts = Options().merge(**options)
 
-        def register(f: Callable[P, R]) -> Task[P, R]:
+        def register(f: Callable[P, Any]) -> Task[P, Any]:
             task_name_ = name or task_name(f)
             existing = self.tasks.get(task_name_)
             if existing is not None and existing.fn is not f and getattr(existing.fn, "__code__", None) is not getattr(f, "__code__", None):
@@ -194,7 +197,7 @@ class Offload:
             if opts.rate_limit is not None:
                 ratelimit.parse_rate(opts.rate_limit)  # a bad one fails here, at decoration time
                 ratelimit.install(self)
-            t = Task(self, f, task_name_, opts)
+            t: Task[P, Any] = (AsyncTask if inspect.iscoroutinefunction(f) else Task)(self, f, task_name_, opts)
             self.tasks[task_name_] = t
             return t
 

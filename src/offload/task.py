@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from offload.errors import ConfigError
 
@@ -143,9 +143,12 @@ class TaskRef(Call):
 
 
 class Task(_Sends, Generic[P, R]):
-    """A function registered with ``@app.task``. Calling it runs it inline."""
+    """A function registered with ``@app.task``. Calling it runs it inline. ``R`` is what its
+    results hold: the function's return value (for ``async def``, the awaited one: see AsyncTask)."""
 
-    def __init__(self, app: Offload, fn: Callable[P, R], name: str, opts: Options) -> None:
+    fn: Callable[P, Any]
+
+    def __init__(self, app: Offload, fn: Callable[P, Any], name: str, opts: Options) -> None:
         self.app, self.fn, self.name, self.opts = app, fn, name, opts
         self.is_async = inspect.iscoroutinefunction(fn)
         self.__doc__ = fn.__doc__
@@ -153,7 +156,7 @@ class Task(_Sends, Generic[P, R]):
         self.__wrapped__ = fn
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.fn(*args, **kwargs)
+        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"<Task {self.name}>"
@@ -162,6 +165,25 @@ class Task(_Sends, Generic[P, R]):
 
         def delay(self, *args: P.args, **kwargs: P.kwargs) -> Result[R]: ...
         async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> Result[R]: ...
+
+
+class AsyncTask(Task[P, R]):
+    """An ``async def`` registered with ``@app.task``: its results hold what the coroutine
+    returns, and calling it inline gives the coroutine to await."""
+
+    # Not an R: the coroutine that gives one. Holding an AsyncTask as a Task[P, R] and calling
+    # it is the one thing the types then get wrong.
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:  # type: ignore[override]
+        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+class TaskDecorator(Protocol):
+    """What ``@app.task(queue=...)`` returns: a decorator keeping the function's types."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
 
 
 @dataclass(slots=True)
