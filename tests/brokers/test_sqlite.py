@@ -556,12 +556,15 @@ async def test_kv_ttl_and_incr(store: SqliteStore) -> None:
     assert await store.get_value("n") == b"5"
     assert await store.set_if_absent("lock", b"a", ttl_s=30) is True
     assert await store.set_if_absent("lock", b"b") is False
-    await store.put_states([("s", b"x")], ttl_s=-1)  # already expired
+    await store.put_states([("s", b"x")], ttl_s=0.001)
+    await asyncio.sleep(0.01)  # past its time to live: the wait is what is tested
     assert await store.get_states(["s", "missing"]) == [None, None]
+    await store.put_states([("kept", b"y")], ttl_s=0)  # 0, as None: kept until deleted
+    assert await store.get_states(["kept"]) == [b"y"]
 
 
 async def test_expired_states_values_and_old_channel_messages_are_pruned(store: SqliteStore, url: str) -> None:
-    await store.put_states([("old", b"x")], ttl_s=-1)
+    await store.put_states([("old", b"x")], ttl_s=60)
     await store.put_states([("kept", b"y")], ttl_s=60)
     await store.incr("window", ttl_s=0.01)
     await store.publish("news", b"old news")
@@ -569,6 +572,7 @@ async def test_expired_states_values_and_old_channel_messages_are_pruned(store: 
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("UPDATE events SET created_at = created_at - 3600")
         conn.execute("UPDATE kv SET expires_at = 1")
+        conn.execute("UPDATE states SET expires_at = 1 WHERE task_id = 'old'")
         conn.commit()
     store._next_prune = 0.0
     await store.put_states([("trigger", b"z")])
@@ -625,7 +629,8 @@ async def test_concurrent_calls_share_transactions_and_keep_their_own_answers(br
 
     await asyncio.gather(
         store.put_states([("a", b"1"), ("b", b"2")]),
-        store.put_states([("c", b"3")], ttl_s=-1),  # expired on arrival
+        store.put_states([("c", b"3")], ttl_s=0.001),  # its own time to live, in a shared transaction
         store.put_states([("a", b"1-again")]),
     )
+    await asyncio.sleep(0.01)  # past c's time to live: the wait is what is tested
     assert await store.get_states(["a", "b", "c"]) == [b"1-again", b"2", None]

@@ -909,10 +909,8 @@ class AmqpBroker(Broker):
         self._buffer = [b for b in live if id(b) not in chosen]
         return taken
 
-    async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
+    async def _fetch(self, queues: tuple[str, ...], limit: int, timeout_s: float) -> list[Delivery]:
         self._require_conn()
-        if limit <= 0 or not queues:
-            return []
         deadline = time.monotonic() + timeout_s
         self._fetching += 1
         try:
@@ -1087,7 +1085,7 @@ class AmqpBroker(Broker):
             elif outcome is Settled.ACKED and release_key:
                 await self._release_key(_text(headers.get(_H_KEY)), delivery.id)
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+    async def _ack(self, deliveries: Sequence[Delivery]) -> None:
         await self._settle(deliveries, release_key=True)
 
     async def store_and_ack(
@@ -1132,7 +1130,7 @@ class AmqpBroker(Broker):
                 raise
         return handed
 
-    async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
+    async def _requeue(self, delivery: Delivery, body: bytes | None, delay_s: float) -> None:
         message = delivery.receipt
         if message is None:
             raise BrokerError(f"delivery {delivery.id} did not come from this amqp broker")
@@ -1154,7 +1152,7 @@ class AmqpBroker(Broker):
         )
         await self._settle([delivery], release_key=False)
 
-    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+    async def _extend(self, deliveries: Sequence[Delivery]) -> None:
         """Nothing to do: RabbitMQ holds a delivery until its ack or until its channel closes
         (mind ``consumer_timeout``, see the module docstring)."""
 

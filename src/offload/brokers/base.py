@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -116,11 +117,18 @@ class Broker(abc.ABC):
         """Store the message durably. Returns its id, or, when ``message.key`` is held by a
         queued or running message, that message's id (and stores nothing)."""
 
-    @abc.abstractmethod
     async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
         """Lease up to ``limit`` ready messages from ``queues`` (highest priority first, queues
         in the order given for equal priority). Waits up to ``timeout_s`` for the first one;
         returns [] when none came."""
+        names = tuple(dict.fromkeys(queues))  # a queue named twice would be claimed from twice
+        if limit <= 0 or not names:
+            return []
+        return await self._fetch(names, limit, max(timeout_s, 0.0))
+
+    @abc.abstractmethod
+    async def _fetch(self, queues: tuple[str, ...], limit: int, timeout_s: float) -> list[Delivery]:
+        """`fetch` for distinct queues (at least one), ``limit`` >= 1 and ``timeout_s`` >= 0."""
 
     def direct_sender(self) -> DirectSender | None:
         """A blocking face that sends messages from the caller's own thread, for `delay()`
@@ -138,9 +146,14 @@ class Broker(abc.ABC):
         worker then asks for a refill even when its last fetch did not fill every place."""
         return 0
 
-    @abc.abstractmethod
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         """The outcome is stored: forget these messages and release their keys."""
+        if deliveries:
+            await self._ack(deliveries)
+
+    @abc.abstractmethod
+    async def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        """`ack` for at least one delivery."""
 
     async def store_and_ack(
         self,
@@ -163,14 +176,23 @@ class Broker(abc.ABC):
             await self.ack(deliveries)
         return []
 
-    @abc.abstractmethod
     async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
         """Put a leased message back, optionally with a new body (next attempt), visible after
         ``delay_s``. Atomic: the message is never lost nor duplicated in between."""
+        await self._requeue(delivery, body, max(delay_s, 0.0))
 
     @abc.abstractmethod
+    async def _requeue(self, delivery: Delivery, body: bytes | None, delay_s: float) -> None:
+        """`requeue` with ``delay_s`` >= 0."""
+
     async def extend(self, deliveries: Sequence[Delivery]) -> None:
         """Heartbeat: renew the leases of messages still running, by ``lease_s`` from now."""
+        if deliveries:
+            await self._extend(deliveries)
+
+    @abc.abstractmethod
+    async def _extend(self, deliveries: Sequence[Delivery]) -> None:
+        """`extend` for at least one delivery."""
 
     @abc.abstractmethod
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
@@ -240,19 +262,29 @@ class Store(abc.ABC):
         """Release connections."""
 
     # -- task states ---------------------------------------------------------------------
-    @abc.abstractmethod
     async def put_states(
         self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None, final: Collection[str] = ()
     ) -> None:
         """Store each (task id, encoded state) and signal watchers of those ids. ``final`` names
         the ids whose state is their last: a store with a `Direct` face hands those to blocked
-        `Direct.wait_final` callers."""
+        `Direct.wait_final` callers. A ``ttl_s`` of None or <= 0 keeps them until deleted."""
+        if states:
+            await self._put_states(states, kept_for(ttl_s), final)
 
     @abc.abstractmethod
+    async def _put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]) -> None:
+        """`put_states` for at least one state; ``ttl_s`` is None or > 0."""
+
     async def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
         """`put_states` for the ids that have no state yet (or an expired one), each atomically;
         the others keep theirs. For the QUEUED state written while the message is being sent:
         a worker that was quicker has stored a later state, which must stay."""
+        if states:
+            await self._put_states_if_absent(states, kept_for(ttl_s))
+
+    @abc.abstractmethod
+    async def _put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None) -> None:
+        """`put_states_if_absent` for at least one state; ``ttl_s`` is None or > 0."""
 
     @abc.abstractmethod
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
@@ -362,6 +394,23 @@ class DirectSender(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+def kept_for(ttl_s: float | None) -> float | None:
+    """A time to live as every backend reads it: seconds > 0, or None for "until deleted"."""
+    return ttl_s if ttl_s is not None and ttl_s > 0 else None
+
+
+def expires_at(ttl_s: float | None) -> float | None:
+    """The epoch second when something kept for ``ttl_s`` expires; None when it never does."""
+    kept = kept_for(ttl_s)
+    return None if kept is None else time.time() + kept
+
+
+def ttl_ms(ttl_s: float | None) -> int | None:
+    """A time to live in whole milliseconds (at least 1), for servers that count in them."""
+    kept = kept_for(ttl_s)
+    return None if kept is None else max(math.ceil(kept * 1000), 1)
 
 
 def now() -> float:

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from offload.brokers._signals import Signals
-from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store, Watch
+from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store, Watch, expires_at
 from offload.config import BrokerURL
 
 
@@ -170,7 +170,7 @@ class MemoryBroker(Broker):
                 out.append(Delivery(m.id, m.queue, m.body, m.deliveries))
         return out, next_due
 
-    async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
+    async def _fetch(self, queues: tuple[str, ...], limit: int, timeout_s: float) -> list[Delivery]:
         deadline = time.monotonic() + timeout_s
         with self._s.signals.listen(self._topic(q) for q in queues) as listener:
             while True:
@@ -190,12 +190,12 @@ class MemoryBroker(Broker):
             del self._s.keys[(self.namespace, m.key)]
         return m
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+    async def _ack(self, deliveries: Sequence[Delivery]) -> None:
         with self._s.lock:
             for d in deliveries:
                 self._drop(d.id)
 
-    async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
+    async def _requeue(self, delivery: Delivery, body: bytes | None, delay_s: float) -> None:
         with self._s.lock:
             m = self._s.messages.get((self.namespace, delivery.id))
             if m is None:
@@ -209,7 +209,7 @@ class MemoryBroker(Broker):
             self._index(m)
         self._s.signals.notify([self._topic(delivery.queue)])
 
-    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+    async def _extend(self, deliveries: Sequence[Delivery]) -> None:
         until = time.time() + self.lease_s
         with self._s.lock:
             for d in deliveries:
@@ -289,17 +289,15 @@ class MemoryStore(Store):
     def _topic(self, task_id: str) -> str:
         return f"t:{self.namespace}:{task_id}"
 
-    async def put_states(
-        self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None, final: Collection[str] = ()
-    ) -> None:
-        until = time.time() + ttl_s if ttl_s else None
+    async def _put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]) -> None:
+        until = expires_at(ttl_s)
         with self._s.lock:
             for task_id, data in states:
                 self._s.states[(self.namespace, task_id)] = (data, until)
         self._s.signals.notify(self._topic(t) for t, _ in states)
 
-    async def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
-        until = time.time() + ttl_s if ttl_s else None
+    async def _put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None) -> None:
+        until = expires_at(ttl_s)
         stored: list[str] = []
         with self._s.lock:
             for task_id, data in states:

@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
@@ -73,7 +72,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from offload.brokers.base import Broker, DeadLetter, Delivery, Direct, OutgoingMessage, QueueStats, Store, Watch
+from offload.brokers.base import Broker, DeadLetter, Delivery, Direct, OutgoingMessage, QueueStats, Store, Watch, ttl_ms
 from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
 
@@ -1179,10 +1178,10 @@ class RedisBroker(Broker):
         register = self._cmds.pool.register_script
         self._enqueue = register(_LUA_COMMON + _LUA_ENQUEUE)
         self._claim = register(_LUA_COMMON + _LUA_CLAIM_FN + _LUA_CLAIM)
-        self._ack = register(_LUA_COMMON + _LUA_OUTCOMES + _LUA_ACK)
+        self._script_ack = register(_LUA_COMMON + _LUA_OUTCOMES + _LUA_ACK)
         self._settle = register(_LUA_COMMON + _LUA_OUTCOMES + _LUA_CLAIM_FN + _LUA_SETTLE)
-        self._extend = register(_LUA_COMMON + _LUA_EXTEND)
-        self._requeue = register(_LUA_COMMON + _LUA_REQUEUE)
+        self._script_extend = register(_LUA_COMMON + _LUA_EXTEND)
+        self._script_requeue = register(_LUA_COMMON + _LUA_REQUEUE)
         self._dead = register(_LUA_COMMON + _LUA_DEAD)
         self._dead_list = register(_LUA_COMMON + _LUA_DEAD_LIST)
         self._replay = register(_LUA_COMMON + _LUA_REPLAY)
@@ -1191,7 +1190,7 @@ class RedisBroker(Broker):
         self._purge_scheduled = register(_LUA_COMMON + _LUA_PURGE_SCHEDULED)
         self._stats = register(_LUA_COMMON + _LUA_STATS)
         self._scripts = [
-            self._enqueue, self._claim, self._ack, self._settle, self._extend, self._requeue, self._dead,
+            self._enqueue, self._claim, self._script_ack, self._settle, self._script_extend, self._script_requeue, self._dead,
             self._dead_list, self._replay, self._cancel, self._purge_ready, self._purge_scheduled,
             self._stats,
         ]  # fmt: skip
@@ -1218,10 +1217,8 @@ class RedisBroker(Broker):
     async def enqueue(self, message: OutgoingMessage) -> str:
         return _s(await self._cmds.script(self._enqueue, self._keys, enqueue_args(message)))
 
-    async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
-        if limit <= 0 or not queues:
-            return []
-        names = tuple(dict.fromkeys(queues))  # a queue named twice would be claimed from twice
+    async def _fetch(self, queues: tuple[str, ...], limit: int, timeout_s: float) -> list[Delivery]:
+        names = queues
         channels = [f"{self._prefix}wake:{q}".encode() for q in names]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s, 0.0)
@@ -1304,9 +1301,8 @@ class RedisBroker(Broker):
         args = [token, repr(float(self.lease_s)), limit, waiter, repr(wait_s), hand, *queues]
         return _claimed(await self._cmds.script(self._claim, self._keys, args))
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        if deliveries:
-            await self._cmds.script(self._ack, self._keys, [d.id for d in deliveries])
+    async def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        await self._cmds.script(self._script_ack, self._keys, [d.id for d in deliveries])
 
     def refills_with(self, store: Store) -> bool:
         # The results live here too: states, acks and the next claim go in one script.
@@ -1330,19 +1326,17 @@ class RedisBroker(Broker):
             args += [uuid.uuid4().hex, repr(float(self.lease_s)), limit, *dict.fromkeys(queues)]
         return _claimed(await self._cmds.script(self._settle, self._keys, args))[0]
 
-    async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
+    async def _requeue(self, delivery: Delivery, body: bytes | None, delay_s: float) -> None:
         args = [
             delivery.id, _receipt(delivery), "0" if body is None else "1", body or b"", repr(max(float(delay_s), 0.0)),
         ]  # fmt: skip
-        await self._cmds.script(self._requeue, self._keys, args)
+        await self._cmds.script(self._script_requeue, self._keys, args)
 
-    async def extend(self, deliveries: Sequence[Delivery]) -> None:
-        if not deliveries:
-            return
+    async def _extend(self, deliveries: Sequence[Delivery]) -> None:
         args: list[str] = [repr(float(self.lease_s))]
         for d in deliveries:
             args += [d.id, _receipt(d)]
-        await self._cmds.script(self._extend, self._keys, args)
+        await self._cmds.script(self._script_extend, self._keys, args)
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         await self._cmds.script(self._dead, self._keys, [delivery.id, delivery.queue, delivery.body, reason])
@@ -1469,7 +1463,7 @@ def enqueue_args(message: OutgoingMessage) -> list[str | bytes | int]:
         message.id, message.queue, message.body, priority,
         "" if message.eta is None else repr(float(message.eta)),
         "0" if message.key is None else "1", message.key or "",
-        message.state or b"", _ttl_ms(message.state_ttl_s) or 0,
+        message.state or b"", ttl_ms(message.state_ttl_s) or 0,
     ]  # fmt: skip
 
 
@@ -1477,8 +1471,8 @@ def put_states_args(
     states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]
 ) -> list[str | bytes | int]:
     """ARGV of the put-states script."""
-    ttl_ms = _ttl_ms(ttl_s) or 0
-    args: list[str | bytes | int] = [ttl_ms, min(ttl_ms or DONE_SIGNAL_MS, DONE_SIGNAL_MS)]
+    ttl = ttl_ms(ttl_s) or 0
+    args: list[str | bytes | int] = [ttl, min(ttl or DONE_SIGNAL_MS, DONE_SIGNAL_MS)]
     for task_id, data in states:
         args += [task_id, data, "1" if task_id in final else "0"]
     return args
@@ -1488,14 +1482,9 @@ def settle_args(
     states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str], message_ids: Sequence[str]
 ) -> list[str | bytes | int]:
     """ARGV of the settle script: the states, then the messages to acknowledge."""
-    ttl_ms, done_ttl_ms, *triples = put_states_args(states, ttl_s, final)
-    return [ttl_ms, done_ttl_ms, len(states), *triples, len(message_ids), *message_ids]
+    ttl, done_ttl, *triples = put_states_args(states, ttl_s, final)
+    return [ttl, done_ttl, len(states), *triples, len(message_ids), *message_ids]
 
-
-def _ttl_ms(ttl_s: float | None) -> int | None:
-    if ttl_s is None or ttl_s <= 0:
-        return None
-    return max(1, math.ceil(ttl_s * 1000))
 
 
 class RedisStore(Store):
@@ -1506,8 +1495,8 @@ class RedisStore(Store):
         self._cmds = _Commands(url, namespace)
         self._ps_client = _pubsub_client(url, namespace)
         self._hub = _Hub(self._ps_client, url.masked)
-        self._put_states = self._cmds.pool.register_script(_LUA_COMMON + _LUA_OUTCOMES + _LUA_PUT_STATES)
-        self._put_states_if_absent = self._cmds.pool.register_script(_LUA_COMMON + _LUA_PUT_STATES_IF_ABSENT)
+        self._script_put_states = self._cmds.pool.register_script(_LUA_COMMON + _LUA_OUTCOMES + _LUA_PUT_STATES)
+        self._script_put_states_if_absent = self._cmds.pool.register_script(_LUA_COMMON + _LUA_PUT_STATES_IF_ABSENT)
         self._incr = self._cmds.pool.register_script(_LUA_INCR)
         self._set_many = self._cmds.pool.register_script(_LUA_SET_MANY_IF_ABSENT)
         self._put_states_set_many = self._cmds.pool.register_script(
@@ -1521,7 +1510,7 @@ class RedisStore(Store):
             await self._ps_client.ping()
 
         await _connect_bounded(self.url, probe)
-        await self._cmds.load([self._put_states, self._put_states_if_absent, self._incr])
+        await self._cmds.load([self._script_put_states, self._script_put_states_if_absent, self._incr])
 
     async def close(self) -> None:
         await self._hub.close()
@@ -1534,19 +1523,14 @@ class RedisStore(Store):
     def _kv(self, key: str) -> str:
         return f"{self._prefix}kv:{key}"
 
-    async def put_states(
-        self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None, final: Collection[str] = ()
-    ) -> None:
-        if not states:
-            return
+    async def _put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]) -> None:
         # One script rather than a pipeline: the same single round trip, and the states and
         # their change signals are written together.
-        await self._cmds.script(self._put_states, self._keys, put_states_args(states, ttl_s, final))
+        await self._cmds.script(self._script_put_states, self._keys, put_states_args(states, ttl_s, final))
 
-    async def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
-        if states:
-            args = [_ttl_ms(ttl_s) or 0, *(v for task_id, data in states for v in (task_id, data))]
-            await self._cmds.script(self._put_states_if_absent, self._keys, args)
+    async def _put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None) -> None:
+        args = [ttl_ms(ttl_s) or 0, *(v for task_id, data in states for v in (task_id, data))]
+        await self._cmds.script(self._script_put_states_if_absent, self._keys, args)
 
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         if not task_ids:
@@ -1592,7 +1576,7 @@ class RedisStore(Store):
             self._hub.remove(channels, sink)
 
     async def set_if_absent(self, key: str, value: bytes, ttl_s: float | None = None) -> bool:
-        k, px = self._kv(key), _ttl_ms(ttl_s)
+        k, px = self._kv(key), ttl_ms(ttl_s)
         return bool(await self._cmds.run(lambda c: c.set(k, value, nx=True, px=px)))
 
     async def set_many_if_absent(self, items: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> list[bytes | None]:
@@ -1600,7 +1584,7 @@ class RedisStore(Store):
             return []
         # One script: one round trip for all the keys (the script loads itself on first use).
         keys = [self._kv(k) for k, _ in items]
-        args: list[bytes | int] = [_ttl_ms(ttl_s) or 0, *(v for _, v in items)]
+        args: list[bytes | int] = [ttl_ms(ttl_s) or 0, *(v for _, v in items)]
         return cast("list[bytes | None]", await self._cmds.script(self._set_many, keys, args))
 
     async def put_states_and_set_many_if_absent(
@@ -1611,8 +1595,8 @@ class RedisStore(Store):
         items: Sequence[tuple[str, bytes]],
         items_ttl_s: float | None = None,
     ) -> list[bytes | None]:
-        ttl_ms, done_ttl_ms, *triples = put_states_args(states, ttl_s, final)
-        args = [ttl_ms, done_ttl_ms, len(states), *triples, _ttl_ms(items_ttl_s) or 0]
+        ttl, done_ttl, *triples = put_states_args(states, ttl_s, final)
+        args = [ttl, done_ttl, len(states), *triples, ttl_ms(items_ttl_s) or 0]
         args += [v for key, value in items for v in (key, value)]
         # One script: the states and the keys in one round trip.
         held = await self._cmds.script(self._put_states_set_many, self._keys, args)
@@ -1628,7 +1612,7 @@ class RedisStore(Store):
         await self._cmds.run(lambda c: c.delete(k))
 
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
-        args = [int(amount), _ttl_ms(ttl_s) or 0]
+        args = [int(amount), ttl_ms(ttl_s) or 0]
         return int(await self._cmds.script(self._incr, [self._kv(key)], args))
 
     async def flush_namespace(self) -> None:

@@ -17,7 +17,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from offload.brokers.base import Direct, OutgoingMessage
+from offload.brokers.base import Direct, OutgoingMessage, ttl_ms
 from offload.brokers.redis import (
     _LUA_COMMON,
     _LUA_ENQUEUE,
@@ -29,7 +29,6 @@ from offload.brokers.redis import (
     _s,
     _sent_directly_failed,
     _translate,
-    _ttl_ms,
     enqueue_args,
 )
 from offload.config import BrokerURL
@@ -91,7 +90,7 @@ class RedisDirect(Direct):
     def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
         if not states:
             return
-        args = [_ttl_ms(ttl_s) or 0, *(v for task_id, data in states for v in (task_id, data))]
+        args = [ttl_ms(ttl_s) or 0, *(v for task_id, data in states for v in (task_id, data))]
         command = ("EVALSHA", self._put_if_absent.sha, len(self._keys), *self._keys, *args)
         self._command(command, lambda: self._put_if_absent(keys=self._keys, args=args))
 

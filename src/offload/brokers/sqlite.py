@@ -50,6 +50,7 @@ from offload.brokers._signals import Listener
 from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store, Watch
 from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
+from offload.retrying import Backoff, retry_within_sync
 
 __all__ = ["SqliteBroker", "SqliteStore", "database_path", "make_broker", "make_store"]
 
@@ -397,16 +398,16 @@ def _connect(path: str) -> sqlite3.Connection:
 def _retry_locked(fn: Callable[[], T]) -> T:
     # Switching to WAL and the first schema write can report "locked" at once, without the
     # busy handler, when another process is doing the same at the same moment.
-    deadline = time.monotonic() + BUSY_TIMEOUT_S
-    delay = 0.005
-    while True:
-        try:
-            return fn()
-        except sqlite3.OperationalError as e:
-            if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
+    return retry_within_sync(BUSY_TIMEOUT_S, fn, _locked, _still_locked, Backoff(first_s=0.005, cap_s=0.1))
+
+
+def _locked(e: BaseException) -> str | None:
+    text = str(e)
+    return text if isinstance(e, sqlite3.OperationalError) and ("locked" in text or "busy" in text) else None
+
+
+def _still_locked(reason: str, e: BaseException) -> BaseException:
+    return e  # the database's own error, as the busy handler would have raised it
 
 
 def _set_wal(conn: sqlite3.Connection) -> None:
@@ -665,10 +666,7 @@ class SqliteBroker(Broker):
             conn.execute(_put_states_sql(len(chunk) // 4), chunk)
 
     # -- fetch ---------------------------------------------------------------------------
-    async def fetch(self, queues: Sequence[str], limit: int, timeout_s: float) -> list[Delivery]:
-        queues = list(dict.fromkeys(queues))
-        if not queues or limit <= 0:
-            return []
+    async def _fetch(self, queues: tuple[str, ...], limit: int, timeout_s: float) -> list[Delivery]:
         deadline = time.monotonic() + timeout_s
         with self._h.notifier.listen(self._topic(q) for q in queues) as listener:
             while True:
@@ -683,7 +681,7 @@ class SqliteBroker(Broker):
                     wait = min(wait, max(next_due - time.time(), 0.001))
                 await listener.wait(wait)
 
-    def _claim(self, conn: sqlite3.Connection, queues: list[str], limit: int) -> tuple[list[Delivery], float | None]:
+    def _claim(self, conn: sqlite3.Connection, queues: Sequence[str], limit: int) -> tuple[list[Delivery], float | None]:
         ns = self.namespace
         promote, claim, claimed, next_due = _claim_sql(len(queues))
         now = time.time()
@@ -723,11 +721,10 @@ class SqliteBroker(Broker):
         self._h.notifier.notify({self._topic(d.queue) for d in deliveries})
 
     # -- settle --------------------------------------------------------------------------
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        if deliveries:
-            await self._h.call_batched(self._ack, [d.id for d in deliveries])
+    async def _ack(self, deliveries: Sequence[Delivery]) -> None:
+        await self._h.call_batched(self._ack_rows, [d.id for d in deliveries])
 
-    def _ack(self, conn: sqlite3.Connection, calls: list[list[str]]) -> list[None]:
+    def _ack_rows(self, conn: sqlite3.Connection, calls: list[list[str]]) -> list[None]:
         # One statement for every id of every concurrent caller: one commit, and one trip
         # through the GIL instead of one per row.
         ids = [i for call in calls for i in call]
@@ -737,19 +734,18 @@ class SqliteBroker(Broker):
             conn.execute(_ACK_MANY, (self.namespace, json.dumps(ids)))
         return [None] * len(calls)
 
-    async def requeue(self, delivery: Delivery, body: bytes | None = None, delay_s: float = 0.0) -> None:
-        await self._h.call(self._requeue, delivery, body, delay_s)
+    async def _requeue(self, delivery: Delivery, body: bytes | None, delay_s: float) -> None:
+        await self._h.call(self._requeue_row, delivery, body, delay_s)
 
-    def _requeue(self, conn: sqlite3.Connection, d: Delivery, body: bytes | None, delay_s: float) -> None:
+    def _requeue_row(self, conn: sqlite3.Connection, d: Delivery, body: bytes | None, delay_s: float) -> None:
         state = SCHEDULED if delay_s > 0 else READY
         conn.execute(_REQUEUE, (body, state, time.time() + max(delay_s, 0.0), self.namespace, d.id, d.receipt, d.receipt))
         self._h.notifier.notify((self._topic(d.queue),))
 
-    async def extend(self, deliveries: Sequence[Delivery]) -> None:
-        if deliveries:
-            await self._h.call(self._extend, list(deliveries))
+    async def _extend(self, deliveries: Sequence[Delivery]) -> None:
+        await self._h.call(self._extend_rows, list(deliveries))
 
-    def _extend(self, conn: sqlite3.Connection, deliveries: list[Delivery]) -> None:
+    def _extend_rows(self, conn: sqlite3.Connection, deliveries: list[Delivery]) -> None:
         until = time.time() + self.lease_s
         rows = [(until, self.namespace, d.id, d.receipt, d.receipt) for d in deliveries]
         if len(rows) == 1:
@@ -923,13 +919,10 @@ class SqliteStore(Store):
             self._next_prune = now + _PRUNE_AGAIN_S
 
     # -- task states ---------------------------------------------------------------------
-    async def put_states(
-        self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None, final: Collection[str] = ()
-    ) -> None:
-        if states:
-            await self._h.call_batched(self._put_states, (list(states), ttl_s))
+    async def _put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]) -> None:
+        await self._h.call_batched(self._write_states, (list(states), ttl_s))
 
-    def _put_states(
+    def _write_states(
         self, conn: sqlite3.Connection, calls: list[tuple[list[tuple[str, bytes]], float | None]]
     ) -> list[None]:
         ns, now = self.namespace, time.time()
@@ -945,11 +938,10 @@ class SqliteStore(Store):
         self._maybe_prune(now)
         return [None] * len(calls)
 
-    async def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
-        if states:
-            await self._h.call(self._put_states_if_absent, list(states), ttl_s)
+    async def _put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None) -> None:
+        await self._h.call(self._write_states_if_absent, list(states), ttl_s)
 
-    def _put_states_if_absent(self, conn: sqlite3.Connection, states: list[tuple[str, bytes]], ttl_s: float | None) -> None:
+    def _write_states_if_absent(self, conn: sqlite3.Connection, states: list[tuple[str, bytes]], ttl_s: float | None) -> None:
         ns, now = self.namespace, time.time()
         with _transaction(conn):
             for task_id, data in states:
