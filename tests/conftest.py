@@ -13,8 +13,10 @@ import shutil
 import socket
 import sys
 import types
+import urllib.parse
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -23,9 +25,30 @@ import pytest
 REDIS_URL = os.environ.get("OFFLOAD_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("OFFLOAD_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/")
 
-# Every kind the conformance suites run against. A new broker is one more entry here.
-KINDS = ["memory", "sqlite", "redis", "amqp"]
-_SERVERS = {"redis": ("127.0.0.1", 6379), "amqp": ("127.0.0.1", 5672)}
+
+@dataclass(frozen=True)
+class Kind:
+    """A backend as the suites see it: its broker URL (``{tmp}`` is the test's directory), the
+    results URL when it keeps none itself, and the server it needs."""
+
+    url: str
+    results: str | None = None
+    server: tuple[str, int] | None = None
+
+
+def _port(url: str, default: int) -> tuple[str, int]:
+    parsed = urllib.parse.urlsplit(url)
+    return parsed.hostname or "127.0.0.1", parsed.port or default
+
+
+# Every kind the conformance suites run against: a new broker is one more entry here. Short
+# leases keep the crash tests quick.
+KINDS: dict[str, Kind] = {
+    "memory": Kind("memory://{unique}"),
+    "sqlite": Kind("sqlite:///{tmp}/offload.db?visibility_timeout=3"),
+    "redis": Kind(f"{REDIS_URL}?visibility_timeout=3", server=_port(REDIS_URL, 6379)),
+    "amqp": Kind(AMQP_URL, results=REDIS_URL, server=_port(AMQP_URL, 5672)),
+}
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -37,13 +60,15 @@ def _reachable(host: str, port: int) -> bool:
 
 
 def require_server(kind: str) -> None:
-    """Skip (locally) or fail (CI) when the server behind a kind is not reachable."""
-    if kind not in _SERVERS:
+    """Skip (locally) or fail (CI) when a server behind a kind (its broker's, or its results
+    store's) is not reachable."""
+    spec = KINDS.get(kind)
+    if spec is None:
         return
-    host, port = _SERVERS[kind]
-    if _reachable(host, port):
-        return
-    missing(f"{kind} not reachable at {host}:{port}")
+    servers = [spec.server, _port(spec.results, 6379) if spec.results else None]
+    for server in servers:
+        if server is not None and not _reachable(*server):
+            missing(f"{kind} not reachable at {server[0]}:{server[1]}")
 
 
 def missing(reason: str) -> NoReturn:
@@ -71,16 +96,9 @@ def require_program(name: str, install: str) -> str:
 
 
 def urls_for(kind: str, tmp_path: Path) -> tuple[str, str | None]:
-    """(broker URL, results URL or None) for a kind; short leases so crash tests stay quick."""
-    if kind == "memory":
-        return f"memory://{uuid.uuid4().hex}", None
-    if kind == "sqlite":
-        return f"sqlite:///{tmp_path / 'offload.db'}?visibility_timeout=3", None
-    if kind == "redis":
-        return f"{REDIS_URL}?visibility_timeout=3", None
-    if kind == "amqp":
-        return AMQP_URL, f"{REDIS_URL}"
-    raise ValueError(kind)
+    """(broker URL, results URL or None) for a kind."""
+    spec = KINDS[kind]
+    return spec.url.format(tmp=tmp_path, unique=uuid.uuid4().hex), spec.results
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +113,7 @@ def namespace() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=list(KINDS))
 def kind(request: pytest.FixtureRequest) -> Iterator[str]:
     require_server(request.param)
     yield request.param
