@@ -209,7 +209,7 @@ def run_caller(args: argparse.Namespace) -> None:
     recorder.install()
     from benchmarks.bench_app import app, echo, flush
     from offload import result as result_module
-    from offload.app import Offload
+    from offload.sending import Sender
 
     def traced_send(original: Any) -> Any:
         @functools.wraps(original)
@@ -231,7 +231,7 @@ def run_caller(args: argparse.Namespace) -> None:
 
         return get
 
-    Offload._send_sync = traced_send(Offload._send_sync)  # type: ignore[method-assign]
+    Sender.send_sync = traced_send(Sender.send_sync)  # type: ignore[method-assign]
     result_module.Result.get = traced_get(result_module.Result.get)  # type: ignore[method-assign]
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, str(ROOT)])}

@@ -8,10 +8,8 @@ import functools
 import inspect
 import logging
 import os
-import secrets
 import sys
 import threading
-import time
 import types
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -23,11 +21,12 @@ from offload import forks, ratelimit
 from offload import workflow as workflows
 from offload._portal import Portal
 from offload.brokers import check_stores_results, check_url, make_broker, make_direct, make_store
-from offload.brokers.base import Broker, Direct, DirectSender, OutgoingMessage, Store
+from offload.brokers.base import Broker, Direct, DirectSender, Store
 from offload.config import BrokerURL, absolute_sqlite, parse_url
 from offload.errors import ConfigError, MessageError
 from offload.message import Codec, Envelope
 from offload.result import Result, Status, TaskState
+from offload.sending import Sender
 from offload.serializers import get_serializer
 from offload.task import AsyncTask, Options, Task, TaskDecorator, TaskRef, task_name
 
@@ -40,8 +39,6 @@ R = TypeVar("R")
 log = logging.getLogger("offload")
 
 DEFAULT_URL = "sqlite:///offload.db"  # beside the module that creates the app: see default_base_dir
-#: How long a delay() with a key waits for a finished holder to release it (about 1 s in all).
-KEY_RELEASE_PAUSES_S = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.3)
 #: Channels named with this prefix are offload's own: user code may neither publish to them nor
 #: subscribe to them, and the gateway never serves them (offload writes them through the store).
 RESERVED_CHANNEL_PREFIX = "__offload."
@@ -62,21 +59,6 @@ class _Backends:
     store: Store
 
 
-async def _after_one_turn(write: Awaitable[None]) -> None:
-    """Wait one turn of the loop, then ``write``. A client that sends from a writer task of its
-    own (aiormq) queues the message in the send's first step, and its writer is woken behind
-    this task: without the turn, the state's round trip to the store goes out first and the
-    message waits for its system call."""
-    await asyncio.sleep(0)
-    await write
-
-
-def _drop_outcome(future: asyncio.Future[Any]) -> None:
-    """Done callback that retrieves a future's error, so that nobody is told it went unread."""
-    if not future.cancelled():
-        future.exception()
-
-
 def default_base_dir() -> str:
     """The directory of the module whose code creates the app (the first caller outside this
     package), or the working directory for code without a file (a REPL, ``python -c``)."""
@@ -87,11 +69,6 @@ def default_base_dir() -> str:
     if isinstance(filename, str) and os.path.exists(filename):
         return os.path.dirname(os.path.abspath(filename))
     return os.getcwd()
-
-
-def new_task_id() -> str:
-    """128 random bits, URL-safe (22 characters)."""
-    return secrets.token_urlsafe(16)
 
 
 class Offload:
@@ -153,6 +130,7 @@ class Offload:
         # it runs even when its own code never builds one. Messages without headers skip it.
         self.outcome_hooks.append(functools.partial(workflows.on_outcome, self))
         self._portal = Portal()
+        self.sending = Sender(self)
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Backends] = weakref.WeakKeyDictionary()
         self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
         # The sync face's blocking client (None until asked for; False when the backend has none).
@@ -343,139 +321,12 @@ class Offload:
             made = getattr(self, attribute)
         return made or None
 
-    # -- sending -----------------------------------------------------------------------------
+    # -- sending: the routes live in offload.sending ------------------------------------------
     def build(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options, task_id: str | None = None) -> Envelope:
-        now = time.time()
-        eta: float | None = None
-        if opts.countdown_s is not None:
-            eta = now + opts.countdown_s
-        elif opts.eta is not None:
-            eta = opts.eta.timestamp()
-        expires: float | None = None
-        if isinstance(opts.expires, dt.datetime):
-            expires = opts.expires.timestamp()
-        elif isinstance(opts.expires, dt.timedelta):
-            expires = now + opts.expires.total_seconds()
-        elif opts.expires is not None:
-            expires = now + float(opts.expires)
-        # Send what this process knows: everything for a task registered here, only the options
-        # given explicitly for a task known by name. The worker fills in the rest.
-        known = name in self.tasks
-
-        def pick(option: str, value: Any) -> Any:
-            return value if known or option in opts.given else None
-
-        return Envelope(
-            id=task_id or new_task_id(), name=name, args=tuple(args), kwargs=dict(kwargs), queue=opts.queue,
-            priority=opts.priority, eta=eta, expires=pick("expires", expires), retries=pick("retries", opts.retries),
-            retry_backoff=pick("retry_backoff", opts.retry_backoff_s), time_limit=pick("time_limit", opts.time_limit_s),
-            soft_time_limit=pick("soft_time_limit", opts.soft_time_limit_s), key=opts.key, queued_at=now,
-            headers=dict(opts.headers),
-        )
-
-    async def _enqueue(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options, task_id: str | None = None) -> Result[Any]:
-        env = self.build(name, args, kwargs, opts, task_id)
-        return await self.enqueue_envelope(env)
-
-    def _outgoing(self, env: Envelope, with_state: bool) -> tuple[OutgoingMessage, bytes]:
-        """The message for an envelope and its encoded QUEUED state, carried by the message
-        when ``with_state`` (a broker that is its own store writes both in one step)."""
-        # Encode first: a value the serializer cannot carry fails here, before anything is sent.
-        body = self.codec.encode(env)
-        queued = TaskState(
-            id=env.id, name=env.name, status=Status.QUEUED,
-            queued_at=dt.datetime.fromtimestamp(env.queued_at, dt.UTC),
-            meta={k: v for k, v in env.headers.items() if k in ("owner", "parent")},
-        )
-        state = self.encode_state(queued)
-        message = OutgoingMessage(
-            id=env.id, queue=env.queue, body=body, priority=env.priority, eta=env.eta, key=env.key, expires=env.expires,
-            state=state if with_state else None, state_ttl_s=self.result_ttl_s if with_state else None,
-        )
-        return message, state
+        return self.sending.build(name, args, kwargs, opts, task_id)
 
     async def enqueue_envelope(self, env: Envelope) -> Result[Any]:
-        backends = await self._backends()
-        # When the store is the broker's own backend, the state goes with the message.
-        with_state = backends.broker.writes_initial_state and self.results_url is self.url
-        message, state = self._outgoing(env, with_state)
-        if with_state:
-            holder = await backends.broker.enqueue(message)
-        elif env.key is None:
-            holder = await self._send_beside_state(backends, message, state)
-        else:
-            # A keyed message may not be sent at all (its key is held by another): its state
-            # is written first, as it was before write-if-absent existed, then the message.
-            await backends.store.put_states([(env.id, state)], self.result_ttl_s)
-            holder = await backends.broker.enqueue(message)
-        if holder != env.id:
-            holder = await self._wait_for_finished_holder(backends.broker, message, holder)
-        return Result(self, holder, sent_here=holder == env.id)
-
-    async def _send_beside_state(self, backends: _Backends, message: OutgoingMessage, state: bytes) -> str:
-        """Send the message and store its QUEUED state at the same time: the send does not wait
-        for a second server. The state is written only where none is stored, so the final state
-        of a worker that was quicker than the write stays."""
-        write = asyncio.ensure_future(_after_one_turn(backends.store.put_states_if_absent([(message.id, state)], self.result_ttl_s)))
-        try:
-            holder = await backends.broker.enqueue(message)
-        except BaseException:
-            # The send's error is the one to report; the write's, if any, is dropped with it.
-            write.add_done_callback(_drop_outcome)
-            raise
-        try:
-            await write
-        except Exception as e:
-            e.add_note(f"task {message.id} was sent all the same; only its QUEUED state is missing")
-            raise
-        return holder
-
-    def _send_sync(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options) -> Result[Any]:
-        """`delay()`: straight from the caller's thread when the backend allows, else via the loop."""
-        env = self.build(name, args, kwargs, opts)
-        if env.key is None:
-            if self.results_url is self.url:
-                direct = self._direct()
-                if direct is not None:
-                    message, _ = self._outgoing(env, with_state=True)
-                    direct.enqueue(message)
-                    return Result(self, env.id, sent_here=True)
-            elif self._send_directly(env):
-                return Result(self, env.id, sent_here=True)
-        return self._portal.run(self.enqueue_envelope(env))
-
-    def _send_directly(self, env: Envelope) -> bool:
-        """Send from this thread through the broker's sender, storing the QUEUED state through
-        the store's sync face while the broker confirms (only where no state is stored yet, as
-        `_send_beside_state` does). False when either face is missing or the sender leaves this
-        message to the loop."""
-        sender = self._direct_sender()
-        direct = self._direct() if sender is not None else None
-        if sender is None or direct is None:
-            return False
-        message, state = self._outgoing(env, with_state=False)
-
-        def store_queued() -> None:
-            try:
-                direct.put_states_if_absent([(env.id, state)], self.result_ttl_s)
-            except Exception as e:
-                e.add_note(f"task {env.id} was sent all the same; only its QUEUED state is missing")
-                raise
-
-        return sender.enqueue(message, meanwhile=store_queued)
-
-    async def _wait_for_finished_holder(self, broker: Broker, message: OutgoingMessage, holder: str) -> str:
-        # A task's final state is stored a moment before its ack releases its dedup key. A caller
-        # who saw it finish must not get it back: while the holder is final, try again briefly.
-        for pause in KEY_RELEASE_PAUSES_S:
-            state = await self._read_state(holder)
-            if state is None or not state.done:
-                return holder
-            await asyncio.sleep(pause)
-            holder = await broker.enqueue(message)
-            if holder == message.id:
-                break
-        return holder
+        return await self.sending.enqueue_envelope(env)
 
     async def _cancel(self, task_id: str) -> None:
         backends = await self._backends()

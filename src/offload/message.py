@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import secrets
 import time
 import zlib
 from dataclasses import dataclass, field, fields
@@ -247,3 +248,8 @@ class Codec:
         if not isinstance(data_dict, dict):
             raise MessageError("not an offload envelope: payload is not a mapping")
         return Envelope.from_dict(data_dict)
+
+
+def new_task_id() -> str:
+    """128 random bits, URL-safe (22 characters)."""
+    return secrets.token_urlsafe(16)

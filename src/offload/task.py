@@ -118,10 +118,10 @@ class _Sends:
         return Call(self.app, self.name, self.opts.merge(**opts))
 
     def delay(self, *args: Any, **kwargs: Any) -> Result[Any]:
-        return self.app._send_sync(self.name, args, kwargs, self.opts)
+        return self.app.sending.send_sync(self.name, args, kwargs, self.opts)
 
     async def adelay(self, *args: Any, **kwargs: Any) -> Result[Any]:
-        return await self.app._enqueue(self.name, args, kwargs, self.opts)
+        return await self.app.sending.enqueue(self.name, args, kwargs, self.opts)
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A signature: this call, not yet sent (for group, chain, chord and race)."""
@@ -200,10 +200,10 @@ class Signature:
         return replace(self, opts=self.opts.merge(**opts))
 
     def delay(self) -> Result[Any]:
-        return self.app._send_sync(self.name, self.args, self.kwargs, self.opts)
+        return self.app.sending.send_sync(self.name, self.args, self.kwargs, self.opts)
 
     async def adelay(self) -> Result[Any]:
-        return await self.app._enqueue(self.name, self.args, self.kwargs, self.opts)
+        return await self.app.sending.enqueue(self.name, self.args, self.kwargs, self.opts)
 
     def with_first_arg(self, value: Any) -> Signature:
         return replace(self, args=(value, *self.args))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from offload.errors import ConfigError, NotAWorkflow
-from offload.message import Envelope
+from offload.message import Envelope, new_task_id
 from offload.result import Result, Status, TaskState, wait_states
 from offload.task import Signature
 
@@ -111,8 +111,6 @@ def race(*members: Any) -> Workflow:
 
 
 def _compile(node: Signature | Workflow) -> dict[str, Any]:
-    from offload.app import new_task_id
-
     if isinstance(node, Signature):
         return {"id": new_task_id(), "task": node.to_dict()}
     return {"id": new_task_id(), "kind": node.kind, "children": [_compile(m) for m in node.members]}

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from asgiref.sync import sync_to_async
 from django.db import DEFAULT_DB_ALIAS, close_old_connections, transaction
 
-from offload.app import new_task_id
-from offload.message import Envelope
+from offload.message import Envelope, new_task_id
 from offload.result import Result, Status, TaskState
 from offload.task import Options
 
@@ -77,7 +76,7 @@ class OwnedCall:
 
         def enqueue() -> None:
             try:
-                app._portal.run(app._enqueue(name, args, kwargs, opts, task_id))
+                app._portal.run(app.sending.enqueue(name, args, kwargs, opts, task_id))
             except BaseException:
                 if recorded:  # never sent: nothing will ever finish it
                     OwnedTask.objects.using(self.using).filter(task_id=task_id).delete()
@@ -91,12 +90,12 @@ class OwnedCall:
         app, name, opts = self.target.app, self.target.name, self._opts()
         task_id = new_task_id()
         if self.owner is None or not self.announce:
-            return await app._enqueue(name, args, kwargs, opts, task_id)
+            return await app.sending.enqueue(name, args, kwargs, opts, task_id)
         from offload.contrib.django.models import OwnedTask
 
         await OwnedTask.objects.using(self.using).acreate(task_id=task_id, owner=self.owner, label=self.label)
         try:
-            return await app._enqueue(name, args, kwargs, opts, task_id)
+            return await app.sending.enqueue(name, args, kwargs, opts, task_id)
         except BaseException:
             await OwnedTask.objects.using(self.using).filter(task_id=task_id).adelete()
             raise

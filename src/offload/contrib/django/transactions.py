@@ -10,8 +10,8 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS, transaction
 
-from offload.app import new_task_id
 from offload.contrib.django.owners import Sendable
+from offload.message import new_task_id
 from offload.result import Result
 
 
@@ -25,7 +25,7 @@ def delay_on_commit(task: Sendable, *args: Any, using: str = DEFAULT_DB_ALIAS, *
     task_id = new_task_id()
 
     def enqueue() -> None:
-        app._portal.run(app._enqueue(name, args, kwargs, opts, task_id))
+        app._portal.run(app.sending.enqueue(name, args, kwargs, opts, task_id))
 
     transaction.on_commit(enqueue, using=using)
     return Result(app, task_id)
