@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from offload import Offload, TaskCancelled
-from offload.app import CONTROL_CHANNEL
 from offload.brokers import make_store
 from offload.brokers.base import Store
+from offload.channels import CONTROL_CHANNEL
 from offload.errors import ConfigError, SignatureError
 from offload.message import Codec
 from offload.serializers import get_serializer

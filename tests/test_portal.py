@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from offload._portal import Portal
+from offload.portal import Portal
 
 who = contextvars.ContextVar("who", default="nobody")
 

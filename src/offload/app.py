@@ -17,14 +17,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from offload import forks, ratelimit
+from offload import forks, ratelimit, scheduler
 from offload import workflow as workflows
-from offload._portal import Portal
 from offload.brokers import check_stores_results, check_url, make_broker, make_direct, make_store
 from offload.brokers.base import Broker, Direct, DirectSender, Store
+from offload.channels import CONTROL_CHANNEL, check_channel_name
 from offload.config import BrokerURL, absolute_sqlite, parse_url
 from offload.errors import ConfigError, MessageError
 from offload.message import Codec, Envelope
+from offload.portal import Portal
 from offload.result import Result, Status, TaskState
 from offload.sending import Sender
 from offload.serializers import get_serializer
@@ -39,20 +40,6 @@ R = TypeVar("R")
 log = logging.getLogger("offload")
 
 DEFAULT_URL = "sqlite:///offload.db"  # beside the module that creates the app: see default_base_dir
-#: Channels named with this prefix are offload's own: user code may neither publish to them nor
-#: subscribe to them, and the gateway never serves them (offload writes them through the store).
-RESERVED_CHANNEL_PREFIX = "__offload."
-#: Workers listen here for cancellations of running tasks.
-CONTROL_CHANNEL = RESERVED_CHANNEL_PREFIX + "control"
-
-
-def check_channel_name(channel: str) -> str:
-    """``channel`` when user code may use it; a `ConfigError` for a name offload reserves."""
-    if channel.startswith(RESERVED_CHANNEL_PREFIX):
-        raise ConfigError(f"channel {channel!r} is reserved: names starting with {RESERVED_CHANNEL_PREFIX!r} are offload's own")
-    return channel
-
-
 @dataclass(slots=True)
 class _Backends:
     broker: Broker
@@ -209,9 +196,7 @@ class Offload:
         """``@app.periodic(cron("0 3 * * *"))`` or ``@app.periodic(every(minutes=2))``: register
         the function as a task (with ``options`` such as ``queue=``) that `offload beat` enqueues
         when due. ``catch_up=True`` enqueues the runs missed while no beat was running."""
-        from offload.scheduler import register
-
-        return register(self, schedule, name=name, catch_up=catch_up, options=options)
+        return scheduler.register(self, schedule, name=name, catch_up=catch_up, options=options)
 
     def on_worker_start(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Run ``fn`` once in each worker process before its first task (fill ``current.state``)."""
@@ -221,7 +206,7 @@ class Offload:
     def asgi(self, **options: Any) -> Any:
         """The browser gateway (long polling, SSE, channels, offload.js, metrics) as an ASGI
         app, mountable under any prefix. Options: see `offload.gateway.create_gateway`."""
-        from offload.gateway import create_gateway
+        from offload.gateway import create_gateway  # the gateway's extra (Starlette) is optional
 
         return create_gateway(self, **options)
 

@@ -18,6 +18,7 @@ from offload.errors import (
     TaskTimeLimit,
     UnknownTask,
 )
+from offload.tokens import make_token
 
 if TYPE_CHECKING:
     from offload.app import Offload
@@ -179,8 +180,6 @@ class Result(Generic[R]):
 
     def token(self, expires_in: float | None = None) -> str:
         """A signed capability that lets a browser read this one task through the gateway."""
-        from offload.tokens import make_token
-
         return make_token(self.app, self.id, expires_in)
 
 

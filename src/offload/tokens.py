@@ -23,7 +23,7 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from offload.app import check_channel_name
+from offload.channels import check_channel_name
 from offload.errors import ConfigError
 
 if TYPE_CHECKING:

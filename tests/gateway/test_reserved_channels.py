@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from offload import ConfigError, Offload, Status, TaskCancelled
-from offload.app import CONTROL_CHANNEL
+from offload.channels import CONTROL_CHANNEL
 from offload.tokens import make_channel_token
 from tests.conftest import urls_for
 from tests.gateway.conftest import SECRET, client_for

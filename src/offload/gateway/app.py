@@ -27,7 +27,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from offload.app import RESERVED_CHANNEL_PREFIX, Offload
+from offload.app import Offload
+from offload.channels import RESERVED_CHANNEL_PREFIX
 from offload.errors import BrokerError, ConfigError
 from offload.gateway.channels import ChannelEvents, ChannelPoll
 from offload.gateway.gateway import MAX_IDS, MAX_WAIT_S, Gateway

@@ -29,8 +29,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from offload.app import CONTROL_CHANNEL, Offload
+from offload.app import Offload
 from offload.brokers.base import Broker, Delivery, Store, Verdict
+from offload.channels import CONTROL_CHANNEL
 from offload.context import TaskContext
 from offload.errors import ConfigError, MessageError, SerializationError, SignatureError, UsageError
 from offload.loops import loop_kind

@@ -51,7 +51,7 @@ class Job:
         return self.started_at is not None
 
 
-def _limit_message(env: Envelope, seconds: float | None, soft: bool = False) -> str:
+def limit_message(env: Envelope, seconds: float | None, soft: bool = False) -> str:
     kind = "soft_time_limit" if soft else "time_limit"
     return f"task {env.name}[{env.id}] ran past its {kind} of {seconds} s"
 
@@ -75,14 +75,14 @@ async def run_async(job: Job) -> Outcome:
                 remaining = None if hard is None else max(hard - soft, 0.0)
                 done, _ = await asyncio.wait({task}, timeout=remaining)
                 if not done:
-                    return Outcome("timeout", exc_type="TaskTimeLimit", message=_limit_message(env, hard))
+                    return Outcome("timeout", exc_type="TaskTimeLimit", message=limit_message(env, hard))
                 if task.cancelled() and not job.ctx.cancelled:
-                    return Outcome("error", exc_type="SoftTimeLimitExceeded", message=_limit_message(env, soft, soft=True))
+                    return Outcome("error", exc_type="SoftTimeLimitExceeded", message=limit_message(env, soft, soft=True))
         elif hard is not None:
             done, _ = await asyncio.wait({task}, timeout=hard)
             if not done:
                 task.cancel()
-                return Outcome("timeout", exc_type="TaskTimeLimit", message=_limit_message(env, hard))
+                return Outcome("timeout", exc_type="TaskTimeLimit", message=limit_message(env, hard))
         else:
             await asyncio.wait({task})
     finally:
@@ -186,14 +186,14 @@ class ThreadRunner:
                 asyncio.get_running_loop().call_later(STUCK_AFTER_S, self._replace_if_stuck, env, future, where[0])
             # The thread may be stuck in C code; report the limit and stop waiting for it.
             future.add_done_callback(lambda f: f.exception())
-            return Outcome("timeout", exc_type="TaskTimeLimit", message=_limit_message(env, hard))
+            return Outcome("timeout", exc_type="TaskTimeLimit", message=limit_message(env, hard))
         exc = future.exception()
         if exc is None:
             return Outcome("ok", value=future.result())
         if isinstance(exc, TaskTimeLimit):
-            return Outcome("timeout", exc_type="TaskTimeLimit", message=_limit_message(env, hard))
+            return Outcome("timeout", exc_type="TaskTimeLimit", message=limit_message(env, hard))
         if isinstance(exc, SoftTimeLimitExceeded):
-            return Outcome("error", exc_type="SoftTimeLimitExceeded", message=_limit_message(env, soft, soft=True))
+            return Outcome("error", exc_type="SoftTimeLimitExceeded", message=limit_message(env, soft, soft=True))
         return Outcome.from_exception(exc)
 
     def _replace_if_stuck(self, env: Envelope, future: asyncio.Future[Any], ident: int) -> None:

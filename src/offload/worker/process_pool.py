@@ -20,7 +20,11 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from offload.errors import ConfigError
-from offload.worker.executors import Job, _limit_message
+from offload.loading import load_app
+from offload.worker.child import run_in_child
+from offload.worker.executors import Job, limit_message
+from offload.worker.heap import freeze_startup_heap
+from offload.worker.hooks import run_start_hooks_sync
 from offload.worker.outcome import Outcome
 
 log = logging.getLogger("offload.worker")
@@ -115,7 +119,7 @@ class ProcessRunner:
             child.process.kill()
             await asyncio.wait({child.reply}, timeout=5)
             await self._replace(child)
-            return Outcome("timeout", exc_type="TaskTimeLimit", message=_limit_message(env, env.time_limit))
+            return Outcome("timeout", exc_type="TaskTimeLimit", message=limit_message(env, env.time_limit))
         reply = child.reply.result()
         child.task_id = None
         if reply[0] == "lost":
@@ -168,10 +172,6 @@ def child_main(app_spec: str, conn: Connection, max_tasks: int | None, log_level
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=log_level or logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from offload.loading import load_app
-        from offload.worker.heap import freeze_startup_heap
-        from offload.worker.hooks import run_start_hooks_sync
-
         app = load_app(app_spec)
         run_start_hooks_sync(app)
         freeze_startup_heap()
@@ -179,7 +179,6 @@ def child_main(app_spec: str, conn: Connection, max_tasks: int | None, log_level
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", os.getpid()))
-    from offload.worker.child import run_in_child
 
     done = 0
     while True:
