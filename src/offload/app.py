@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
-from offload import forks, ratelimit, scheduler
+from offload import forks, hooks, ratelimit, scheduler
 from offload import workflow as workflows
 from offload.brokers import check_stores_results, check_url, make_broker, make_direct, make_store
 from offload.brokers.base import Broker, Direct, DirectSender, Store
@@ -325,10 +325,7 @@ class Offload:
                 # workflow waiting for this member must learn that it ended).
                 if state.meta.get("parent"):
                     env = Envelope(id=task_id, name=state.name, headers={"parent": state.meta["parent"]})
-                    for hook in self.outcome_hooks:
-                        value = hook(env, state)
-                        if asyncio.iscoroutine(value):
-                            await value
+                    await hooks.call_each(self.outcome_hooks, env, state)
         # A running (or already fetched) task is stopped by its worker.
         await backends.store.publish(CONTROL_CHANNEL, self.codec.dumps({"cancel": task_id}))
 

@@ -34,12 +34,12 @@ from offload.brokers.base import Broker, Delivery, Store, Verdict
 from offload.channels import CONTROL_CHANNEL
 from offload.context import TaskContext
 from offload.errors import ConfigError, MessageError, SerializationError, SignatureError, UsageError
+from offload.hooks import call_each
 from offload.loops import loop_kind
 from offload.message import Envelope
 from offload.result import Status, TaskState
 from offload.worker.executors import Job, ThreadRunner, cancel_async, run_async
 from offload.worker.heap import freeze_startup_heap
-from offload.worker.hooks import run_start_hooks
 from offload.worker.outcome import Outcome, backoff_delay
 from offload.worker.process_pool import ProcessRunner
 from offload.worker.writer import StateWriter
@@ -173,7 +173,7 @@ class Worker:
         if self.handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._request_stop)
-        await run_start_hooks(self.app)
+        await call_each(self.app.worker_start_hooks)
         if self.pool == "process":
             assert self.app.spec is not None
             self.procs = ProcessRunner(self.app.spec, self.concurrency, self.max_tasks_per_child)
@@ -638,12 +638,8 @@ class Worker:
     async def _run_outcome_hooks(self, env: Envelope, state: TaskState) -> None:
         """Every final outcome of a message with headers (succeeded, failed, cancelled, expired,
         not registered) reaches the hooks: a workflow waits on each of its members."""
-        if not env.headers:
-            return
-        for hook in self.app.outcome_hooks:
-            value = hook(env, state)
-            if asyncio.iscoroutine(value):
-                await value
+        if env.headers:
+            await call_each(self.app.outcome_hooks, env, state)
 
     # -- what `current` calls -------------------------------------------------------------------
     def _progress_reporter(self, held: _Held) -> Any:

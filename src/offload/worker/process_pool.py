@@ -20,11 +20,11 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from offload.errors import ConfigError
+from offload.hooks import call_each_sync
 from offload.loading import load_app
 from offload.worker.child import run_in_child
 from offload.worker.executors import Job, limit_message
 from offload.worker.heap import freeze_startup_heap
-from offload.worker.hooks import run_start_hooks_sync
 from offload.worker.outcome import Outcome
 
 log = logging.getLogger("offload.worker")
@@ -173,7 +173,7 @@ def child_main(app_spec: str, conn: Connection, max_tasks: int | None, log_level
     logging.basicConfig(level=log_level or logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = load_app(app_spec)
-        run_start_hooks_sync(app)
+        call_each_sync(app.worker_start_hooks)
         freeze_startup_heap()
     except BaseException as e:
         conn.send(("error", f"{type(e).__name__}: {e}"))
