@@ -203,24 +203,43 @@ def _where(state: TaskState) -> str:
     return f"{task} is still running{since}, attempt {state.attempts}"
 
 
+class _WaitRules:
+    """What both waits keep to, whatever they block on: an id with no state is unknown, the
+    wait ends when all (or, with mode="any", one) of the tasks have ended, it never blocks
+    longer than SAFETY_POLL_S between reads, and past the deadline it says where each stands."""
+
+    def __init__(self, ids: Sequence[str], timeout: float | None, mode: str = "all") -> None:
+        self.ids, self.timeout, self.mode = ids, timeout, mode
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def ended(self, states: Sequence[TaskState | None]) -> bool:
+        missing = [i for i, s in zip(self.ids, states, strict=True) if s is None]
+        if missing:
+            raise UnknownTask(missing[0])
+        done = sum(1 for s in states if s is not None and s.done)
+        return done == len(self.ids) or (self.mode == "any" and done > 0)
+
+    def next_block(self, states: Sequence[TaskState | None]) -> float:
+        """Seconds to block before the next read; ResultTimeout once the deadline has passed."""
+        if self.deadline is None:
+            return SAFETY_POLL_S
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ResultTimeout(not_done_after([s for s in states if s is not None], self.timeout))
+        return min(left, SAFETY_POLL_S)
+
+
 async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, mode: str = "all") -> list[TaskState]:
     """Wait until all (or, with mode="any", one) of the tasks end, woken by the store's change
     signals. Returns the states read last. Raises ResultTimeout when time runs out."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    rules = _WaitRules(ids, timeout, mode)
     store = await app._store()
     async with store.watch(ids) as watch:
         while True:
             states = await app._read_states(ids)
-            missing = [i for i, s in zip(ids, states, strict=True) if s is None]
-            if missing:
-                raise UnknownTask(missing[0])
-            done = [s for s in states if s is not None and s.done]
-            if (mode == "any" and done) or len(done) == len(ids):
+            if rules.ended(states):
                 return states  # type: ignore[return-value]
-            left = SAFETY_POLL_S if deadline is None else min(deadline - time.monotonic(), SAFETY_POLL_S)
-            if deadline is not None and left <= 0:
-                raise ResultTimeout(not_done_after([s for s in states if s is not None], timeout))
-            await watch.wait(max(left, 0.0))
+            await watch.wait(rules.next_block(states))
             finals = watch.final_states(ids)
             if finals is not None:  # each came with its change signal: no read
                 return [app.decode_state(raw) for raw in finals]
@@ -231,26 +250,22 @@ def wait_state_direct(
 ) -> TaskState:
     """`wait_states` for one task from a blocking caller's own thread, through the store's
     `Direct` face: read the state; if it is not final, block until the store hands over the
-    final one (re-reading at least every SAFETY_POLL_S, as `wait_states` does). A task known
-    to ``exist`` (sent by this process) is waited for first and read only if that times out."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    final one. A task known to ``exist`` (sent by this process) is waited for first and read
+    only if that times out."""
+    rules = _WaitRules([task_id], timeout)
     if exists:
-        raw = direct.wait_final(task_id, SAFETY_POLL_S if deadline is None else min(timeout or 0.0, SAFETY_POLL_S))
+        raw = direct.wait_final(task_id, SAFETY_POLL_S if timeout is None else min(timeout, SAFETY_POLL_S))
         if raw is not None:
             state = app.decode_state(raw)
             if state.done:
                 return state
     while True:
         [raw] = direct.get_states([task_id])
-        if raw is None:
-            raise UnknownTask(task_id)
-        state = app.decode_state(raw)
-        if state.done:
-            return state
-        left = SAFETY_POLL_S if deadline is None else min(deadline - time.monotonic(), SAFETY_POLL_S)
-        if left <= 0:
-            raise ResultTimeout(not_done_after([state], timeout))
-        raw = direct.wait_final(task_id, left)
+        read = None if raw is None else app.decode_state(raw)
+        if rules.ended([read]):
+            assert read is not None
+            return read
+        raw = direct.wait_final(task_id, rules.next_block([read]))
         if raw is not None:
             state = app.decode_state(raw)
             if state.done:
