@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -104,6 +105,62 @@ class OffloadProcess:
                 self.proc.wait(35)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class RedisServer:
+    """A redis-server of the test's own on a spare port, without persistence: to stop (or kill)
+    while offload uses it, and to start again on the same port."""
+
+    def __init__(self) -> None:
+        from tests.conftest import require_program
+
+        self.program = require_program("redis-server", "apt install redis-server")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port: int = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+
+    def start(self, timeout: float = 10) -> None:
+        """Start it; return once it logs that it accepts connections."""
+        self.proc = proc = subprocess.Popen(
+            [self.program, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--daemonize", "no"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        ready, settled = threading.Event(), threading.Event()  # settled: ready, or its output ended
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+                if "Ready to accept connections" in line:
+                    ready.set()
+                    settled.set()
+            settled.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        settled.wait(timeout)
+        if not ready.is_set():
+            exited = proc.poll()
+            self.kill()
+            raise AssertionError(f"redis-server on port {self.port} not ready within {timeout} s (exit={exited}); output:\n"
+                                 + "\n".join(self.lines[-20:]))
+
+    def stop(self) -> None:
+        """SIGTERM, as an orderly shutdown or a restart does."""
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash does."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
 
 
 def start_worker(url: str, namespace: str, *args: str, results: str | None = None, app: str = "tests.apps.basic:app",

@@ -10,8 +10,6 @@ import datetime as dt
 import itertools
 import logging
 import re
-import socket
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +24,7 @@ from offload.task import Task
 from tests import flows_harness
 from tests.conftest import REDIS_URL, require_server
 from tests.flows_harness import Harness
-from tests.support import OffloadProcess, flush_namespace, wait_until
+from tests.support import OffloadProcess, RedisServer, flush_namespace, wait_until
 
 harness = flows_harness.harness
 
@@ -224,39 +222,6 @@ def test_three_beats_enqueue_each_run_once_restart_and_catch_up(harness: Harness
 # -- a broker failing between the claim and the enqueue -------------------------------------------
 
 
-class RedisServer:
-    """A redis-server of the test's own on a spare port, to stop and start again."""
-
-    def __init__(self) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
 RUN_KEY = re.compile(r"periodic:tick:\w+:\d+")
 
 
@@ -268,7 +233,7 @@ async def test_a_run_whose_enqueue_fails_after_its_claim_is_enqueued_once_when_t
     broker = RedisServer()
     broker.start()
     # The claims live in the store (the shared Redis), the messages in the test's own Redis.
-    app = Offload(f"redis://127.0.0.1:{broker.port}/0", results=REDIS_URL, namespace=namespace)
+    app = Offload(broker.url, results=REDIS_URL, namespace=namespace)
 
     @app.periodic(every(seconds=1), name="tick")
     def tick() -> None: ...
