@@ -130,8 +130,18 @@ async def test_run_ids_are_shared_by_the_apps_of_a_namespace_and_secret_to_anyon
             await app.aclose()
 
 
-async def test_a_beat_with_nothing_to_do_returns() -> None:
-    await Beat(Offload("memory://empty")).run()
+async def test_a_beat_with_nothing_to_do_returns(caplog: pytest.LogCaptureFixture) -> None:
+    app = Offload(f"memory://{uuid.uuid4().hex}")
+    caplog.set_level(logging.INFO, logger="offload.beat")
+    beat = Beat(app)
+    try:
+        # Returns by itself, without stop(): a beat that waited for runs that never come fails here.
+        await asyncio.wait_for(beat.run(), 10)
+        assert caplog.messages == ["beat: the app has no periodic tasks (register some with @app.periodic)"]
+        assert beat.enqueued == 0
+        assert (await admin.status(app)).queued == {}
+    finally:
+        await app.aclose()
 
 
 # -- beats racing each other ----------------------------------------------------------------------
@@ -172,7 +182,9 @@ def contiguous(dues: list[float]) -> bool:
 
 
 def wait_past(instant: float) -> None:
-    """Wait until the wall clock has passed a due time (the schedule's own time, not a guess)."""
+    """Wait until the wall clock has passed a due time (the schedule's own time, not a guess).
+    A sleep, because the passing of that time with no beat running is what the test sets up:
+    nothing else happens that could be waited on."""
     time.sleep(max(instant - time.time(), 0.0))
 
 
@@ -285,8 +297,29 @@ def iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")
 
 
+class _Logged(logging.Handler):
+    """Wakes a loop each time a record is logged (after caplog has it: added to the root after it)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        super().__init__()
+        self.loop, self.event = loop, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.loop.call_soon_threadsafe(self.event.set)
+
+
 async def wait_for_log(caplog: pytest.LogCaptureFixture, match: Any, what: str, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(match(m) for m in caplog.messages):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}; log: {caplog.messages[-10:]}"
-        await asyncio.sleep(0.02)
+    """Until a message caplog captured satisfies ``match``; re-checked on each new record."""
+    logged = asyncio.Event()
+    handler = _Logged(asyncio.get_running_loop(), logged)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        async with asyncio.timeout(timeout):
+            while not any(match(m) for m in caplog.messages):
+                await logged.wait()
+                logged.clear()
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; log: {caplog.messages[-10:]}") from None
+    finally:
+        root.removeHandler(handler)
