@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 import uuid
@@ -37,9 +38,19 @@ def test_send_status_purge(url: str, ns: str) -> None:
     assert sent.returncode == 0, sent.stderr
     task_id = sent.stdout.strip()
     status = run_cli(url, ns, "status", APP)
-    assert "images" in status.stdout and "1" in status.stdout
+    assert status.stdout.splitlines() == [
+        f"namespace {ns} on {url}",
+        "  queue images                      1",
+        "  running                           0",
+        "  scheduled                         0",
+        "  dead (failed, expired, malformed)        0",
+    ]
     one = run_cli(url, ns, "status", APP, task_id)
-    assert "queued" in one.stdout and "tests.apps.basic.add" in one.stdout
+    fields = dict(line.split(None, 1) for line in one.stdout.splitlines())
+    queued_at = dt.datetime.fromisoformat(fields.pop("queued_at"))
+    assert fields == {"id": task_id, "name": "tests.apps.basic.add", "status": "queued", "progress": "None",
+                      "message": "None", "attempts": "0", "started_at": "None", "finished_at": "None"}
+    assert abs(dt.datetime.now(dt.UTC) - queued_at) < dt.timedelta(minutes=5)
     purged = run_cli(url, ns, "purge", APP, "images", "--yes")
     assert purged.stdout.strip() == "removed 1 task(s) from images"
 
