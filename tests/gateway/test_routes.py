@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import time
 import uuid
 from decimal import Decimal
@@ -16,11 +15,11 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from offload import ConfigError, Offload, Status
-from offload.errors import BrokerUnavailable
 from offload.gateway.tasks import DONE_ID
 from offload.tokens import check_channel_token, check_token, make_channel_token, make_token
 from tests.conftest import require_server
 from tests.gateway.conftest import SECRET, client_for, data, set_state, sse_events, start_call, until, waiting
+from tests.support import RedisServer
 
 KEYS = {"id", "status", "progress", "message", "result", "error"}
 
@@ -579,19 +578,30 @@ async def test_no_traceback_reaches_the_browser(app: Offload) -> None:
         assert "Traceback" in (await client.get(f"/tasks/{task_id}", headers={"Accept": "text/html"})).text
 
 
-async def test_a_store_failure_is_503(app: Offload, monkeypatch: pytest.MonkeyPatch) -> None:
-    task_id = await enqueue(app)
-    store = await app._store()
-
-    async def broken(task_ids: Any) -> Any:
-        raise BrokerUnavailable("redis://***@host:6379/0", "connection refused")
-
-    monkeypatch.setattr(store, "get_states", broken)
-    async with client_for(app.asgi()) as client:
-        for path in (f"/tasks/{task_id}", f"/tasks/{task_id}?wait=10", f"/tasks/{task_id}/events", f"/wait?ids={task_id}"):
-            response = await client.get(path)
-            assert response.status_code == 503, path
-            assert json.loads(response.text) == {"detail": "the task broker is unavailable"}
+@pytest.mark.slow
+async def test_a_store_that_goes_down_is_503(namespace: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The store's server dies while the gateway serves: every kind of read answers 503 in one
+    line once the store's client gives up reconnecting (seconds: never a hang, never a traceback)."""
+    server = RedisServer()
+    server.start()
+    app = Offload(server.url, namespace=namespace)
+    try:
+        task_id = await enqueue(app)
+        paths = [f"/tasks/{task_id}", f"/tasks/{task_id}?wait=10", f"/tasks/{task_id}/events", f"/wait?ids={task_id}"]
+        async with client_for(app.asgi()) as client:
+            assert (await client.get(paths[0])).json()["status"] == "queued"  # connected and serving
+            server.kill()
+            async with asyncio.timeout(20):  # the store's client retries for about 5.5 s
+                responses = await asyncio.gather(*(client.get(path) for path in paths))
+        for path, response in zip(paths, responses, strict=True):
+            assert (response.status_code, response.text) == (503, '{"detail":"the task broker is unavailable"}'), path
+        # The log learns what failed: one warning per request, naming the server, no traceback.
+        logged = [r for r in caplog.records if r.name == "offload.gateway"]
+        assert sorted(r.getMessage().split(": ", 1)[0] for r in logged) == sorted(f"GET {p.split('?')[0]}" for p in paths)
+        assert all(f"broker unavailable at {server.url}" in r.getMessage() and r.exc_info is None for r in logged)
+    finally:
+        server.kill()
+        await app.aclose()
 
 
 async def test_unknown_route_and_method(app: Offload) -> None:
