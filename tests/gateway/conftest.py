@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import inspect
 import json
 import re
 import subprocess
@@ -165,10 +166,18 @@ def start_call(asgi: Any, path: str, query: str = "", headers: Mapping[str, str]
 
 async def until(predicate: Any, timeout: float = 10) -> None:
     """Wait for an in-process condition that the code under test makes true without telling us
-    (a client counted as waiting): yield to the loop until it holds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.001)
+    (a client counted as waiting: a gauge, with nothing to wait on): poll it until it holds, or
+    fail at the deadline saying which condition it was."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.001)
+    except TimeoutError:
+        try:
+            condition = inspect.getsource(predicate).strip()
+        except (OSError, TypeError):
+            condition = repr(predicate)
+        raise AssertionError(f"not true within {timeout} s: {condition}") from None
 
 
 def waiting(asgi: Any, kind: str) -> float:

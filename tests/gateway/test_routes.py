@@ -629,14 +629,17 @@ async def test_a_read_goes_out_at_once_and_reads_asked_meanwhile_go_together(
     gw = app.asgi()
     reader = gw.state.gateway.reader
     alone = asyncio.create_task(reader.read([first]))
-    for _ in range(20):  # a few turns of the loop, no timer: a lone read does not wait for company
+    # Sent within a few turns of the loop, no time passing: a lone read does not wait for
+    # company. sleep(0) counts turns here, it waits for nothing: the count is what is asserted.
+    for _ in range(20):
         if calls:
             break
         await asyncio.sleep(0)
     assert calls == [[first]]
     later = [asyncio.create_task(reader.read([i])) for i in (second, third)]
-    # Not sent while the first fetch is out, however long it takes (a timer-driven batcher sent
-    # them after a millisecond).
+    await until(lambda: len(reader._waiting) == 2)  # both asked for, queued behind the first fetch
+    # Not sent while the first fetch is out, however long it takes: time passing is the point
+    # of this sleep (a timer-driven batcher sent them after a millisecond).
     await asyncio.sleep(0.05)
     assert calls == [[first]]
     gate.set()

@@ -70,14 +70,20 @@ async def site(server_kind: str, tmp_path: Path, namespace: str) -> AsyncIterato
 
 
 async def waiting_clients(client: httpx.AsyncClient, kind: str, count: int, timeout: float = 15) -> None:
-    """Until the gateway reports ``count`` clients of a kind waiting (read from /metrics)."""
+    """Until the gateway reports ``count`` clients of a kind waiting. Polled from /metrics: the
+    gateway is another process, and its gauge is the only sign that a request is waiting."""
     pattern = re.compile(rf'^offload_gateway_waiting_clients{{kind="{kind}"}} (\S+)$', re.M)
-    async with asyncio.timeout(timeout):
-        while True:
-            found = pattern.search((await client.get("/metrics")).text)
-            if found and float(found.group(1)) == count:
-                return
-            await asyncio.sleep(0.02)
+    seen: float | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                found = pattern.search((await client.get("/metrics")).text)
+                seen = float(found.group(1)) if found else None
+                if seen == count:
+                    return
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"the gateway reported {seen} waiting {kind} client(s), not {count}, for {timeout} s") from None
 
 
 class EventReader:
