@@ -99,11 +99,13 @@ def _job(fn: Callable[[], Any], *, time_limit: float | None = None, task_id: str
 
 async def test_the_next_task_begins_while_the_event_loop_is_busy() -> None:
     runner = ThreadRunner(1)
-    first_may_end, second_began = threading.Event(), threading.Event()
+    hold, first_began, first_may_end = _holding()
+    second_began = threading.Event()
     try:
-        first = asyncio.ensure_future(runner.run(_job(lambda: first_may_end.wait(10), task_id="a")))
+        first = asyncio.ensure_future(runner.run(_job(hold, task_id="a")))
         second = asyncio.ensure_future(runner.run(_job(second_began.set, task_id="b")))
-        await asyncio.sleep(0)  # both handed to the threads
+        assert await asyncio.to_thread(first_began.wait, 10)  # the first holds the only thread
+        assert sorted(runner._submitted.values()) == ["a", "b"]  # and the second waits at the threads
         # Block this loop: the second task must begin without it, when the first ends.
         first_may_end.set()
         assert second_began.wait(10)
@@ -115,13 +117,15 @@ async def test_the_next_task_begins_while_the_event_loop_is_busy() -> None:
 
 async def test_a_waiting_task_s_time_limit_counts_from_its_start_not_its_wait() -> None:
     runner = ThreadRunner(1)
-    release = threading.Event()
+    hold, began, release = _holding()
     try:
-        blocker = asyncio.ensure_future(runner.run(_job(lambda: release.wait(10), task_id="a")))
+        blocker = asyncio.ensure_future(runner.run(_job(hold, task_id="a")))
         waiting = _job(lambda: "done", time_limit=0.2, task_id="b")
         outcome = asyncio.ensure_future(runner.run(waiting))
-        await asyncio.sleep(0.5)  # longer than its limit, all of it spent waiting for the thread
-        assert waiting.started_at is None
+        assert await asyncio.to_thread(began.wait, 10)  # the blocker holds the only thread
+        # The time passing is what is tested: longer than its limit, all of it spent waiting.
+        await asyncio.sleep(0.5)
+        assert waiting.started_at is None and not outcome.done()
         release.set()
         assert (await outcome).value == "done"
         assert waiting.started_at is not None
@@ -132,13 +136,14 @@ async def test_a_waiting_task_s_time_limit_counts_from_its_start_not_its_wait() 
 
 async def test_a_task_cancelled_while_it_waits_never_runs() -> None:
     runner = ThreadRunner(1)
-    release = threading.Event()
+    hold, began, release = _holding()
     ran: list[str] = []
     try:
-        blocker = asyncio.ensure_future(runner.run(_job(lambda: release.wait(10), task_id="a")))
+        blocker = asyncio.ensure_future(runner.run(_job(hold, task_id="a")))
         waiting = _job(lambda: ran.append("b"), task_id="b")
         outcome = asyncio.ensure_future(runner.run(waiting))
-        await asyncio.sleep(0)
+        assert await asyncio.to_thread(began.wait, 10)  # the blocker holds the only thread
+        assert sorted(runner._submitted.values()) == ["a", "b"]  # "b" waits at the threads
         waiting.ctx.cancelled = True
         release.set()
         assert (await outcome).kind == "cancelled"
