@@ -92,10 +92,12 @@ def sockets_of(pid: int, directory: Path) -> list[str]:
     return [n for n in os.listdir(directory) if n.startswith(f"{pid}-")] if directory.exists() else []
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Poll a state that changes with no notice to this process (a file another process binds,
+    a queue the code under test fills), until it holds; fail at the deadline naming it."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
         await asyncio.sleep(0.01)
 
 
@@ -336,7 +338,7 @@ async def test_a_waiter_whose_socket_file_was_removed_binds_a_new_one(url: str, 
         [first] = sockets_of(proc.pid or 0, directory)
         (directory / first).unlink()
         # The child's reader notices within a few seconds and binds a fresh socket.
-        await until(lambda: bool(sockets_of(proc.pid or 0, directory)), timeout_s=15)
+        await until(lambda: bool(sockets_of(proc.pid or 0, directory)), "the child's new socket", timeout_s=15)
         await store.put_states([("task-1", b"done")])
         woke, _, state = await asyncio.to_thread(out.get, True, 30)
         proc.join(10)
@@ -513,10 +515,10 @@ async def test_a_cancelled_fetch_hands_its_claim_back(broker: SqliteBroker) -> N
         hold.wait(10)
 
     blocker = asyncio.ensure_future(broker._h.call(block))
-    await asyncio.to_thread(held.wait, 10)
+    assert await asyncio.to_thread(held.wait, 10)
     fetching = asyncio.ensure_future(broker.fetch(["default"], 1, timeout_s=5))
-    await asyncio.sleep(0)  # let the fetch queue its claim
-    await asyncio.sleep(0)
+    jobs = broker._h.database()._jobs  # the connection thread's queue: only the claim goes there
+    await until(lambda: jobs.qsize() == 1, "the fetch's claim queued behind the held connection")
     fetching.cancel()
     hold.set()
     await blocker
