@@ -86,6 +86,9 @@ def main() -> None:
 @click.option("--pool", type=click.Choice(["thread", "process", "async"]), default="thread", show_default=True, help="Where sync tasks run; async tasks always run on the event loop.")
 @click.option("--prefetch", type=click.IntRange(min=0), help="Messages leased beyond the running ones (default: concurrency).")
 @click.option("--burst", is_flag=True, help="Exit once the queues are empty.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="At start-up, retry an unreachable broker for at most this long, then exit 69; 0 tries once. "
+                   "[default: as long as it takes; 30 with --burst]")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Seconds running tasks get to finish on SIGTERM/SIGINT.")
 @click.option("--max-tasks-per-child", type=click.IntRange(min=1), help="Replace a process-pool child after this many tasks.")
 @click.option("--beat", "with_beat", is_flag=True, help="Also run the periodic scheduler in this worker (small sites).")
@@ -93,8 +96,12 @@ def main() -> None:
 @LOOP_OPTION
 @user_errors
 def worker(app_spec: str, queues: str, concurrency: int | None, pool: str, prefetch: int | None, burst: bool,
-           grace: float, max_tasks_per_child: int | None, with_beat: bool, log_level: str, loop: str | None) -> None:
-    """Run a worker: lease tasks from QUEUES and run them."""
+           connect_timeout: float | None, grace: float, max_tasks_per_child: int | None, with_beat: bool, log_level: str,
+           loop: str | None) -> None:
+    """Run a worker: lease tasks from QUEUES and run them.
+
+    A broker that cannot be reached at start-up is retried with backoff (0.5 s doubling to
+    about 10 s), with a warning each time, until it answers; SIGTERM or SIGINT meanwhile exits 0."""
     from offload.worker import Worker
 
     _setup_logging(log_level)
@@ -102,16 +109,21 @@ def worker(app_spec: str, queues: str, concurrency: int | None, pool: str, prefe
     w = Worker(
         app, queues=[q for q in queues.split(",") if q], concurrency=concurrency, pool=pool,  # type: ignore[arg-type]
         prefetch=prefetch, burst=burst, grace_s=grace, max_tasks_per_child=max_tasks_per_child,
+        connect_timeout_s=connect_timeout,
     )
 
     async def serve() -> int:
-        beat_task = None
-        if with_beat:
+        beat_task: asyncio.Task[None] | None = None
+
+        def start_beat() -> None:
+            nonlocal beat_task
             from offload.scheduler import Beat
 
             beat_task = asyncio.create_task(Beat(app).run())
+
         try:
-            return await w.run()
+            # The beat starts once the worker has reached the broker, not while it waits for it.
+            return await w.run(on_ready=start_beat if with_beat else None)
         finally:
             if beat_task is not None:
                 beat_task.cancel()

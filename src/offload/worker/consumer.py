@@ -23,9 +23,12 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import math
+import random
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,7 +36,7 @@ from offload.app import Offload
 from offload.brokers.base import Broker, Delivery, Store, Verdict
 from offload.channels import CONTROL_CHANNEL
 from offload.context import TaskContext
-from offload.errors import ConfigError, MessageError, SerializationError, SignatureError, UsageError
+from offload.errors import BrokerUnavailable, ConfigError, MessageError, SerializationError, SignatureError, UsageError
 from offload.hooks import call_each
 from offload.loops import loop_kind
 from offload.message import Envelope
@@ -51,6 +54,14 @@ Pool = Literal["thread", "process", "async"]
 # arrives, so this only bounds how soon an idle worker notices a stop request.
 FETCH_WAIT_S = 0.5
 BURST_FETCH_WAIT_S = 0.25
+# A broker unreachable at start-up is tried again after about 0.5, 1, 2, 4, 8, then 10 s (each
+# +-25 %, so that workers started together do not knock together): a daemon's supervisor
+# expects it to wait for its broker rather than exit.
+CONNECT_RETRY_FIRST_S = 0.5
+CONNECT_RETRY_MAX_S = 10.0
+# How long a burst worker (a cron job, a CI step) waits for its broker unless told: it is
+# expected to end, so it gives up and says so; a daemon waits as long as it takes.
+BURST_CONNECT_TIMEOUT_S = 30.0
 REVOKED_REMEMBERED = 10_000
 # A message the worker fails on (not the task: the worker itself, a hook, the store) goes back
 # this many times less one, a pause apart, then to the dead letters.
@@ -98,6 +109,7 @@ class Worker:
         grace_s: float = 30.0,
         max_tasks_per_child: int | None = None,
         handle_signals: bool = True,
+        connect_timeout_s: float | None = None,
     ) -> None:
         if pool not in ("thread", "process", "async"):
             raise ConfigError(f"pool must be thread, process or async, got {pool!r}")
@@ -116,6 +128,11 @@ class Worker:
         # hoard a queue that other workers could be draining.
         self.prefetch = self.concurrency if prefetch is None else prefetch
         self.burst = burst
+        if connect_timeout_s is not None and not connect_timeout_s >= 0:
+            raise ConfigError(f"connect_timeout_s must be 0 or more seconds, got {connect_timeout_s!r}")
+        #: How long run() waits for an unreachable broker before it raises BrokerUnavailable
+        #: (0: one attempt; math.inf: forever). None: forever, or BURST_CONNECT_TIMEOUT_S in burst mode.
+        self.connect_timeout_s = connect_timeout_s
         self.grace_s = grace_s
         self.max_tasks_per_child = max_tasks_per_child
         self.handle_signals = handle_signals
@@ -128,6 +145,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
         self._abandoned = False
+        self._serving = False  # connected: past the wait for the broker
         self._signals_seen = 0
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -141,7 +159,10 @@ class Worker:
     def _request_stop(self, now: bool = False) -> None:
         self._signals_seen += 1
         assert self._stopping is not None
-        if self._stopping.is_set() or now:
+        if not self._serving:
+            if not self._stopping.is_set():
+                log.info("stopping: no longer waiting for the broker")
+        elif self._stopping.is_set() or now:
             if not self._abandoned:
                 log.warning("stopping now: putting back %d running task(s)", len(self._held))
             self._now.set()
@@ -150,18 +171,87 @@ class Worker:
         self._stopping.set()
         self._space.set()
 
-    async def run(self) -> int:
-        """Serve until stopped (or, in burst mode, until the queues are empty). Returns an exit code."""
+    async def run(self, on_ready: Callable[[], Any] | None = None) -> int:
+        """Serve until stopped (or, in burst mode, until the queues are empty). Returns an exit code.
+
+        A broker (or result store) that cannot be reached is tried again with backoff, a warning
+        each time, for up to ``connect_timeout_s``; then `BrokerUnavailable` is raised. A stop
+        while it waits returns 0 at once. ``on_ready`` is called once the worker is connected
+        and ready, before it takes its first task."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._stopping = asyncio.Event()
         self._now = asyncio.Event()
         self._space = asyncio.Event()
         self._slots = asyncio.Semaphore(self.concurrency)
-        backends = await self.app._backends()
-        self.broker: Broker = backends.broker
+        # Before connecting: a stop must work while the worker waits for its broker.
+        if self.handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self._request_stop)
+        try:
+            if not await self._connect():
+                log.info("worker stopped before it could reach the broker")
+                return 0
+            self._serving = True
+            return await self._serve(on_ready)
+        finally:
+            if self.handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    self._loop.remove_signal_handler(sig)
+
+    async def _connect(self) -> bool:
+        """Open the app's broker and store, waiting for them as `run` says. False when a stop
+        came first."""
+        assert self._stopping is not None
+        limit = self.connect_timeout_s
+        if limit is None:
+            limit = BURST_CONNECT_TIMEOUT_S if self.burst else math.inf
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        attempt = 0
+        while True:
+            attempt += 1
+            connecting = asyncio.ensure_future(self.app._backends())
+            stop = asyncio.ensure_future(self._stopping.wait())
+            try:
+                await asyncio.wait((connecting, stop), return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # run() itself cancelled: the attempt must not live on
+                connecting.cancel()
+                raise
+            finally:
+                stop.cancel()
+            if not connecting.done():
+                # Cut short: each attempt may take the backend's own connect timeout, seconds.
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+                return False
+            try:
+                backends = connecting.result()
+            except BrokerUnavailable as e:
+                waited = loop.time() - began
+                if waited >= limit:
+                    if attempt == 1:
+                        raise
+                    raise BrokerUnavailable(
+                        e.url, f"{e.reason}; gave up after waiting {waited:.1f} s for it (connect timeout {limit:g} s)"
+                    ) from e
+                pause = min(_connect_pause(attempt), limit - waited)
+                log.warning("broker %s unavailable (%s); retrying in %.1f s", e.url, e.reason, pause)
+                await _first(asyncio.sleep(pause), self._stopping.wait())
+                if self._stopping.is_set():
+                    return False
+                continue
+            if self._stopping.is_set():
+                return False  # the caller closes the connections with the app
+            if attempt > 1:
+                log.info("reached the broker after %.1f s (attempt %d)", loop.time() - began, attempt)
+            self.broker: Broker = backends.broker
+            self.store: Store = backends.store
+            return True
+
+    async def _serve(self, on_ready: Callable[[], Any] | None) -> int:
+        assert self._loop is not None
         self.broker.hands_out_early = True  # see _admitted
-        self.store: Store = backends.store
         self._capacity = self.concurrency + self.prefetch
         self._reserved = 0  # places promised to a fetch or a refill in flight
         self._backlog = False  # the last claim filled every place asked: the queues have more
@@ -170,9 +260,6 @@ class Worker:
         # With the async pool, a sync task still needs somewhere to run that is not the loop.
         self.threads = ThreadRunner(self.concurrency if self.pool == "thread" else 8) if self.pool != "process" else None
         self.procs = None
-        if self.handle_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._loop.add_signal_handler(sig, self._request_stop)
         await call_each(self.app.worker_start_hooks)
         if self.pool == "process":
             assert self.app.spec is not None
@@ -185,6 +272,8 @@ class Worker:
             self.app.url.masked, self.app.namespace, ",".join(self.queues), self.pool, self.concurrency,
             loop_kind(asyncio.get_running_loop()),
         )
+        if on_ready is not None:
+            on_ready()
         helpers = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._listen_control())]
         try:
             await self._fetch_loop()
@@ -199,9 +288,6 @@ class Worker:
                 self.threads.close()
             if self.procs is not None:
                 await self.procs.close()
-            if self.handle_signals:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    self._loop.remove_signal_handler(sig)
         log.info("worker stopped after %d task(s)", self.processed)
         return 0
 
@@ -672,6 +758,13 @@ class Worker:
                 asyncio.run_coroutine_threadsafe(self.app.apublish(channel, data), loop).result()
 
         return publish
+
+
+def _connect_pause(attempt: int) -> float:
+    """Seconds before connection attempt ``attempt + 1``: doubling from CONNECT_RETRY_FIRST_S to
+    CONNECT_RETRY_MAX_S, each spread by +-25 %."""
+    ceiling = min(CONNECT_RETRY_FIRST_S * 2.0 ** min(attempt - 1, 32), CONNECT_RETRY_MAX_S)
+    return ceiling * random.uniform(0.75, 1.25)
 
 
 async def _first(*aws: Any) -> None:
