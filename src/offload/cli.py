@@ -85,7 +85,9 @@ def main() -> None:
 @click.option("-c", "--concurrency", type=click.IntRange(min=1), help="Tasks at once (default: 8 threads, CPUs processes, 100 async).")
 @click.option("--pool", type=click.Choice(["thread", "process", "async"]), default="thread", show_default=True, help="Where sync tasks run; async tasks always run on the event loop.")
 @click.option("--prefetch", type=click.IntRange(min=0), help="Messages leased beyond the running ones (default: concurrency).")
-@click.option("--burst", is_flag=True, help="Exit once the queues are empty.")
+@click.option("--burst", is_flag=True,
+              help="Exit once nothing in the queues is ready and nothing scheduled there (a retry, a countdown) "
+                   "comes due within 1 s; later ones are left for the next run.")
 @click.option("--connect-timeout", type=click.FloatRange(min=0), metavar="SECONDS",
               help="At start-up, retry an unreachable broker for at most this long, then exit 69; 0 tries once. "
                    "[default: as long as it takes; 30 with --burst]")

@@ -142,6 +142,17 @@ def asks_retry(path: str) -> int:
     return current.attempt
 
 
+@app.task(retries=1)
+def retries_once(countdown: float | None) -> int:
+    """Fails its first attempt, asking a retry in ``countdown`` seconds (None: the default
+    backoff, about 0.5 to 1 s), then returns its attempt."""
+    if current.attempt == 1:
+        if countdown is None:
+            raise ConnectionError("first attempt fails")
+        raise Retry(countdown=countdown)
+    return current.attempt
+
+
 @app.task
 def fail(message: str) -> None:
     raise ValueError(message)

@@ -92,6 +92,22 @@ async def test_eta_hides_until_due(backends: tuple[Broker, Store]) -> None:
     assert [d.id for d in got] == [m.id]
 
 
+async def test_due_within_sees_a_scheduled_message_that_comes_due_soon(backends: tuple[Broker, Store], kind: str) -> None:
+    broker, _ = backends
+    await broker.enqueue(msg("images", eta=time.time() + 60))
+    assert not await broker.due_within(["images"], 1.0)
+    soon = msg("images", eta=time.time() + 0.5)
+    await broker.enqueue(soon)
+    assert await broker.due_within(["images"], 1.0)
+    assert await broker.due_within(["default", "images"], 1.0)
+    assert not await broker.due_within(["images"], 0.1)
+    if kind != "amqp":  # RabbitMQ's delay levels are shared by the namespace's queues
+        assert not await broker.due_within(["default"], 1.0)
+    [got] = await broker.fetch(["images"], 1, timeout_s=3)
+    assert got.id == soon.id
+    assert not await broker.due_within(["images"], 1.0)  # leased now: not waiting any more
+
+
 async def test_a_lease_that_runs_out_is_delivered_again(backends: tuple[Broker, Store], kind: str) -> None:
     broker, _ = backends
     if kind == "amqp":

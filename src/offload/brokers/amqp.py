@@ -318,6 +318,7 @@ class AmqpBroker(Broker):
         self._arrived = asyncio.Event()
         self._seq = itertools.count()
         self._fetching = 0
+        self._hopping: dict[str, int] = {}  # queue -> messages on their way to the next delay level
         self._background: set[asyncio.Task[Any]] = set()
         self._leased: dict[str, Delivery] = {}  # by copy token
         self._acks = Acker()  # every ack and nack of the consumer channel's deliveries
@@ -497,6 +498,7 @@ class AmqpBroker(Broker):
         self._consumers.clear()
         self._active.clear()
         self._buffer.clear()
+        self._hopping.clear()  # hops cancelled before they began never count themselves out
         self._leased.clear()
         self._acks.clear()
         self._topology_ready = False
@@ -838,6 +840,7 @@ class AmqpBroker(Broker):
         if eta is not None and eta > now + _DUE_SLACK_S and not expired:
             # Back from a delay level too early: send it down the next one right away, so the
             # hops go on whether or not a fetch is waiting.
+            self._hopping[queue] = self._hopping.get(queue, 0) + 1
             self._spawn(self._hop(queue, message))
             return
         # An expired message goes to a worker at once, whatever its eta: the worker records it
@@ -886,6 +889,12 @@ class AmqpBroker(Broker):
             # Sending failed after its own retries: back to the queue, to hop on its next delivery.
             log.warning("could not delay message %s further: %s", message.message_id, self._reason(e))
             await self._give_back(message)
+        finally:
+            left = self._hopping.get(queue, 0) - 1  # close() may have cleared the count
+            if left > 0:
+                self._hopping[queue] = left
+            else:
+                self._hopping.pop(queue, None)
 
     def direct_sender(self) -> DirectSender | None:
         if self._tls:
@@ -1324,6 +1333,26 @@ class AmqpBroker(Broker):
         out.running = len(self._leased)
         out.dead = await self._depth(self._dead_name)
         return out
+
+    async def due_within(self, queues: Sequence[str], within_s: float) -> bool:
+        """An estimate from the depths of the delay levels. A message enters the longest level
+        not longer than its delay, so one in the level of L ms is due within 2L: the levels up
+        to ``within_s`` count, whatever queue their messages go back to (a level does not say),
+        and a message of a longer level counts once it has hopped down to one of them. Also
+        counted: a message between two levels in this process, and ready messages of
+        ``queues`` not yet pushed to a consumer."""
+        self._require_conn()
+        if any(self._hopping.get(q) for q in queues):
+            return True
+        for ms in DELAY_LEVELS_MS:
+            if ms > within_s * 1000:
+                break
+            if await self._depth(self._level_name(ms)):
+                return True
+        for queue in dict.fromkeys(queues):
+            if await self._depth(self._queue_name(queue)):
+                return True
+        return False
 
     async def flush_namespace(self) -> None:
         """Delete the namespace's queues (those this process declared and those in the

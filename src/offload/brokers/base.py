@@ -218,6 +218,14 @@ class Broker(abc.ABC):
     async def stats(self) -> QueueStats:
         """Queue depths, scheduled, running and dead-letter counts for this namespace."""
 
+    async def due_within(self, queues: Sequence[str], within_s: float) -> bool:
+        """Does a message of ``queues`` that waits for its time (an eta, a countdown, a retry's
+        or a hold-back's delay) become ready within ``within_s`` seconds (or is it due already)?
+        Leased messages do not count. A burst worker asks this before it exits, so that it
+        does not leave behind a retry it has just scheduled. The default, False, is for a
+        broker that cannot tell: its burst workers exit as soon as nothing is ready."""
+        return False
+
     async def flush_namespace(self) -> None:
         """Remove everything of this namespace (tests)."""
         raise NotImplementedError

@@ -266,6 +266,14 @@ class MemoryBroker(Broker):
             out.dead = sum(1 for (ns, _) in self._s.dead if ns == self.namespace)
         return out
 
+    async def due_within(self, queues: Sequence[str], within_s: float) -> bool:
+        until, wanted = time.time() + within_s, set(queues)
+        with self._s.lock:
+            return any(
+                ns == self.namespace and m.queue in wanted and not m.leased and m.visible_at <= until
+                for (ns, _), m in self._s.messages.items()
+            )
+
     async def flush_namespace(self) -> None:
         with self._s.lock:
             for table in (self._s.messages, self._s.keys, self._s.dead, self._s.lanes):

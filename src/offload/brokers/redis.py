@@ -464,6 +464,19 @@ end
 return out
 """
 
+# ARGV: seconds ahead, queue... 1 when a scheduled message of one of the queues comes due within
+# that time, else 0. The schedule is shared by all queues: only its part due that soon is read.
+_LUA_DUE_WITHIN = r"""
+local wanted = {}
+for i = 2, #ARGV do wanted[ARGV[i]] = true end
+local ids = redis.call('ZRANGEBYSCORE', P .. 'sched', '-inf', fmt(now() + tonumber(ARGV[1])), 'LIMIT', 0, 1000)
+for _, id in ipairs(ids) do
+  local q = redis.call('HGET', P .. 'm:' .. id, 'q')
+  if q and wanted[q] then return 1 end
+end
+return 0
+"""
+
 # Storing outcomes and acknowledging, as functions over a range of ARGV, so that a worker whose
 # results live in this same Redis does both in one script (_LUA_SETTLE).
 _LUA_OUTCOMES = r"""
@@ -1189,10 +1202,11 @@ class RedisBroker(Broker):
         self._purge_ready = register(_LUA_COMMON + _LUA_PURGE_READY)
         self._purge_scheduled = register(_LUA_COMMON + _LUA_PURGE_SCHEDULED)
         self._stats = register(_LUA_COMMON + _LUA_STATS)
+        self._due_within = register(_LUA_COMMON + _LUA_DUE_WITHIN)
         self._scripts = [
             self._enqueue, self._claim, self._script_ack, self._settle, self._script_extend, self._script_requeue, self._dead,
             self._dead_list, self._replay, self._cancel, self._purge_ready, self._purge_scheduled,
-            self._stats,
+            self._stats, self._due_within,
         ]  # fmt: skip
 
     async def connect(self) -> None:
@@ -1366,6 +1380,11 @@ class RedisBroker(Broker):
         reply = await self._cmds.script(self._stats, self._keys, [])
         queued = {_s(reply[i]): int(reply[i + 1]) for i in range(3, len(reply), 2)}
         return QueueStats(queued=queued, scheduled=int(reply[0]), running=int(reply[1]), dead=int(reply[2]))
+
+    async def due_within(self, queues: Sequence[str], within_s: float) -> bool:
+        if not queues:
+            return False
+        return bool(await self._cmds.script(self._due_within, self._keys, [f"{within_s:.6f}", *dict.fromkeys(queues)]))
 
     async def flush_namespace(self) -> None:
         await self._cmds.run(lambda c: _unlink_prefix(c, self._prefix))

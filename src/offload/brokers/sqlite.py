@@ -828,6 +828,20 @@ class SqliteBroker(Broker):
                 cur.execute("COMMIT")
         return QueueStats(queued=queued, scheduled=scheduled, running=running, dead=dead)
 
+    async def due_within(self, queues: Sequence[str], within_s: float) -> bool:
+        return await self._h.call(self._due_within, list(dict.fromkeys(queues)), within_s)
+
+    def _due_within(self, conn: sqlite3.Connection, queues: list[str], within_s: float) -> bool:
+        if not queues:
+            return False
+        # `state > 0` too: it lets the partial index of scheduled and leased rows serve the query.
+        found = conn.execute(
+            f"SELECT EXISTS (SELECT 1 FROM messages WHERE namespace = ? AND queue IN ({', '.join('?' * len(queues))}) "
+            "AND state > 0 AND state = ? AND visible_at <= ?)",
+            (self.namespace, *queues, SCHEDULED, time.time() + within_s),
+        ).fetchone()[0]
+        return bool(found)
+
     async def flush_namespace(self) -> None:
         await self._h.call(self._flush)
 

@@ -54,6 +54,10 @@ Pool = Literal["thread", "process", "async"]
 # arrives, so this only bounds how soon an idle worker notices a stop request.
 FETCH_WAIT_S = 0.5
 BURST_FETCH_WAIT_S = 0.25
+# A burst worker with nothing ready still stays while a scheduled message of its queues comes
+# due this soon: a retry it has just scheduled (a short countdown, a first backoff of at most
+# 1 s by default) is part of its work, not a task for the next run.
+BURST_HORIZON_S = 1.0
 # A broker unreachable at start-up is tried again after about 0.5, 1, 2, 4, 8, then 10 s (each
 # +-25 %, so that workers started together do not knock together): a daemon's supervisor
 # expects it to wait for its broker rather than exit.
@@ -322,8 +326,17 @@ class Worker:
             if deliveries:
                 # Let the new tasks start (up to their first wait) before the next fetch goes out.
                 await asyncio.sleep(0)
-            if self.burst and not deliveries and not self._held:
+            if self.burst and not deliveries and not self._held and not await self._due_soon() and not self._held:
                 return
+
+    async def _due_soon(self) -> bool:
+        """Burst mode, nothing ready and nothing held: does a scheduled message of the queues
+        come due within BURST_HORIZON_S? Then the worker stays for it."""
+        try:
+            return await self.broker.due_within(self.queues, BURST_HORIZON_S)
+        except Exception as e:  # the next fetch (which waits a while) and this check try again
+            log.warning("could not tell whether a scheduled task is due soon (%s); looking again", e)
+            return True
 
     def _start(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
