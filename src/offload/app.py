@@ -14,12 +14,11 @@ import types
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from offload import forks, hooks, ratelimit, scheduler
 from offload import workflow as workflows
-from offload.brokers import check_stores_results, check_url, make_broker, make_direct, make_store
+from offload.brokers import Backends, check_stores_results, check_url, make_direct, open_backends
 from offload.brokers.base import Broker, Direct, DirectSender, Store
 from offload.channels import CONTROL_CHANNEL, check_channel_name
 from offload.config import BrokerURL, absolute_sqlite, parse_url
@@ -40,12 +39,6 @@ R = TypeVar("R")
 log = logging.getLogger("offload")
 
 DEFAULT_URL = "sqlite:///offload.db"  # beside the module that creates the app: see default_base_dir
-@dataclass(slots=True)
-class _Backends:
-    broker: Broker
-    store: Store
-
-
 def default_base_dir() -> str:
     """The directory of the module whose code creates the app (the first caller outside this
     package), or the working directory for code without a file (a REPL, ``python -c``)."""
@@ -118,7 +111,7 @@ class Offload:
         self.outcome_hooks.append(functools.partial(workflows.on_outcome, self))
         self._portal = Portal()
         self.sending = Sender(self)
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Backends] = weakref.WeakKeyDictionary()
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Backends] = weakref.WeakKeyDictionary()
         self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
         # The sync face's blocking client (None until asked for; False when the backend has none).
         self._direct_client: Direct | bool | None = None
@@ -211,7 +204,7 @@ class Offload:
         return create_gateway(self, **options)
 
     # -- connections, one set per event loop ---------------------------------------------------
-    async def _backends(self) -> _Backends:
+    async def _backends(self) -> Backends:
         forks.check()
         loop = asyncio.get_running_loop()
         found = self._by_loop.get(loop)
@@ -221,18 +214,7 @@ class Offload:
         async with lock:
             found = self._by_loop.get(loop)
             if found is None:
-                store = make_store(self.results_url, self.namespace)
-                broker = make_broker(self.url, self.namespace)
-                await store.connect()
-                bind = getattr(broker, "bind_store", None)
-                if bind is not None:
-                    bind(store)
-                try:
-                    await broker.connect()
-                except BaseException:
-                    await store.close()
-                    raise
-                found = self._by_loop[loop] = _Backends(broker, store)
+                found = self._by_loop[loop] = await open_backends(self.url, self.results_url, self.namespace)
         return found
 
     async def _broker(self) -> Broker:
@@ -245,8 +227,7 @@ class Offload:
         """Close this loop's connections."""
         found = self._by_loop.pop(asyncio.get_running_loop(), None)
         if found is not None:
-            await found.broker.close()
-            await found.store.close()
+            await found.close()
 
     def close(self) -> None:
         """Close the connections of the sync face and stop its thread."""
@@ -293,7 +274,7 @@ class Offload:
         """The broker's sender from the caller's thread, if it has one (made as `_direct`)."""
         return self._made_once("_direct_sender_client", lambda backends: backends.broker.direct_sender())  # type: ignore[no-any-return]
 
-    def _made_once(self, attribute: str, make: Callable[[_Backends], Any]) -> Any:
+    def _made_once(self, attribute: str, make: Callable[[Backends], Any]) -> Any:
         """A blocking face kept in ``attribute`` (None until made, False when there is none),
         made from the loop-side backends once they have connected."""
         forks.check()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from offload.brokers import make_broker, make_store
+from offload.brokers import open_backends
 from offload.brokers.base import Broker, OutgoingMessage, Store
 from offload.config import parse_url
 from tests.conftest import urls_for
@@ -19,20 +19,13 @@ from tests.conftest import urls_for
 @pytest.fixture
 async def backends(kind: str, tmp_path: Path, namespace: str) -> AsyncIterator[tuple[Broker, Store]]:
     broker_url, results_url = urls_for(kind, tmp_path)
-    store = make_store(parse_url(results_url or broker_url), namespace)
-    broker = make_broker(parse_url(broker_url), namespace)
-    await store.connect()
-    bind = getattr(broker, "bind_store", None)
-    if bind is not None:
-        bind(store)
-    await broker.connect()
+    opened = await open_backends(parse_url(broker_url), parse_url(results_url or broker_url), namespace)
     try:
-        yield broker, store
+        yield opened.broker, opened.store
     finally:
-        await broker.flush_namespace()
-        await store.flush_namespace()
-        await broker.close()
-        await store.close()
+        await opened.broker.flush_namespace()
+        await opened.store.flush_namespace()
+        await opened.close()
 
 
 def msg(queue: str = "default", priority: int = 0, eta: float | None = None, key: str | None = None) -> OutgoingMessage:
@@ -206,21 +199,15 @@ async def test_namespaces_are_isolated(kind: str, tmp_path: Path, backends: tupl
     broker_url, results_url = urls_for(kind, tmp_path)
     if kind == "memory":
         broker_url = broker.url.raw
-    other = make_broker(parse_url(broker_url), broker.namespace + "x")
-    other_store = make_store(parse_url(results_url or broker_url), broker.namespace + "x")
-    await other_store.connect()
-    if hasattr(other, "bind_store"):
-        other.bind_store(other_store)
-    await other.connect()
+    other = await open_backends(parse_url(broker_url), parse_url(results_url or broker_url), broker.namespace + "x")
     try:
         await broker.enqueue(msg())
         await store.put_states([("t1", b"mine")])
-        assert await other.fetch(["default"], 1, timeout_s=0.3) == []
-        assert await other_store.get_state("t1") is None
+        assert await other.broker.fetch(["default"], 1, timeout_s=0.3) == []
+        assert await other.store.get_state("t1") is None
     finally:
-        await other.flush_namespace()
+        await other.broker.flush_namespace()
         await other.close()
-        await other_store.close()
 
 
 async def test_states_round_trip_and_watch_wakes(backends: tuple[Broker, Store]) -> None:

@@ -106,6 +106,10 @@ class Broker(abc.ABC):
         #: out a message before the broker's check against its cancellation has come back.
         self.hands_out_early = False
 
+    def bind_store(self, store: Store) -> None:
+        """Called with the results store before `connect`, for a broker that keeps part of its
+        bookkeeping there (RabbitMQ's dedup keys). Others ignore it."""
+
     async def connect(self) -> None:
         """Open connections; raise `BrokerUnavailable` (URL masked) when unreachable."""
 
