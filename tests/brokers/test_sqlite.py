@@ -28,8 +28,8 @@ import pytest
 
 from offload.brokers import _notify, make_broker, make_store
 from offload.brokers import sqlite as sqlite_backend
-from offload.brokers._signals import Listener
 from offload.brokers.base import Broker, OutgoingMessage, Store
+from offload.brokers.signals import Listener
 from offload.brokers.sqlite import SqliteBroker, SqliteStore, database_path
 from offload.config import parse_url
 from offload.errors import BrokerUnavailable, ConfigError

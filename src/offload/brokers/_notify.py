@@ -36,7 +36,7 @@ import weakref
 from collections.abc import Collection, Iterable
 
 from offload import forks
-from offload.brokers._signals import Listener, Signals
+from offload.brokers.signals import Listener, Signals
 
 __all__ = ["Notifier", "open_notifier"]
 

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from offload.brokers._signals import Signals
 from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store, Watch, expires_at
+from offload.brokers.signals import Signals
 from offload.config import BrokerURL
 
 

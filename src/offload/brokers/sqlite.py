@@ -46,8 +46,8 @@ from typing import Any, TypeVar
 
 from offload import forks
 from offload.brokers._notify import Notifier, open_notifier
-from offload.brokers._signals import Listener
 from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store, Watch
+from offload.brokers.signals import Listener
 from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
 from offload.retrying import Backoff, retry_within_sync
