@@ -26,11 +26,12 @@ from typing import Any
 
 import pytest
 
-from offload.brokers import _notify, make_broker, make_store
-from offload.brokers import sqlite as sqlite_backend
+from offload.brokers import make_broker, make_store
 from offload.brokers.base import Broker, OutgoingMessage, Store
 from offload.brokers.signals import Listener
-from offload.brokers.sqlite import SqliteBroker, SqliteStore, database_path
+from offload.brokers.sqlite import SqliteBroker, SqliteStore, database_path, notify, queries
+from offload.brokers.sqlite.connection import connect
+from offload.brokers.sqlite.database import noop
 from offload.config import parse_url
 from offload.errors import BrokerUnavailable, ConfigError
 
@@ -85,7 +86,7 @@ def child(target: Callable[..., None], *args: Any) -> Iterator[SpawnProcess]:
 
 
 def notify_dir(url: str) -> Path:
-    return Path(_notify.notify_dir(database_path(parse_url(url))))
+    return Path(notify.notify_dir(database_path(parse_url(url))))
 
 
 def sockets_of(pid: int, directory: Path) -> list[str]:
@@ -117,7 +118,7 @@ async def _open_store(url: str, ns: str) -> Store:
 
 
 def child_watch(url: str, ns: str, task_id: str, ready: Any, out: Any) -> None:
-    sqlite_backend.SAFETY_POLL_S = NO_SAFETY_POLL_S
+    notify.SAFETY_POLL_S = NO_SAFETY_POLL_S
 
     async def main() -> None:
         store = await _open_store(url, ns)
@@ -134,7 +135,7 @@ def child_watch(url: str, ns: str, task_id: str, ready: Any, out: Any) -> None:
 
 
 def child_fetch_one(url: str, ns: str, ready: Any, out: Any) -> None:
-    sqlite_backend.SAFETY_POLL_S = NO_SAFETY_POLL_S
+    notify.SAFETY_POLL_S = NO_SAFETY_POLL_S
     wait = Listener.wait
 
     async def say_ready_then_wait(self: Listener, timeout_s: float) -> bool:
@@ -367,7 +368,7 @@ async def test_a_path_too_long_for_a_socket_address_still_wakes_other_processes(
 
 def test_one_datagram_carries_a_whole_batch_of_topics(tmp_path: Path) -> None:
     db = str(tmp_path / "x.db")
-    notifier = _notify.open_notifier(db)
+    notifier = notify.open_notifier(db)
     try:
         directory = Path(notifier.directory)
         directory.mkdir()
@@ -393,7 +394,7 @@ def test_one_datagram_carries_a_whole_batch_of_topics(tmp_path: Path) -> None:
 
 
 def test_a_congested_peer_gets_its_topics_once_it_reads_again(tmp_path: Path) -> None:
-    notifier = _notify.open_notifier(str(tmp_path / "x.db"))
+    notifier = notify.open_notifier(str(tmp_path / "x.db"))
     try:
         directory = Path(notifier.directory)
         directory.mkdir()
@@ -415,7 +416,7 @@ def test_a_congested_peer_gets_its_topics_once_it_reads_again(tmp_path: Path) ->
 
 def test_release_stops_the_reader_and_removes_the_socket(tmp_path: Path) -> None:
     async def main() -> None:
-        notifier = _notify.open_notifier(str(tmp_path / "x.db"))
+        notifier = notify.open_notifier(str(tmp_path / "x.db"))
         before = set(threading.enumerate())
         with notifier.listen(["a"]):
             pass
@@ -481,6 +482,17 @@ def test_relative_and_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for bad in ("sqlite://", "sqlite:///:memory:"):
         with pytest.raises(ConfigError):
             database_path(parse_url(bad))
+
+
+def test_every_statement_of_queries_sql_compiles_against_its_schema(tmp_path: Path) -> None:
+    named = [sql for name, sql in vars(queries).items() if name.isupper() and not name.startswith("_") and isinstance(sql, str)]
+    built = [sql for n in (1, 3) for sql in (queries.insert_rows(n), queries.put_states_rows(n), *queries.claim(n))]
+    assert len(named) > 30
+    with contextlib.closing(connect(str(tmp_path / "offload.db"))) as conn:
+        for sql in [*named, *built]:
+            conn.execute(f"EXPLAIN {sql}", [None] * sql.count("?")).fetchall()  # compiled, not run
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"messages", "dead_letters", "states", "events", "kv"} <= tables
 
 
 async def test_the_directory_is_created_and_the_file_is_wal(tmp_path: Path, namespace: str) -> None:
@@ -578,7 +590,7 @@ async def test_expired_states_values_and_old_channel_messages_are_pruned(store: 
         conn.commit()
     store._next_prune = 0.0
     await store.put_states([("trigger", b"z")])
-    await store._h.call(sqlite_backend._noop)  # jobs run in order: the prune has run
+    await store._h.call(noop)  # jobs run in order: the prune has run
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert sorted(r[0] for r in conn.execute("SELECT task_id FROM states")) == ["kept", "trigger"]
         assert conn.execute("SELECT count(*) FROM kv").fetchone()[0] == 0

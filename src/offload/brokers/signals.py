@@ -3,7 +3,7 @@
 A signal carries no data, only "something under this topic may have changed": the woken code
 re-reads the real state. This is what lets `fetch`, `watch` and `subscribe` sleep without
 polling on the memory and sqlite backends (sqlite feeds it from other processes through
-`offload.brokers._notify`).
+`offload.brokers.sqlite.notify`).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ changed through a directory beside it, ``<db>.notify/``:
   every socket in the directory, and signals its own waiters directly.
 
 A signal only says "look again", so losing one costs latency, never correctness: every waiter
-also re-reads the database on a slow safety poll. That is what lets sending never block: a
+also re-reads the database on a slow safety poll (`SAFETY_POLL_S`). That is what lets sending never block: a
 peer whose queue is full (EAGAIN) gets the topics retried briefly from a helper thread and
 then dropped; a socket nobody is bound to any more (its process died) is removed.
 
@@ -38,9 +38,13 @@ from collections.abc import Collection, Iterable
 from offload import forks
 from offload.brokers.signals import Listener, Signals
 
-__all__ = ["Notifier", "open_notifier"]
+__all__ = ["SAFETY_POLL_S", "Notifier", "notify_dir", "open_notifier"]
 
 log = logging.getLogger("offload.brokers.sqlite")
+
+# Waiters re-read this often even without a wake-up. Read as ``notify.SAFETY_POLL_S`` at each
+# wait, so that a test can lengthen it in one place.
+SAFETY_POLL_S = 1.0
 
 _SOCKET_NAME = re.compile(r"^(\d+)-[0-9a-f]+\.sock$")
 _MAX_DATAGRAM = 60_000  # well under the default socket buffers; a bigger batch is split
