@@ -37,6 +37,7 @@ from collections.abc import Collection, Iterable
 
 from offload import forks
 from offload.brokers.signals import Listener, Signals
+from offload.retrying import Backoff
 
 __all__ = ["SAFETY_POLL_S", "Notifier", "notify_dir", "open_notifier"]
 
@@ -52,8 +53,7 @@ _RECV_BUFFER = 65_536
 _RELIST_S = 1.0  # the cached listing is re-read at least this often
 _RACY_NS = 50_000_000  # a listing taken this soon after the directory's mtime may miss an entry
 _CHECK_BOUND_S = 2.0  # how often the reader checks that its socket file still exists
-_RETRY_FIRST_S = 0.001
-_RETRY_MAX_S = 0.05
+_RETRY_BACKOFF = Backoff(first_s=0.001, cap_s=0.05)  # between resends to a congested peer
 _RETRY_GIVE_UP_S = 2.0  # past this the receiver's safety poll is as good as a retry
 _PENDING_CAP = 10_000  # topics kept per congested peer
 _SUN_PATH_MAX = 107  # sizeof(sun_path) - 1 on Linux; macOS allows 103, checked by bind anyway
@@ -287,14 +287,15 @@ class Notifier:
             self._retry_event.clear()
             if self._closed:
                 return
-            delay, started = _RETRY_FIRST_S, time.monotonic()
-            while self._pending and not self._closed:
+            started = time.monotonic()
+            for pause in _RETRY_BACKOFF.pauses():
+                if not self._pending or self._closed:
+                    break
                 if time.monotonic() - started > _RETRY_GIVE_UP_S:
                     with self._lock:
                         self._pending.clear()
                     break
-                time.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
+                time.sleep(pause)
                 with self._lock:
                     batch, self._pending = self._pending, {}
                 for name, topics in batch.items():
