@@ -486,7 +486,7 @@ def test_relative_and_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_every_statement_of_queries_sql_compiles_against_its_schema(tmp_path: Path) -> None:
     named = [sql for name, sql in vars(queries).items() if name.isupper() and not name.startswith("_") and isinstance(sql, str)]
-    built = [sql for n in (1, 3) for sql in (queries.insert_rows(n), queries.put_states_rows(n), *queries.claim(n))]
+    built = [sql for n in (1, 3) for sql in (queries.insert_rows(n), queries.put_states_rows(n), queries.due_within(n), *queries.claim(n))]
     assert len(named) > 30
     with contextlib.closing(connect(str(tmp_path / "offload.db"))) as conn:
         for sql in [*named, *built]:

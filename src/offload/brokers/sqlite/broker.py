@@ -157,6 +157,15 @@ class SqliteBroker(Broker):
             conn.executemany(queries.UNCLAIM, [(self.namespace, d.id, d.receipt) for d in deliveries])
         self._h.notifier.notify({self._topic(d.queue) for d in deliveries})
 
+    async def due_within(self, queues: Sequence[str], within_s: float) -> bool:
+        return await self._h.call(self._due_within, list(dict.fromkeys(queues)), within_s)
+
+    def _due_within(self, conn: sqlite3.Connection, queues: list[str], within_s: float) -> bool:
+        if not queues:
+            return False
+        found = conn.execute(queries.due_within(len(queues)), (self.namespace, *queues, SCHEDULED, time.time() + within_s))
+        return bool(found.fetchone()[0])
+
     # -- settle --------------------------------------------------------------------------
     async def _ack(self, deliveries: Sequence[Delivery]) -> None:
         await self._h.call_batched(self._ack_rows, [d.id for d in deliveries])
@@ -214,20 +223,6 @@ class SqliteBroker(Broker):
 
     async def stats(self) -> QueueStats:
         return await self._h.call(admin.stats, self.namespace)
-
-    async def due_within(self, queues: Sequence[str], within_s: float) -> bool:
-        return await self._h.call(self._due_within, list(dict.fromkeys(queues)), within_s)
-
-    def _due_within(self, conn: sqlite3.Connection, queues: list[str], within_s: float) -> bool:
-        if not queues:
-            return False
-        # `state > 0` too: it lets the partial index of scheduled and leased rows serve the query.
-        found = conn.execute(
-            f"SELECT EXISTS (SELECT 1 FROM messages WHERE namespace = ? AND queue IN ({', '.join('?' * len(queues))}) "
-            "AND state > 0 AND state = ? AND visible_at <= ?)",
-            (self.namespace, *queues, SCHEDULED, time.time() + within_s),
-        ).fetchone()[0]
-        return bool(found)
 
     async def flush_namespace(self) -> None:
         await self._h.call(admin.flush_broker, self.namespace)

@@ -3,7 +3,7 @@
 Each ``-- name: <name>`` section of the file is one constant here, its name in capitals; the
 schema is `SCHEMA`, its statements in order. Statements whose shape depends on how many rows
 or queues a call has are built here from their named query and cached: `insert_rows`,
-`put_states_rows` and `claim`.
+`put_states_rows`, `claim` and `due_within`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sqlite3
 from importlib import resources
 from typing import NamedTuple
 
-__all__ = ["ROWS_PER_INSERT", "SCHEMA", "STATES_PER_STATEMENT", "Claim", "claim", "insert_rows", "put_states_rows"]
+__all__ = ["ROWS_PER_INSERT", "SCHEMA", "STATES_PER_STATEMENT", "Claim", "claim", "due_within", "insert_rows", "put_states_rows"]
 
 ROWS_PER_INSERT = 100  # messages in one INSERT at most
 STATES_PER_STATEMENT = 100  # task states in one INSERT at most
@@ -133,3 +133,9 @@ def claim(n_queues: int) -> Claim:
         claimed=_sql["claimed"].format(queues=marks),
         next_due=_sql["next_due"].format(dues=dues),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def due_within(n_queues: int) -> str:
+    """`due_within` for this many queues."""
+    return _sql["due_within"].format(queues=", ".join("?" * n_queues))

@@ -133,6 +133,15 @@ SELECT min(due) FROM ({dues})
 -- One min() per queue, so each is a single index probe.
 SELECT min(visible_at) AS due FROM messages WHERE namespace = ? AND queue = ? AND state > 0
 
+-- name: due_within
+-- Does a scheduled row (state 1, a parameter) of these queues fall due by then? `state > 0`
+-- too: it lets the partial index of scheduled and leased rows serve the query.
+-- Parameters: namespace, the queues, 1, the time.
+SELECT EXISTS (
+    SELECT 1 FROM messages
+    WHERE namespace = ? AND queue IN ({queues}) AND state > 0 AND state = ? AND visible_at <= ?
+)
+
 -- name: unclaim
 -- A claim nobody received (its fetch was cancelled): ready again, as if never delivered.
 UPDATE messages SET state = 0, deliveries = deliveries - 1, lease = NULL
