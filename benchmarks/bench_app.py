@@ -23,4 +23,4 @@ def flush(offload: Offload) -> None:
     """Delete the namespace's queues, messages and states, in the broker and the result store:
     a benchmark leaves nothing behind in the servers it borrowed."""
 
-    offload.portal.run(admin.flush(offload))
+    offload._portal.run(admin.flush(offload))
