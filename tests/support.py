@@ -107,18 +107,24 @@ class OffloadProcess:
                 self.kill()
 
 
+def free_port() -> int:
+    """A port nothing listens on now (the kernel's pick of a free one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class RedisServer:
     """A redis-server of the test's own on a spare port, without persistence: to stop (or kill)
-    while offload uses it, and to start again on the same port."""
+    while offload uses it, and to start again on the same port; with ``password``, it asks for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
         from tests.conftest import require_program
 
         self.program = require_program("redis-server", "apt install redis-server")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port: int = s.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.port = free_port()
+        self.password = password
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
 
@@ -126,7 +132,7 @@ class RedisServer:
         """Start it; return once it logs that it accepts connections."""
         self.proc = proc = subprocess.Popen(
             [self.program, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--daemonize", "no"],
+             "--daemonize", "no", *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         ready, settled = threading.Event(), threading.Event()  # settled: ready, or its output ended

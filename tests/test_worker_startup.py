@@ -6,53 +6,17 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
-import subprocess
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from offload import Offload
-from tests.conftest import REDIS_URL, require_program, require_server
-from tests.support import OffloadProcess, env_for
+from tests.conftest import REDIS_URL, require_server
+from tests.support import OffloadProcess, RedisServer, env_for, free_port
 
 APP = "tests.apps.basic:app"
 RETRYING = re.compile(r"broker (\S+) unavailable \((.+)\); retrying in (\d+\.\d) s$")
-
-
-def spare_port() -> int:
-    """A port nothing listens on now (the kernel's pick of a free one)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-def redis_server() -> Iterator[Callable[[int], subprocess.Popen[bytes]]]:
-    """Starts a throwaway redis-server (password hunter2, nothing saved) on a given port;
-    every one started is stopped at the end."""
-    program = require_program("redis-server", "apt-get install redis-server")
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(port: int) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([program, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                 "--requirepass", "hunter2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append(proc)
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 def waiting_worker(url: str, namespace: str, *args: str, results: str | None = None) -> OffloadProcess:
@@ -66,10 +30,10 @@ def waiting_worker(url: str, namespace: str, *args: str, results: str | None = N
     return w
 
 
-def test_a_worker_waits_for_redis_then_serves(redis_server: Callable[[int], subprocess.Popen[bytes]], namespace: str) -> None:
+def test_a_worker_waits_for_redis_then_serves(namespace: str) -> None:
     # Given a worker (with a beat) started while nothing listens on its broker's port
-    port = spare_port()
-    url = f"redis://:hunter2@127.0.0.1:{port}/0"
+    redis = RedisServer(password="hunter2")
+    port, url = redis.port, redis.url
     w = waiting_worker(url, namespace, "--beat")
     app = Offload(url, namespace=namespace)
     try:
@@ -80,10 +44,10 @@ def test_a_worker_waits_for_redis_then_serves(redis_server: Callable[[int], subp
         assert "hunter2" not in w.output
         assert w.proc.poll() is None
         # When the server comes up
-        server = redis_server(port)
+        redis.start()
         # Then the worker becomes ready, only then starts its beat, and runs a task sent to it
         ready = w.wait_for("worker ready", timeout=60)
-        assert server.poll() is None
+        assert redis.proc is not None and redis.proc.poll() is None
         beat = w.wait_for("beat: the app has no periodic tasks")
         assert w.lines.index(beat) > w.lines.index(ready), w.output
         assert app.ref("tests.apps.basic.add").delay(2, 3).get(timeout=30) == 5
@@ -92,12 +56,13 @@ def test_a_worker_waits_for_redis_then_serves(redis_server: Callable[[int], subp
     finally:
         w.stop()
         app.close()
+        redis.stop()
 
 
 @pytest.mark.parametrize(("sig", "args"), [(signal.SIGTERM, ()), (signal.SIGINT, ("--burst",))], ids=["sigterm", "sigint-burst"])
 def test_a_signal_while_waiting_for_the_broker_exits_zero_at_once(namespace: str, sig: signal.Signals, args: tuple[str, ...]) -> None:
     # Given a worker waiting for a broker that is down (a burst worker waits too)
-    w = waiting_worker(f"redis://127.0.0.1:{spare_port()}/0", namespace, *args)
+    w = waiting_worker(f"redis://127.0.0.1:{free_port()}/0", namespace, *args)
     try:
         # When it is signalled, during a pause or a connection attempt
         signalled = time.monotonic()
@@ -136,7 +101,7 @@ def test_a_sqlite_file_that_cannot_be_opened_is_waited_for(tmp_path: Path, names
 def test_connect_timeout_gives_up_with_exit_69_after_backing_off(namespace: str) -> None:
     require_server("redis")  # the amqp broker's results live in Redis, which is up
     # Given an amqp broker on a port where nothing listens (each attempt gives up after 0.2 s)
-    port = spare_port()
+    port = free_port()
     url = f"amqp://guest:hunter2@127.0.0.1:{port}/?connect_timeout=0.2"
     started = time.monotonic()
     w = OffloadProcess(["worker", APP, "--connect-timeout", "3"], env_for(url, namespace, f"{REDIS_URL}"), ready_line=None)
@@ -158,7 +123,7 @@ def test_connect_timeout_gives_up_with_exit_69_after_backing_off(namespace: str)
 
 def test_connect_timeout_zero_tries_once(namespace: str) -> None:
     w = OffloadProcess(["worker", APP, "--burst", "--connect-timeout", "0"],
-                       env_for(f"redis://127.0.0.1:{spare_port()}/0", namespace), ready_line=None)
+                       env_for(f"redis://127.0.0.1:{free_port()}/0", namespace), ready_line=None)
     try:
         assert w.wait(30) == 69, w.output
         assert "retrying in" not in w.output

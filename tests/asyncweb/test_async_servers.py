@@ -14,13 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ROOT, env_for, start_worker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support import ROOT, env_for, free_port, start_worker
 
 
 def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:

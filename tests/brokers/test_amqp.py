@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,7 +30,7 @@ from offload.errors import BrokerError, BrokerUnavailable, ConfigError
 from offload.result import Status, TaskState
 from offload.task import Options
 from tests.conftest import AMQP_URL, REDIS_URL, require_program, require_server
-from tests.support import flush_namespace
+from tests.support import flush_namespace, free_port
 
 MakeBroker = Callable[..., Awaitable[AmqpBroker]]
 
@@ -93,12 +92,6 @@ async def close_connections(prefix: str) -> int:
     for pid in pids:
         await rabbitmqctl("close_connection", pid, "offload test: forced close")
     return len(pids)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_forced_close_of_every_connection_loses_nothing(amqp: MakeBroker, namespace: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_program, require_server, urls_for
-from tests.support import ROOT, OffloadProcess, env_for, start_worker
+from tests.support import ROOT, OffloadProcess, env_for, free_port, start_worker
 
 KINDS = ["sqlite", "redis"]
 
@@ -62,12 +62,6 @@ def test_a_child_of_a_raw_fork_sends_and_gets_results(
     assert json.loads(done.stdout) == {"child": 0, "parent": 7}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(port: int) -> tuple[int, dict[str, int]]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
     try:
@@ -84,7 +78,7 @@ def test_uwsgi_prefork_without_lazy_apps_answers_every_request(
 ) -> None:
     uwsgi = require_program("uwsgi", "pip install uwsgi")
     url, results = urls
-    port = _free_port()
+    port = free_port()
     # The spooler tutorial's configuration: four processes of two threads, the app loaded once in
     # the master and forked (no lazy-apps), harakiri as the only rescue from a hang.
     ini = tmp_path / "uwsgi.ini"
