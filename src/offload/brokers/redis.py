@@ -75,6 +75,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from offload.brokers.base import Broker, DeadLetter, Delivery, Direct, OutgoingMessage, QueueStats, Store, Watch, ttl_ms
 from offload.config import BrokerURL
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
+from offload.retrying import Backoff, retry_within
 
 log = logging.getLogger("offload.brokers.redis")
 _T = TypeVar("_T")
@@ -755,22 +756,23 @@ def _pubsub_client(url: BrokerURL, namespace: str) -> Redis:
 
 async def _connect_bounded(url: BrokerURL, attempt: Callable[[], Awaitable[None]]) -> None:
     """Run ``attempt`` until it succeeds, for at most _CONNECT_BUDGET_S; then BrokerUnavailable."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + _CONNECT_BUDGET_S
-    delay = 0.1
-    while True:
-        left = deadline - loop.time()
+
+    async def once(left_s: float) -> None:
         try:
-            await asyncio.wait_for(attempt(), max(left, 0.05))
-            return
+            await asyncio.wait_for(attempt(), left_s)
         except _FINAL_CONNECT_ERRORS as e:
             raise BrokerUnavailable(url.masked, _reason(e)) from e
-        except (RedisError, OSError, TimeoutError) as e:
-            last: BaseException = e
-        if loop.time() + delay >= deadline:
-            raise BrokerUnavailable(url.masked, f"{_reason(last)} (gave up after {_CONNECT_BUDGET_S:g} s)") from last
-        await asyncio.sleep(delay)
-        delay *= 2
+
+    def transient(e: BaseException) -> str | None:
+        return _reason(e) if isinstance(e, RedisError | OSError | TimeoutError) else None
+
+    def give_up(reason: str, e: BaseException) -> BaseException:
+        error = BrokerUnavailable(url.masked, f"{reason} (gave up after {_CONNECT_BUDGET_S:g} s)")
+        error.__cause__ = e
+        return error
+
+    # Pauses of 0.1, 0.2, 0.4... s: the budget, not a cap, ends them.
+    await retry_within(_CONNECT_BUDGET_S, once, transient, give_up, Backoff(first_s=0.1, cap_s=_CONNECT_BUDGET_S))
 
 
 def _s(value: bytes) -> str:
