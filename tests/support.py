@@ -80,7 +80,6 @@ class OffloadProcess:
                     raise AssertionError(f"{text!r} not seen: the process exited with {self.proc.returncode}; output:\n" + "\n".join(self.lines[-40:]))
                 self._changed.wait(min(left, 0.5))
 
-
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
 
@@ -96,7 +95,17 @@ class OffloadProcess:
         self.proc.wait(10)
 
     def wait(self, timeout: float = 60) -> int:
-        return self.proc.wait(timeout)
+        """Wait for the exit code, then for the reader to have collected every line written
+        before the exit (a test that reads `output` right after must see them all)."""
+        deadline = time.monotonic() + timeout
+        code = self.proc.wait(timeout)
+        with self._changed:
+            while not self._eof:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"the process exited with {code} but its output did not end within {timeout} s")
+                self._changed.wait(left)
+        return code
 
     def stop(self) -> None:
         if self.proc.poll() is None:
