@@ -79,7 +79,7 @@ def test_the_results_url_is_checked_too() -> None:
 _READS = re.compile(r"""param_float\(\s*"(\w+)"|params\.get\(\s*"(\w+)"|params\[\s*"(\w+)"\s*\]|"(\w+)"\s+in\s+url\.params""")
 # The modules that read URL parameters, and the kinds they serve (base.py's lease, read by every
 # broker, is declared for the kinds that have leases).
-_MODULES_OF = {"base.py": set(BASE), "redis.py": {"redis", "rediss"}, "redis_direct.py": {"redis", "rediss"},
+_MODULES_OF = {"base.py": set(BASE), "redis/connection.py": {"redis", "rediss"}, "redis/direct.py": {"redis", "rediss"},
                "amqp.py": {"amqp", "amqps"}, "amqp_direct.py": {"amqp", "amqps"}}
 
 

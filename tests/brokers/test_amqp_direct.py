@@ -261,10 +261,10 @@ def test_the_sync_connection_is_named_after_the_app(make_app: MakeApp, namespace
 def test_a_queued_state_that_cannot_be_stored_is_reported_after_the_send(
     make_app: MakeApp, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from offload.brokers import redis_direct
+    from offload.brokers.redis import direct as redis_direct
 
     # The caller's Redis client gives up after 50 ms; Redis then holds writes for 400.
-    monkeypatch.setattr(redis_direct, "_OPERATION_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(redis_direct, "OPERATION_TIMEOUT_S", 0.05)
     app, _, _ = make_app()
     record = app.tasks["tests.apps.basic.record"]
     ran = tmp_path / "ran"

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from offload import Offload
-from offload.brokers import redis as redis_backend
+from offload.brokers.redis import connection as redis_connection
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
 from tests.support import flush_namespace, thread_worker
 
@@ -63,7 +63,7 @@ def test_a_claim_that_fails_puts_the_message_back(
     try:
         assert add.delay(1, 2).get(timeout=20) == 3  # every connection is open
         # The worker's store gives up on a command after 50 ms; Redis holds writes for 400.
-        monkeypatch.setattr(redis_backend, "_OPERATION_TIMEOUT_S", 0.05)
+        monkeypatch.setattr(redis_connection, "OPERATION_TIMEOUT_S", 0.05)
         operator.execute_command("CLIENT", "PAUSE", 400, "WRITE")
         with caplog.at_level(logging.WARNING, logger="offload.brokers.amqp"):
             result = record.delay(str(ran), "once")  # its QUEUED write waits for the pause

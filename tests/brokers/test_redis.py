@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import importlib.resources
 import logging
 import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import redis.asyncio as aioredis  # only to act on the server from outside, like an operator would
@@ -24,6 +25,8 @@ from offload import Offload
 from offload.brokers import make_broker, make_store
 from offload.brokers import redis as redis_backend
 from offload.brokers.base import Broker, Delivery, OutgoingMessage, Store
+from offload.brokers.redis import connection as redis_connection
+from offload.brokers.redis.scripts import LIBRARIES, ScriptName
 from offload.config import parse_url
 from offload.errors import BrokerUnavailable
 from offload.result import Status, TaskState, wait_states
@@ -724,10 +727,22 @@ async def test_a_script_that_times_out_is_reported_not_sent_again(
 ) -> None:
     async with opened_store(url, namespace) as store:
         await store.put_states([("a", b"one")])
-        monkeypatch.setattr(redis_backend, "_OPERATION_TIMEOUT_S", 0.05)
-        usual = counted(monkeypatch, redis_backend._Commands, "run")
+        monkeypatch.setattr(redis_connection, "OPERATION_TIMEOUT_S", 0.05)
+        usual = counted(monkeypatch, redis_connection.Commands, "run")
         await admin.execute_command("CLIENT", "PAUSE", 300, "WRITE")
         with pytest.raises(BrokerUnavailable, match="timed out"):
             await store.put_states([("b", b"two")])
         assert usual["run"] == 0  # not handed to the usual path for another full timeout
         monkeypatch.undo()  # the clean-up below waits out the pause with the real timeout
+
+
+def test_every_lua_file_is_a_script_or_a_library_of_one_and_says_what_it_takes() -> None:
+    folder = importlib.resources.files("offload.brokers.redis").joinpath("lua")
+    files = {e.name.removesuffix(".lua"): e.read_text() for e in folder.iterdir() if e.name.endswith(".lua")}
+    scripts = set(get_args(ScriptName))
+    assert set(LIBRARIES) == scripts
+    assert set(files) == scripts | {lib for libs in LIBRARIES.values() for lib in libs}
+    for name, text in files.items():
+        assert text.startswith("-- "), f"{name}.lua opens without its header comment"
+        if name in scripts and name not in ("incr", "set_many_if_absent"):
+            assert "KEYS[1]: the namespace prefix" in text, name

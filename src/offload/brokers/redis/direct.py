@@ -18,20 +18,20 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from offload.brokers.base import Direct, OutgoingMessage, ttl_ms
-from offload.brokers.redis import (
-    _LUA_COMMON,
-    _LUA_ENQUEUE,
-    _LUA_PUT_STATES_IF_ABSENT,
-    _MAX_CONNECTIONS,
-    _OPERATION_TIMEOUT_S,
-    _RETRIES,
-    _connection_kwargs,
-    _s,
-    _sent_directly_failed,
-    _translate,
-    enqueue_args,
+from offload.brokers.redis.argv import enqueue_args, text
+from offload.brokers.redis.connection import (
+    MAX_CONNECTIONS,
+    OPERATION_TIMEOUT_S,
+    RETRIES,
+    connection_kwargs,
+    sent_directly_failed,
+    translate,
 )
+from offload.brokers.redis.keys import Keys
+from offload.brokers.redis.scripts import source
 from offload.config import BrokerURL
+
+__all__ = ["RedisDirect"]
 
 _T = TypeVar("_T")
 # A blocked BLMOVE must end well before the socket timeout cuts it.
@@ -41,26 +41,26 @@ _BLOCK_SLACK_S = 5.0
 class RedisDirect(Direct):
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         self._masked = url.masked
-        self._prefix = f"offload:{namespace}:"
-        self._keys = [self._prefix]
-        kwargs = _connection_kwargs(url, namespace)
+        self._names = Keys.of(namespace)
+        self._keys = [self._names.prefix]
+        kwargs = connection_kwargs(url, namespace)
         kwargs["connection_class"] = redis.SSLConnection if url.scheme == "rediss" else redis.Connection
         pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call, unused-ignore]
-            max_connections=int(url.param_float("max_connections", _MAX_CONNECTIONS)),
-            timeout=_OPERATION_TIMEOUT_S,
-            socket_timeout=_OPERATION_TIMEOUT_S,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), _RETRIES),
+            max_connections=int(url.param_float("max_connections", MAX_CONNECTIONS)),
+            timeout=OPERATION_TIMEOUT_S,
+            socket_timeout=OPERATION_TIMEOUT_S,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), RETRIES),
             **kwargs,
         )
         self._client = redis.Redis(connection_pool=pool)
-        self._enqueue = self._client.register_script(_LUA_COMMON + _LUA_ENQUEUE)
-        self._put_if_absent = self._client.register_script(_LUA_COMMON + _LUA_PUT_STATES_IF_ABSENT)
+        self._enqueue = self._client.register_script(source("enqueue"))
+        self._put_if_absent = self._client.register_script(source("put_states_if_absent"))
 
     def _run(self, op: Callable[[], _T]) -> _T:
         try:
             return op()
         except (RedisError, TimeoutError) as e:
-            raise _translate(self._masked, e) from e
+            raise translate(self._masked, e) from e
 
     def _command(self, command: Sequence[Any], usual: Callable[[], _T]) -> _T:
         """``command`` on a pooled connection, without the client's layers around each command
@@ -75,7 +75,7 @@ class RedisDirect(Direct):
             conn.send_packed_command(conn.pack_command(*command), check_health=False)  # type: ignore[no-untyped-call, unused-ignore]
             return cast("_T", conn.read_response())
         except (RedisError, TimeoutError) as e:
-            error = _sent_directly_failed(self._masked, e)
+            error = sent_directly_failed(self._masked, e)
             if error is not None:
                 raise error from e
         finally:
@@ -85,7 +85,7 @@ class RedisDirect(Direct):
     def enqueue(self, message: OutgoingMessage) -> str:
         args = enqueue_args(message)
         command = ("EVALSHA", self._enqueue.sha, len(self._keys), *self._keys, *args)
-        return _s(self._command(command, lambda: self._enqueue(keys=self._keys, args=args)))
+        return text(self._command(command, lambda: self._enqueue(keys=self._keys, args=args)))
 
     def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
         if not states:
@@ -97,14 +97,14 @@ class RedisDirect(Direct):
     def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         if not task_ids:
             return []
-        keys = [f"{self._prefix}state:{t}" for t in task_ids]
+        keys = [self._names.state(t) for t in task_ids]
         return self._command(("MGET", *keys), lambda: cast("list[bytes | None]", self._client.mget(keys)))
 
     def wait_final(self, task_id: str, timeout_s: float) -> bytes | None:
-        done = f"{self._prefix}done:{task_id}"
+        done = self._names.done(task_id)
         # Seconds with decimals (0 would mean forever); kept within the socket timeout, so a
         # long wait is several calls.
-        timeout = min(max(round(timeout_s, 3), 0.001), _OPERATION_TIMEOUT_S - _BLOCK_SLACK_S)
+        timeout = min(max(round(timeout_s, 3), 0.001), OPERATION_TIMEOUT_S - _BLOCK_SLACK_S)
         command = ("BLMOVE", done, done, "LEFT", "LEFT", timeout)
         # The server takes seconds with decimals; redis-py annotates the timeout as int.
         return self._command(command, lambda: cast("bytes | None", self._client.blmove(done, done, timeout, "LEFT", "LEFT")))  # type: ignore[arg-type, unused-ignore]

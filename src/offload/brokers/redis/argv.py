@@ -1,0 +1,88 @@
+"""What goes into the scripts (their ARGV, built from the protocol's types) and what their
+replies mean. The shape of each is the one its ``lua/*.lua`` file states in its header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from offload.brokers.base import DeadLetter, Delivery, OutgoingMessage, ttl_ms
+
+__all__ = [
+    "DONE_SIGNAL_MS",
+    "claimed",
+    "dead_letters",
+    "enqueue_args",
+    "put_states_args",
+    "receipt",
+    "settle_args",
+    "text",
+]
+
+# How long a final state stays in done:<id> for blocked sync waiters (see Direct.wait_final).
+DONE_SIGNAL_MS = 120_000
+
+
+def text(value: bytes) -> str:
+    return value.decode()
+
+
+def enqueue_args(message: OutgoingMessage) -> list[str | bytes | int]:
+    """ARGV of enqueue.lua."""
+    priority = min(max(int(message.priority), 0), 9)
+    return [
+        message.id, message.queue, message.body, priority,
+        "" if message.eta is None else repr(float(message.eta)),
+        "0" if message.key is None else "1", message.key or "",
+        message.state or b"", ttl_ms(message.state_ttl_s) or 0,
+    ]  # fmt: skip
+
+
+def put_states_args(
+    states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]
+) -> list[str | bytes | int]:
+    """ARGV of put_states.lua."""
+    ttl = ttl_ms(ttl_s) or 0
+    args: list[str | bytes | int] = [ttl, min(ttl or DONE_SIGNAL_MS, DONE_SIGNAL_MS)]
+    for task_id, data in states:
+        args += [task_id, data, "1" if task_id in final else "0"]
+    return args
+
+
+def settle_args(
+    states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str], message_ids: Sequence[str]
+) -> list[str | bytes | int]:
+    """ARGV of settle.lua: the states, then the messages to acknowledge (the claim, if any,
+    is the caller's to add)."""
+    ttl, done_ttl, *triples = put_states_args(states, ttl_s, final)
+    return [ttl, done_ttl, len(states), *triples, len(message_ids), *message_ids]
+
+
+def receipt(delivery: Delivery) -> str:
+    """The lease's receipt as the scripts take it: '' for a delivery that has none."""
+    return "" if delivery.receipt is None else str(delivery.receipt)
+
+
+def claimed(reply: list[Any]) -> tuple[list[Delivery], float | None]:
+    """A claim's reply: the leased deliveries, or none and when something may become ready."""
+    if reply[0] == b"0":
+        return [], float(reply[1]) if reply[1] else None
+    return [
+        Delivery(id=text(reply[i]), queue=text(reply[i + 1]), body=reply[i + 2], deliveries=int(reply[i + 3]), receipt=text(reply[i + 3]))
+        for i in range(1, len(reply), 4)
+    ], None
+
+
+def dead_letters(reply: list[bytes]) -> list[DeadLetter]:
+    """The reply of dead_list.lua or replay.lua."""
+    return [
+        DeadLetter(
+            id=text(reply[i]),
+            queue=text(reply[i + 1]),
+            body=reply[i + 2],
+            reason=text(reply[i + 3]),
+            died_at=float(reply[i + 4]),
+        )
+        for i in range(0, len(reply), 5)
+    ]
