@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from offload import forks, hooks, ratelimit, scheduler
 from offload import workflow as workflows
 from offload.brokers import Backends, check_stores_results, check_url, make_direct, open_backends
-from offload.brokers.base import Broker, Direct, DirectSender, Store
+from offload.brokers.base import DEFAULT_HEARTBEAT_TIMEOUT_S, Broker, Direct, DirectSender, Store
 from offload.channels import CONTROL_CHANNEL, check_channel_name
 from offload.config import BrokerURL, absolute_sqlite, parse_url
 from offload.errors import ConfigError, MessageError
@@ -29,6 +29,7 @@ from offload.result import Result, Status, TaskState
 from offload.sending import Sender
 from offload.serializers import get_serializer
 from offload.task import AsyncTask, Options, Task, TaskDecorator, TaskRef, task_name
+from offload.workers import WorkerInfo, live_workers
 
 if TYPE_CHECKING:
     from offload.scheduler import Periodic
@@ -70,6 +71,7 @@ class Offload:
         result_ttl: float | dt.timedelta = dt.timedelta(days=1),
         compress_over: int = 8192,
         debug: bool = False,
+        heartbeat_timeout: float | dt.timedelta = dt.timedelta(seconds=DEFAULT_HEARTBEAT_TIMEOUT_S),
     ) -> None:
         given = url or os.environ.get("OFFLOAD_URL")
         # The default database lives beside the code that creates the app, so that a web process
@@ -93,6 +95,10 @@ class Offload:
         self.timezone = timezone
         self.result_ttl_s = result_ttl.total_seconds() if isinstance(result_ttl, dt.timedelta) else float(result_ttl)
         self.debug = debug
+        self.heartbeat_timeout_s = (heartbeat_timeout.total_seconds() if isinstance(heartbeat_timeout, dt.timedelta)
+                                    else float(heartbeat_timeout))
+        if self.heartbeat_timeout_s <= 0:
+            raise ConfigError(f"heartbeat_timeout must be positive, got {self.heartbeat_timeout_s:g} s")
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.worker_start_hooks: list[Callable[[], Any]] = []
         self.periodic_tasks: list[Periodic] = []
@@ -196,6 +202,13 @@ class Offload:
         self.worker_start_hooks.append(fn)
         return fn
 
+    def workers(self) -> list[WorkerInfo]:
+        """The live workers of this namespace (heard from within ``heartbeat_timeout``)."""
+        return self._portal.run(self.aworkers())
+
+    async def aworkers(self) -> list[WorkerInfo]:
+        return await live_workers(await self._store())
+
     def asgi(self, **options: Any) -> Any:
         """The browser gateway (long polling, SSE, channels, offload.js, metrics) as an ASGI
         app, mountable under any prefix. Options: see `offload.gateway.create_gateway`."""
@@ -214,7 +227,7 @@ class Offload:
         async with lock:
             found = self._by_loop.get(loop)
             if found is None:
-                found = self._by_loop[loop] = await open_backends(self.url, self.results_url, self.namespace)
+                found = self._by_loop[loop] = await open_backends(self.url, self.results_url, self.namespace, self.heartbeat_timeout_s)
         return found
 
     async def _broker(self) -> Broker:

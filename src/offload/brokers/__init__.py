@@ -107,13 +107,19 @@ class Backends:
         await self.store.close()
 
 
-async def open_backends(broker_url: BrokerURL, results_url: BrokerURL, namespace: str) -> Backends:
-    """Make and connect the broker and its store, for the app and for tests alike. The store
+async def open_backends(broker_url: BrokerURL, results_url: BrokerURL, namespace: str,
+                        heartbeat_timeout_s: float | None = None) -> Backends:
+    """Make and connect the broker and its store, for the app and for tests alike.
+
+    ``heartbeat_timeout_s`` is the lease of a leased broker unless its URL sets
+    ``visibility_timeout``. The store
     connects first and is bound to the broker before it connects (a broker that keeps its
     dedup keys or first states in the store needs it then); a broker that cannot connect
     closes the store again. Raises `BrokerUnavailable` (URL masked) for a server that is down."""
     store = make_store(results_url, namespace)
     broker = make_broker(broker_url, namespace)
+    if heartbeat_timeout_s is not None and "visibility_timeout" not in broker_url.params:
+        broker.lease_s = heartbeat_timeout_s
     await store.connect()
     broker.bind_store(store)
     try:

@@ -31,7 +31,13 @@ from typing import Any, ClassVar
 
 from offload.config import BrokerURL
 
-DEFAULT_LEASE_S = 60.0
+#: How long a worker may go unheard before it counts as dead: its registry record expires, and
+#: the leases of the messages it holds (renewed every third of it) run out, so its tasks go back
+#: to their queue. `Offload(heartbeat_timeout=...)` or a URL's ``visibility_timeout`` changes it.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0
+#: Where a store that keeps its worker registry in its key-value space puts the records (the
+#: space's other keys are `offload.ratelimit`'s and the workflows', none of them under it).
+WORKER_PREFIX = "worker:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +107,7 @@ class Broker(abc.ABC):
     def __init__(self, url: BrokerURL, namespace: str) -> None:
         self.url = url
         self.namespace = namespace
-        self.lease_s = url.param_float("visibility_timeout", DEFAULT_LEASE_S)
+        self.lease_s = url.param_float("visibility_timeout", DEFAULT_HEARTBEAT_TIMEOUT_S)
         #: Set by a caller that honours `Delivery.admitted` (the worker): `fetch` may then hand
         #: out a message before the broker's check against its cancellation has come back.
         self.hands_out_early = False
@@ -356,6 +362,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
         """Atomically add to an integer counter (created at 0); ``ttl_s`` applies on creation."""
+
+    # -- the worker registry (offload.workers) ----------------------------------------------
+    @abc.abstractmethod
+    async def put_worker(self, worker_id: str, record: bytes, ttl_s: float) -> None:
+        """Write (or renew) a live worker's record; it is gone ``ttl_s`` seconds after the last write."""
+
+    @abc.abstractmethod
+    async def drop_worker(self, worker_id: str) -> None:
+        """Remove a worker's record at once (its clean exit)."""
+
+    @abc.abstractmethod
+    async def workers(self) -> list[bytes]:
+        """The records of the namespace's workers whose time has not run out, in no order."""
 
     async def flush_namespace(self) -> None:
         """Remove everything of this namespace (tests)."""

@@ -15,7 +15,17 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store, Watch, expires_at
+from offload.brokers.base import (
+    WORKER_PREFIX,
+    Broker,
+    DeadLetter,
+    Delivery,
+    OutgoingMessage,
+    QueueStats,
+    Store,
+    Watch,
+    expires_at,
+)
 from offload.brokers.signals import Signals
 from offload.config import BrokerURL
 
@@ -384,6 +394,19 @@ class MemoryStore(Store):
             until = entry[1] if current is not None and entry is not None else (time.time() + ttl_s if ttl_s else None)
             self._s.values[k] = (str(value).encode(), until)
             return value
+
+    # The registry lives in the key-value space under a prefix no user key has.
+    async def put_worker(self, worker_id: str, record: bytes, ttl_s: float) -> None:
+        with self._s.lock:
+            self._s.values[(self.namespace, WORKER_PREFIX + worker_id)] = (record, time.time() + ttl_s)
+
+    async def drop_worker(self, worker_id: str) -> None:
+        await self.delete_value(WORKER_PREFIX + worker_id)
+
+    async def workers(self) -> list[bytes]:
+        with self._s.lock:
+            found = [_alive(v) for (ns, key), v in self._s.values.items() if ns == self.namespace and key.startswith(WORKER_PREFIX)]
+        return [r for r in found if r is not None]
 
     async def flush_namespace(self) -> None:
         with self._s.lock:

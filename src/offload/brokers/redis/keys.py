@@ -14,6 +14,8 @@
     waiting:<w>   what an enqueue needs to hand a blocked fetch messages: lease, channel, queues, how many
     state:<id>    a task's encoded state (Store)
     kv:<key>      the Store's key-value space
+    workers       sorted set of live worker ids, scored by when their record runs out (ms)
+    workers:rec   hash: worker id -> its registry record
     wake:<queue>  pub/sub channel: the queue got ready messages while a fetch was waiting on it
     hand:<uuid>   pub/sub channel of one broker object: messages handed to its blocked fetches
     done:<id>     list holding a task's final state for two minutes, for blocked sync waiters
@@ -52,6 +54,14 @@ class Keys:
 
     def value(self, key: str) -> str:
         return f"{self.prefix}kv:{key}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}workers"
+
+    @property
+    def worker_records(self) -> str:
+        return f"{self.prefix}workers:rec"
 
     def channel(self, name: str) -> str:
         return f"{self.prefix}chan:{name}"

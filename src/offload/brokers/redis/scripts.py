@@ -27,7 +27,7 @@ __all__ = ["LIBRARIES", "Arg", "Script", "ScriptName", "load", "source"]
 ScriptName = Literal[
     "ack", "cancel", "claim", "dead", "dead_list", "due_within", "enqueue", "extend", "incr",
     "purge_ready", "purge_scheduled", "put_states", "put_states_if_absent", "put_states_set_many",
-    "replay", "requeue", "set_many_if_absent", "settle", "stats",
+    "replay", "requeue", "set_many_if_absent", "settle", "stats", "workers_drop", "workers_list", "workers_put",
 ]  # fmt: skip
 #: What ARGV holds: Redis receives every argument as a string.
 Arg = str | bytes | int | float
@@ -55,6 +55,9 @@ LIBRARIES: dict[ScriptName, tuple[str, ...]] = {
     "set_many_if_absent": (),
     "settle": ("lib_common", "lib_outcomes", "lib_claim"),
     "stats": _COMMON,
+    "workers_drop": (),
+    "workers_list": (),
+    "workers_put": (),
 }
 
 

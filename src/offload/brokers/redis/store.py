@@ -77,6 +77,9 @@ class RedisStore(Store):
         self._incr = Script(self._cmds, "incr", on)
         self._set_many = Script(self._cmds, "set_many_if_absent", on)
         self._put_states_set_many = Script(self._cmds, "put_states_set_many", on)
+        self._workers_put = Script(self._cmds, "workers_put", on)
+        self._workers_drop = Script(self._cmds, "workers_drop", on)
+        self._workers_list = Script(self._cmds, "workers_list", on)
 
     async def connect(self) -> None:
         # Workers only write states, so the pub/sub connection opens on the first watch or
@@ -184,6 +187,16 @@ class RedisStore(Store):
     async def incr(self, key: str, amount: int = 1, ttl_s: float | None = None) -> int:
         args = [int(amount), ttl_ms(ttl_s) or 0]
         return int(await self._incr(args, keys=[self._keys.value(key)]))
+
+    # -- the worker registry: a hash of records and their deadlines in a sorted set --------
+    async def put_worker(self, worker_id: str, record: bytes, ttl_s: float) -> None:
+        await self._workers_put([worker_id, record, max(int(ttl_s * 1000), 1)])
+
+    async def drop_worker(self, worker_id: str) -> None:
+        await self._workers_drop([worker_id])
+
+    async def workers(self) -> list[bytes]:
+        return cast("list[bytes]", await self._workers_list([]))
 
     async def flush_namespace(self) -> None:
         await self._cmds.run(lambda c: unlink_prefix(c, self._keys.prefix))

@@ -88,6 +88,7 @@ SET_IF_ABSENT = _sql["set_if_absent"]
 GET_VALUE = _sql["get_value"]
 SET_VALUE = _sql["set_value"]
 DELETE_VALUE = _sql["delete_value"]
+LIVE_VALUES_IN_RANGE = _sql["live_values_in_range"]
 FLUSH_VALUES = _sql["flush_values"]
 
 PRUNE_STATES = _sql["prune_states"]

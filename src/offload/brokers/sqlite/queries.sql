@@ -295,3 +295,7 @@ DELETE FROM kv WHERE rowid IN (SELECT rowid FROM kv WHERE expires_at <= ? LIMIT 
 
 -- name: prune_events
 DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE created_at < ? LIMIT ?)
+
+-- name: live_values_in_range
+-- The live values whose key is in [low, high): a prefix's keys (the worker registry's).
+SELECT value FROM kv WHERE namespace = ? AND key >= ? AND key < ? AND (expires_at IS NULL OR expires_at > ?)

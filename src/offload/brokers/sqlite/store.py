@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from offload.brokers.base import Store, Watch, expires_at
+from offload.brokers.base import WORKER_PREFIX, Store, Watch, expires_at
 from offload.brokers.signals import Listener
 from offload.brokers.sqlite import admin, notify, queries
 from offload.brokers.sqlite.connection import transaction
@@ -206,6 +206,25 @@ class SqliteStore(Store):
             conn.execute(queries.SET_VALUE, (self.namespace, key, str(value).encode(), until))
         self._maybe_prune(now)
         return value
+
+    # -- the worker registry, in the key-value table under a prefix no user key has ----------
+    async def put_worker(self, worker_id: str, record: bytes, ttl_s: float) -> None:
+        await self._h.call(self._put_worker, worker_id, record, ttl_s)
+
+    def _put_worker(self, conn: sqlite3.Connection, worker_id: str, record: bytes, ttl_s: float) -> None:
+        conn.execute(queries.SET_VALUE, (self.namespace, WORKER_PREFIX + worker_id, record, time.time() + ttl_s))
+
+    async def drop_worker(self, worker_id: str) -> None:
+        await self.delete_value(WORKER_PREFIX + worker_id)
+
+    async def workers(self) -> list[bytes]:
+        return await self._h.call(self._workers)
+
+    def _workers(self, conn: sqlite3.Connection) -> list[bytes]:
+        # The prefix's keys are those from it up to the same text with its last character raised.
+        high = WORKER_PREFIX[:-1] + chr(ord(WORKER_PREFIX[-1]) + 1)
+        rows = conn.execute(queries.LIVE_VALUES_IN_RANGE, (self.namespace, WORKER_PREFIX, high, time.time())).fetchall()
+        return [bytes(r[0]) for r in rows]
 
     async def flush_namespace(self) -> None:
         await self._h.call(admin.flush_store, self.namespace)
