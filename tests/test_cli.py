@@ -44,6 +44,7 @@ def test_send_status_purge(url: str, ns: str) -> None:
         "  running                           0",
         "  scheduled                         0",
         "  dead (failed, expired, malformed)        0",
+        "workers: none live",
     ]
     one = run_cli(url, ns, "status", APP, task_id)
     fields = dict(line.split(None, 1) for line in one.stdout.splitlines())

@@ -12,10 +12,23 @@ from offload.app import Offload
 from offload.brokers.base import DeadLetter, OutgoingMessage, QueueStats
 from offload.errors import MessageError, UnknownTask
 from offload.result import SAFETY_POLL_S, Status, TaskState
+from offload.workers import live_workers
 
 
 async def status(app: Offload) -> QueueStats:
     return await (await app._broker()).stats()
+
+
+async def overview(app: Offload) -> dict[str, Any]:
+    """The namespace at a glance, as `offload status --json` prints it: its queues and its live
+    workers (see `offload.workers.WorkerInfo`)."""
+    backends = await app._backends()
+    stats = await backends.broker.stats()
+    workers = await live_workers(backends.store)
+    return {
+        "namespace": app.namespace, "broker": app.url.masked, "queues": dict(stats.queued), "running": stats.running,
+        "scheduled": stats.scheduled, "dead": stats.dead, "workers": [w.to_json() for w in workers],
+    }
 
 
 async def purge(app: Offload, queue: str) -> int:
