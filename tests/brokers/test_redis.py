@@ -487,6 +487,40 @@ async def test_a_worker_whose_lease_ran_out_cannot_requeue_the_new_holders_messa
         await other.ack([again])
 
 
+async def test_a_worker_whose_lease_ran_out_cannot_ack_the_new_holders_message(url: str, namespace: str) -> None:
+    short = f"{REDIS_URL}?visibility_timeout=1"
+    async with (
+        opened_broker(short, namespace) as slow,
+        opened_broker(short, namespace) as other,
+        opened_store(short, namespace) as store,
+    ):
+        # Given two messages leased to a slow worker, whose leases ran out, and claimed again
+        sent = [msg(), msg()]
+        for m in sent:
+            await slow.enqueue(m)
+        stale = await slow.fetch(["default"], 2, timeout_s=2)
+        current = await other.fetch(["default"], 2, timeout_s=3)  # once the leases ran out
+        assert [(d.id, d.deliveries) for d in current] == [(d.id, d.deliveries + 1) for d in stale]
+
+        # When the slow worker acknowledges them with its stale receipts, on both paths
+        await slow.ack([stale[0]])
+        assert slow.refills_with(store)
+        assert await slow.store_and_ack(store, [], 60, (), [stale[1]]) == []
+
+        # Then both stay leased to their new holder
+        stats = await slow.stats()
+        assert (stats.running, stats.queued) == (2, {})
+        # whose own ack works
+        await other.ack([current[0]])
+        assert (await slow.stats()).running == 1
+        # and the one it does not acknowledge comes back when its lease runs out
+        [again] = await slow.fetch(["default"], 1, timeout_s=3)
+        assert (again.id, again.deliveries) == (sent[1].id, current[1].deliveries + 1)
+        await slow.ack([again])
+        stats = await slow.stats()
+        assert (stats.running, stats.queued, stats.scheduled) == (0, {}, 0)
+
+
 async def test_delayed_messages_wait_outside_any_lease(url: str, namespace: str) -> None:
     async with opened_broker(url, namespace) as broker:
         later = OutgoingMessage(id=uuid.uuid4().hex, queue="default", body=b"x", eta=time.time() + 0.5)

@@ -4,7 +4,8 @@ URL parameters: ``visibility_timeout`` (the lease, in seconds), ``max_connection
 pool), and for ``rediss://`` ``ssl_cert_reqs`` (none, optional, required) and ``ssl_ca_certs``.
 
 Every key lives under ``offload:<namespace>:``; claiming and leasing are one atomic step in a
-Lua script, and a delayed message waits in a schedule, never inside a lease. A connection dropped
+Lua script, and a delayed message waits in a schedule, never inside a lease. Only the current
+holder of a lease may acknowledge, requeue or extend its message. A connection dropped
 mid-call loses nothing: commands reconnect with backoff and every script is safe to run twice.
 
 A module per concern:

@@ -11,6 +11,7 @@ from offload.brokers.base import DeadLetter, Delivery, OutgoingMessage, ttl_ms
 
 __all__ = [
     "DONE_SIGNAL_MS",
+    "ack_args",
     "claimed",
     "dead_letters",
     "enqueue_args",
@@ -50,13 +51,18 @@ def put_states_args(
     return args
 
 
+def ack_args(deliveries: Sequence[Delivery]) -> list[str | bytes | int]:
+    """ARGV of ack.lua: (id, receipt) pairs, so that only the current lease holder acknowledges."""
+    return [v for d in deliveries for v in (d.id, receipt(d))]
+
+
 def settle_args(
-    states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str], message_ids: Sequence[str]
+    states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str], deliveries: Sequence[Delivery]
 ) -> list[str | bytes | int]:
     """ARGV of settle.lua: the states, then the messages to acknowledge (the claim, if any,
     is the caller's to add)."""
     ttl, done_ttl, *triples = put_states_args(states, ttl_s, final)
-    return [ttl, done_ttl, len(states), *triples, len(message_ids), *message_ids]
+    return [ttl, done_ttl, len(states), *triples, len(deliveries), *ack_args(deliveries)]
 
 
 def receipt(delivery: Delivery) -> str:

@@ -3,7 +3,8 @@
 A message is in exactly one of ``q:<queue>``, ``sched`` and ``lease`` at a time (see `keys`),
 and every move between them happens inside one script, so claiming and leasing are one atomic
 step and a delayed message never sits inside a lease. A lease's receipt is the message's
-delivery count, which every new lease raises. Every operation is one round trip, and every
+delivery count, which every new lease raises: an ack, a requeue or an extend with the receipt
+of a lease that ran out, the message since claimed again, does nothing. Every operation is one round trip, and every
 script is safe to run twice: a fetch retried after its reply was lost hands out the same
 leases again. How a fetch waits without polling is told in `wakeups`.
 """
@@ -17,7 +18,7 @@ from collections.abc import Collection, Sequence
 
 from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
 from offload.brokers.redis.admin import QueueAdmin
-from offload.brokers.redis.argv import claimed, enqueue_args, receipt, settle_args, text
+from offload.brokers.redis.argv import ack_args, claimed, enqueue_args, receipt, settle_args, text
 from offload.brokers.redis.connection import Commands, connect_bounded, pubsub_client
 from offload.brokers.redis.keys import Keys
 from offload.brokers.redis.pubsub import Hub
@@ -168,7 +169,7 @@ class RedisBroker(Broker):
         return claimed(await self._claim(args))
 
     async def _ack(self, deliveries: Sequence[Delivery]) -> None:
-        await self._script_ack([d.id for d in deliveries])
+        await self._script_ack(ack_args(deliveries))
 
     def refills_with(self, store: Store) -> bool:
         # The results live here too: states, acks and the next claim go in one script.
@@ -186,7 +187,7 @@ class RedisBroker(Broker):
         if not self.refills_with(store):
             return await super().store_and_ack(store, states, ttl_s, final, deliveries, refill)
         # The results live here too: states, acks and the next claim in one script, in that order.
-        args = settle_args(states, ttl_s, final, [d.id for d in deliveries])
+        args = settle_args(states, ttl_s, final, deliveries)
         if refill is not None:
             queues, limit = refill
             args += [uuid.uuid4().hex, repr(float(self.lease_s)), limit, *dict.fromkeys(queues)]

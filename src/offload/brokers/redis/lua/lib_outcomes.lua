@@ -26,21 +26,25 @@ local function put_states(ttl, done_ttl, first, last)
     end
   end
 end
--- ARGV[first..last]: ids of messages whose outcome is stored.
+-- ARGV[first..last]: (message id, receipt) pairs of messages whose outcome is stored. Only the
+-- current lease holder's receipt (the delivery count of its lease) acknowledges; '' skips the
+-- check. A worker whose lease ran out while another claimed the message must not take it from
+-- under its new holder: its ack does nothing, and the new holder's lease goes on.
 local function ack(first, last)
-  for i = first, last do
-    local id = ARGV[i]
+  for i = first, last, 2 do
+    local id, tok = ARGV[i], ARGV[i + 1]
     local mk = P .. 'm:' .. id
-    local v = redis.call('HMGET', mk, 'q', 'k')
-    -- A message whose lease ran out may be back in its queue; the outcome is stored all the same.
-    if redis.call('ZREM', P .. 'lease', id) == 0 and v[1] then
-      redis.call('ZREM', P .. 'q:' .. v[1], id)
-      redis.call('ZREM', P .. 'sched', id)
-    end
-    if v[1] then
+    local v = redis.call('HMGET', mk, 'q', 'k', 'd')
+    if v[1] and (tok == '' or v[3] == tok) then
+      -- A message whose lease ran out may be back in its queue, taken by nobody since (the
+      -- same delivery count); the outcome is stored all the same.
+      if redis.call('ZREM', P .. 'lease', id) == 0 then
+        redis.call('ZREM', P .. 'q:' .. v[1], id)
+        redis.call('ZREM', P .. 'sched', id)
+      end
       release_key(id, v[2])
       redis.call('DEL', mk)
     end
   end
-  return last - first + 1
+  return math.floor((last - first + 1) / 2)
 end
