@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
-from offload import Offload, admin
+from offload import Offload, admin, current
 
 app = Offload(results=os.environ.get("OFFLOAD_BENCH_RESULTS") or None)
 
@@ -24,3 +26,11 @@ def flush(offload: Offload) -> None:
     a benchmark leaves nothing behind in the servers it borrowed."""
 
     offload._portal.run(admin.flush(offload))
+
+
+@app.task
+def hold(marker_dir: str, seconds: float) -> int:
+    """Mark this start (task id and pid, one file per run), then hold a place for ``seconds``."""
+    Path(marker_dir, f"{current.id}.{os.getpid()}").touch()
+    time.sleep(seconds)
+    return os.getpid()
