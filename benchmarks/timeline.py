@@ -68,7 +68,7 @@ PROBES: list[tuple[str, str, str, str, IdOf]] = [
     ("offload.brokers.amqp_direct", "AmqpDirect", "enqueue", "amqp enqueue from the caller's thread", _first_message),
     ("offload.brokers.redis.direct", "RedisDirect", "put_states_if_absent", "store QUEUED if absent, caller's thread", _state_ids),
     ("offload.brokers.amqp", "AmqpBroker", "_claim", "amqp claim", _ids),
-    ("offload.worker.consumer", "Worker", "_admitted", "verdict awaited", _held_id),
+    ("offload.worker.pipeline", "Pipeline", "_admitted", "verdict awaited", _held_id),
     ("offload.brokers.base", "Broker", "store_and_ack", "store and ack", _settled_ids),
     ("offload.brokers.redis.broker", "RedisBroker", "store_and_ack", "store and ack", _settled_ids),
     ("offload.worker.executors", "ThreadRunner", "run", "task in its thread", _job_id),

@@ -1,4 +1,5 @@
-"""The worker: consumer loop, executors (async, thread, process), time limits, retries."""
+"""The worker: its loop (consumer), the per-message pipeline and its settlement, executors
+(async, thread, process), time limits, retries."""
 
 from offload.worker.consumer import Worker
 
