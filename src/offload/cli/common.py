@@ -66,6 +66,9 @@ LOOP_OPTION = click.option(
 )
 LOG_LEVEL_OPTION = click.option("--log-level", default="info", show_default=True,
                                 type=click.Choice(["debug", "info", "warning", "error"]))
+LOG_FORMAT_OPTION = click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+                                 help="json: one JSON object a line (ts, level, event, task_id, name, queue, attempt, "
+                                      "duration_ms, worker), for a log shipper.")
 
 APP_HELP = ("APP is module:attribute (or a module holding `app`), e.g. myproject.tasks:app, or "
             "module:function() to build the app by calling a function, e.g. myproject.tasks:create_app().")

@@ -10,7 +10,7 @@ import sys
 import click
 
 from offload import loops
-from offload.cli.common import LOG_LEVEL_OPTION, LOOP_OPTION, setup_logging, user_errors
+from offload.cli.common import LOG_FORMAT_OPTION, LOG_LEVEL_OPTION, LOOP_OPTION, setup_logging, user_errors
 from offload.loading import load_app
 
 
@@ -30,18 +30,19 @@ from offload.loading import load_app
 @click.option("--max-tasks-per-child", type=click.IntRange(min=1), help="Replace a process-pool child after this many tasks.")
 @click.option("--beat", "with_beat", is_flag=True, help="Also run the periodic scheduler in this worker (small sites).")
 @LOG_LEVEL_OPTION
+@LOG_FORMAT_OPTION
 @LOOP_OPTION
 @user_errors
 def worker(app_spec: str, queues: str, concurrency: int | None, pool: str, prefetch: int | None, burst: bool,
            connect_timeout: float | None, grace: float, max_tasks_per_child: int | None, with_beat: bool, log_level: str,
-           loop: str | None) -> None:
+           log_format: str, loop: str | None) -> None:
     """Run a worker: lease tasks from QUEUES and run them.
 
     A broker that cannot be reached at start-up is retried with backoff (0.5 s doubling to
     about 10 s), with a warning each time, until it answers; SIGTERM or SIGINT meanwhile exits 0."""
     from offload.worker import Worker
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     app = load_app(app_spec)
     w = Worker(
         app, queues=[q for q in queues.split(",") if q], concurrency=concurrency, pool=pool,  # type: ignore[arg-type]
@@ -77,13 +78,14 @@ def worker(app_spec: str, queues: str, concurrency: int | None, pool: str, prefe
 @click.argument("app_spec", metavar="APP")
 @click.option("--catch-up", is_flag=True, help="Enqueue runs missed while no beat was running (default: skip them).")
 @LOG_LEVEL_OPTION
+@LOG_FORMAT_OPTION
 @LOOP_OPTION
 @user_errors
-def beat(app_spec: str, catch_up: bool, log_level: str, loop: str | None) -> None:
+def beat(app_spec: str, catch_up: bool, log_level: str, log_format: str, loop: str | None) -> None:
     """Run the periodic scheduler. Several may run at once; each due run is enqueued once."""
     from offload.scheduler import Beat
 
-    setup_logging(log_level)
+    setup_logging(log_level, log_format)
     app = load_app(app_spec)
     try:
         loops.run(Beat(app, catch_up=catch_up).run(handle_signals=True), loop)
