@@ -2,7 +2,11 @@
 
 Apps created with the same ``memory://name`` URL in one process share queues and results, so a
 worker running in a thread sees what the test enqueued. This module also serves as the plainest
-statement of the protocol's semantics.
+statement of the protocol's semantics (the state machine is drawn in tests/brokers/test_protocol.py).
+
+A delivery's receipt is the message's delivery count at its claim: every claim raises it, so it
+names the claim. Ack, requeue, extend and dead letter act only for the receipt of the latest
+claim (a delivery without a receipt passes), and a requeue retires that receipt.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class _Message:
     key: str | None
     leased: bool = False
     deliveries: int = 0
+    lease: int | None = None  # the receipt of the latest claim, until a requeue
 
 
 @dataclass
@@ -175,9 +180,10 @@ class MemoryBroker(Broker):
                 m = self._s.messages[(self.namespace, mid)]
                 m.leased = True
                 m.deliveries += 1
+                m.lease = m.deliveries
                 m.visible_at = now + self.lease_s
                 heapq.heappush(lanes[order].waiting, (m.visible_at, m.seq, m.id, m.deliveries))
-                out.append(Delivery(m.id, m.queue, m.body, m.deliveries))
+                out.append(Delivery(m.id, m.queue, m.body, m.deliveries, receipt=m.lease))
         return out, next_due
 
     async def _fetch(self, queues: tuple[str, ...], limit: int, timeout_s: float) -> list[Delivery]:
@@ -194,6 +200,15 @@ class MemoryBroker(Broker):
                     left = min(left, max(next_due - time.time(), 0.001))
                 await listener.wait(left)
 
+    def _held(self, delivery: Delivery) -> _Message | None:
+        """The message, while ``delivery`` carries the receipt of its latest claim. A lease that
+        ran out still counts until someone claims the message again: finishing it then is no
+        harm, and saves running it twice."""
+        m = self._s.messages.get((self.namespace, delivery.id))
+        if m is None or (delivery.receipt is not None and delivery.receipt != m.lease):
+            return None
+        return m
+
     def _drop(self, delivery_id: str) -> _Message | None:
         m = self._s.messages.pop((self.namespace, delivery_id), None)
         if m is not None and m.key is not None and self._s.keys.get((self.namespace, m.key)) == m.id:
@@ -203,16 +218,18 @@ class MemoryBroker(Broker):
     async def _ack(self, deliveries: Sequence[Delivery]) -> None:
         with self._s.lock:
             for d in deliveries:
-                self._drop(d.id)
+                if self._held(d) is not None:
+                    self._drop(d.id)
 
     async def _requeue(self, delivery: Delivery, body: bytes | None, delay_s: float) -> None:
         with self._s.lock:
-            m = self._s.messages.get((self.namespace, delivery.id))
+            m = self._held(delivery)
             if m is None:
                 return
             if body is not None:
                 m.body = body
             m.leased = False
+            m.lease = None
             m.visible_at = time.time() + delay_s
             self._s.seq += 1
             m.seq = self._s.seq
@@ -223,13 +240,15 @@ class MemoryBroker(Broker):
         until = time.time() + self.lease_s
         with self._s.lock:
             for d in deliveries:
-                m = self._s.messages.get((self.namespace, d.id))
+                m = self._held(d)
                 if m is not None and m.leased:
                     m.visible_at = until
                     heapq.heappush(self._lanes(m.queue).waiting, (until, m.seq, m.id, m.deliveries))
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         with self._s.lock:
+            if self._held(delivery) is None:
+                return
             self._drop(delivery.id)
             self._s.dead[(self.namespace, delivery.id)] = DeadLetter(
                 delivery.id, delivery.queue, delivery.body, reason, time.time()
