@@ -6,8 +6,9 @@
   and of the rows whose ``visible_at`` has passed (a partial index by time): an expired lease
   is thus handed out again with its delivery count raised, which is the whole reaper, and a
   large backlog of delayed or running messages is never scanned.
-* A claim's random lease token is the delivery's receipt: requeue and extend change the row
-  only while it still carries that token (ack and dead_letter do not check it yet).
+* A claim's random lease token is the delivery's receipt: ack, requeue, extend and dead_letter
+  change the row only while it still carries that token, which the next claim replaces and a
+  requeue clears. A lease that ran out thus stays good until someone claims the message again.
 * Waiting never polls tightly: the notifier wakes a waiting fetch in every process when its
   queue changes; a fetch also wakes when its earliest scheduled row or lease falls due, and
   re-reads on a slow safety poll in case a wake-up was lost.
@@ -168,16 +169,17 @@ class SqliteBroker(Broker):
 
     # -- settle --------------------------------------------------------------------------
     async def _ack(self, deliveries: Sequence[Delivery]) -> None:
-        await self._h.call_batched(self._ack_rows, [d.id for d in deliveries])
+        await self._h.call_batched(self._ack_rows, [(d.id, d.receipt) for d in deliveries])
 
-    def _ack_rows(self, conn: sqlite3.Connection, calls: list[list[str]]) -> list[None]:
-        # One statement for every id of every concurrent caller: one commit, and one trip
-        # through the GIL instead of one per row.
-        ids = [i for call in calls for i in call]
-        if len(ids) == 1:
-            conn.execute(queries.ACK, (self.namespace, ids[0]))
+    def _ack_rows(self, conn: sqlite3.Connection, calls: list[list[tuple[str, int | None]]]) -> list[None]:
+        # One statement for every (id, receipt) of every concurrent caller: one commit, and one
+        # trip through the GIL instead of one per row.
+        held = [pair for call in calls for pair in call]
+        if len(held) == 1:
+            [(mid, receipt)] = held
+            conn.execute(queries.ACK, (self.namespace, mid, receipt, receipt))
         else:
-            conn.execute(queries.ACK_MANY, (self.namespace, json.dumps(ids)))
+            conn.execute(queries.ACK_MANY, (json.dumps(held), self.namespace))
         return [None] * len(calls)
 
     async def _requeue(self, delivery: Delivery, body: bytes | None, delay_s: float) -> None:
@@ -205,8 +207,9 @@ class SqliteBroker(Broker):
 
     def _dead_letter(self, conn: sqlite3.Connection, d: Delivery, reason: str) -> None:
         with transaction(conn):
-            conn.execute(queries.ACK, (self.namespace, d.id))
-            conn.execute(queries.BURY, (self.namespace, d.id, d.queue, d.body, reason, time.time()))
+            # A holder whose message was claimed again buries nothing: the new holder runs it.
+            if conn.execute(queries.ACK, (self.namespace, d.id, d.receipt, d.receipt)).rowcount:
+                conn.execute(queries.BURY, (self.namespace, d.id, d.queue, d.body, reason, time.time()))
 
     # -- management (see admin) ------------------------------------------------------------
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

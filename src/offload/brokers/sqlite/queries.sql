@@ -150,16 +150,24 @@ WHERE namespace = ? AND id = ? AND state = 2 AND lease = ?
 
 -- ---------------------------------------------------------------------------------------
 -- messages: settle. The receipt is the lease token of the claim: a worker whose lease ran
--- out, and whose message another worker now holds, can neither put it back nor extend the
--- new lease.
+-- out, and whose message another worker now holds, can neither ack it, put it back, extend
+-- the new lease nor dead-letter it. A NULL receipt (a delivery not from a claim) passes.
 
 
 -- name: ack
-DELETE FROM messages WHERE namespace = ? AND id = ?
+-- Also dead_letter's first step, which buries the message only when this deleted it.
+-- Parameters: namespace, id, receipt, receipt.
+DELETE FROM messages WHERE namespace = ? AND id = ? AND (? IS NULL OR lease = ?)
 
 -- name: ack_many
--- The ids as one JSON array: one statement for any number of them.
-DELETE FROM messages WHERE namespace = ? AND id IN (SELECT value FROM json_each(?))
+-- The (id, receipt) pairs as one JSON array of arrays: one statement for any number of them.
+-- CROSS JOIN keeps the pairs outside, so each is one probe of the id index (left to itself,
+-- the planner may scan the namespace's rows instead). Parameters: the pairs, namespace.
+DELETE FROM messages WHERE seq IN (
+    SELECT m.seq FROM json_each(?) AS held
+    CROSS JOIN messages AS m ON m.namespace = ? AND m.id = json_extract(held.value, '$[0]')
+    WHERE json_extract(held.value, '$[1]') IS NULL OR m.lease = json_extract(held.value, '$[1]')
+)
 
 -- name: requeue
 -- Parameters: body (NULL keeps it), state, visible_at, namespace, id, receipt, receipt.
