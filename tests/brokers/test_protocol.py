@@ -1,4 +1,33 @@
-"""The Broker and Store protocols, test by test, against every backend kind."""
+"""The Broker and Store protocols, test by test, against every backend kind.
+
+Every broker keeps the same state machine for each message, and the broker tests below check it
+rule by rule::
+
+    enqueue ───────────▶ ready ◀──── its time comes ──── delayed ◀── enqueue with an eta
+                           │   ▲                                ▲
+         fetch: claim and  │   │ requeue,                       │ requeue with delay_s > 0
+         lease in one step │   │ or the lease runs out          │
+         (a new receipt)   ▼   │                                │
+                          leased ───────────────────────────────┘
+                           ├── extend: leased for lease_s more, from now
+                           ├── ack: gone
+                           └── dead_letter(reason): a dead letter, its reason and exact bytes kept
+
+* A lease belongs to the receipt of the claim that made it. Once a lease has run out and the
+  message was claimed again, an ack, requeue, extend or dead letter carrying the old receipt
+  changes nothing: the new holder keeps the message, its key and its lease.
+* When a lease runs out, the next claim takes the message back by itself, with its delivery
+  count one higher.
+* A delayed message is invisible until its time; it never waits inside a lease.
+* A fetch from several queues takes the highest priority (0..9) first; at equal priority the
+  queues in the order given; within a queue and priority, first in, first out.
+* A dedup key is held from `enqueue` through every requeue (delayed or not) until its message
+  is acked or dead-lettered; an enqueue with a held key stores nothing and returns the holder's
+  id.
+
+RabbitMQ (``amqp``) has no leases: it holds a delivery until its ack or until its channel
+closes, so the tests of leases skip on it (test_amqp covers redelivery on a closed channel).
+"""
 
 from __future__ import annotations
 
@@ -28,9 +57,19 @@ async def backends(kind: str, tmp_path: Path, namespace: str) -> AsyncIterator[t
         await opened.close()
 
 
-def msg(queue: str = "default", priority: int = 0, eta: float | None = None, key: str | None = None) -> OutgoingMessage:
+def msg(
+    queue: str = "default", priority: int = 0, eta: float | None = None, key: str | None = None, body: bytes | None = None
+) -> OutgoingMessage:
     mid = uuid.uuid4().hex
-    return OutgoingMessage(id=mid, queue=queue, body=b"body-" + mid.encode(), priority=priority, eta=eta, key=key)
+    body = b"body-" + mid.encode() if body is None else body
+    return OutgoingMessage(id=mid, queue=queue, body=body, priority=priority, eta=eta, key=key)
+
+
+#: A lease that runs out within a test, yet long enough that the checks made while it holds
+#: (each well under a quarter of it) cannot race with its end.
+SHORT_LEASE_S = 1.0
+
+NO_LEASES = "RabbitMQ has no leases: it holds a delivery until its ack or until its channel closes"
 
 
 async def test_enqueue_then_fetch_returns_the_body(backends: tuple[Broker, Store]) -> None:
@@ -57,6 +96,22 @@ async def test_higher_priority_first_fifo_within(backends: tuple[Broker, Store])
     assert seen == [high.id, low1.id, low2.id]
 
 
+async def test_priority_then_the_order_of_the_queues_then_arrival(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    # Arrival order differs from both the queue order and the priority order: b1, a1, b5, a2.
+    b1, a1, b5, a2 = msg("b", priority=1), msg("a", priority=1), msg("b", priority=5), msg("a", priority=1)
+    for m in (b1, a1, b5, a2):
+        await broker.enqueue(m)
+    seen = []
+    while len(seen) < 4:
+        got = await broker.fetch(["a", "b"], 1, timeout_s=2)
+        assert got, "message missing"
+        seen.append(got[0].id)
+        await broker.ack(got)
+    # b's priority 5 beats the queue order; at priority 1 queue a before b, FIFO within a.
+    assert seen == [b5.id, a1.id, a2.id, b1.id]
+
+
 #: Well under every broker's safety poll (sqlite re-reads each second without a wake-up), so a
 #: fetch that was not woken by the enqueue cannot pass for one that was.
 WOKEN_WITHIN_S = 0.5
@@ -77,12 +132,18 @@ async def test_fetch_waits_and_wakes_on_enqueue(backends: tuple[Broker, Store]) 
 
 async def test_eta_hides_until_due(backends: tuple[Broker, Store]) -> None:
     broker, _ = backends
-    m = msg(eta=time.time() + 1.0)
-    await broker.enqueue(m)
+    due = time.time() + 1.0
+    later, now = msg(eta=due, priority=9), msg()
+    await broker.enqueue(later)
+    await broker.enqueue(now)
+    # Neither its priority nor its place puts the delayed message before its time, nor does it
+    # hold back the ready one behind it.
+    assert [d.id for d in await broker.fetch(["default"], 10, timeout_s=2)] == [now.id]
     assert await broker.fetch(["default"], 1, timeout_s=0.3) == []
     assert (await broker.stats()).scheduled == 1
     got = await broker.fetch(["default"], 1, timeout_s=3)
-    assert [d.id for d in got] == [m.id]
+    assert [d.id for d in got] == [later.id]
+    assert time.time() >= due - 0.01  # not early (the slack is for brokers that round to ms)
 
 
 async def test_due_within_sees_a_scheduled_message_that_comes_due_soon(backends: tuple[Broker, Store], kind: str) -> None:
@@ -105,20 +166,68 @@ async def test_a_lease_that_runs_out_is_delivered_again(backends: tuple[Broker, 
     broker, _ = backends
     if kind == "amqp":
         pytest.skip("RabbitMQ redelivers when the consumer's connection closes, tested in test_amqp")
-    broker.lease_s = 0.5
+    broker.lease_s = SHORT_LEASE_S
     m = msg()
     await broker.enqueue(m)
-    first = await broker.fetch(["default"], 1, timeout_s=2)
+    leased_at = time.monotonic()
+    [first] = await broker.fetch(["default"], 1, timeout_s=2)
+    assert first.deliveries == 1
+    # Not while the lease holds...
+    assert await broker.fetch(["default"], 10, timeout_s=SHORT_LEASE_S / 2) == []
+    # ... and then the waiting claim takes it back by itself when it runs out, once, as it was.
+    again = await broker.fetch(["default"], 10, timeout_s=3)
+    assert SHORT_LEASE_S - 0.05 <= time.monotonic() - leased_at < SHORT_LEASE_S * 1.25
+    assert [(d.id, d.body, d.deliveries) for d in again] == [(m.id, m.body, 2)]
+    stats = await broker.stats()
+    assert (stats.running, stats.queued.get("default", 0)) == (1, 0)
+    # The new lease is a whole one: it is not handed out a third time at once.
     assert await broker.fetch(["default"], 1, timeout_s=0.1) == []
-    again = await broker.fetch(["default"], 1, timeout_s=3)
-    assert [d.id for d in again] == [m.id]
-    assert again[0].deliveries == first[0].deliveries + 1
+
+
+@pytest.mark.parametrize("late", ["ack", "requeue", "extend", "dead_letter"])
+async def test_only_the_current_lease_holder_settles_a_message(backends: tuple[Broker, Store], kind: str, late: str) -> None:
+    broker, _ = backends
+    if kind == "amqp":
+        pytest.skip(NO_LEASES)
+    # Given a message whose first lease ran out, held now by a second claim
+    broker.lease_s = SHORT_LEASE_S
+    m = msg(key="held")
+    await broker.enqueue(m)
+    [first] = await broker.fetch(["default"], 1, timeout_s=2)
+    [second] = await broker.fetch(["default"], 1, timeout_s=SHORT_LEASE_S + 3)
+    second_leased_at = time.monotonic()
+    assert (second.id, second.deliveries) == (m.id, first.deliveries + 1)
+    # When the first holder, unaware, settles it half way through the second lease
+    await asyncio.sleep(SHORT_LEASE_S / 2)
+    if late == "ack":
+        await broker.ack([first])
+    elif late == "requeue":
+        await broker.requeue(first, b"late attempt")
+    elif late == "extend":
+        await broker.extend([first])
+    else:
+        await broker.dead_letter(first, "late")
+    # Then nothing changed: the second holds the message and its key...
+    assert await broker.fetch(["default"], 1, timeout_s=0.1) == []
+    assert await broker.enqueue(msg(key="held")) == m.id
+    assert await broker.dead_letters() == []
+    # ... until its own lease runs out (an extend would have moved that half a lease later),
+    # when the message comes again as it was.
+    [third] = await broker.fetch(["default"], 1, timeout_s=SHORT_LEASE_S)
+    assert time.monotonic() - second_leased_at < SHORT_LEASE_S * 1.25
+    assert (third.id, third.body, third.deliveries) == (m.id, m.body, second.deliveries + 1)
+    # The holder's ack still works.
+    await broker.ack([third])
+    stats = await broker.stats()
+    assert (stats.running, stats.scheduled, stats.queued.get("default", 0)) == (0, 0, 0)
+    fresh = msg(key="held")
+    assert await broker.enqueue(fresh) == fresh.id
 
 
 async def test_extend_keeps_the_lease(backends: tuple[Broker, Store], kind: str) -> None:
     broker, _ = backends
     if kind == "amqp":
-        pytest.skip("RabbitMQ has no lease to extend: it holds a delivery until its ack or its channel closes")
+        pytest.skip(NO_LEASES)
     # Four extensions of 0.3 s outlast the 0.6 s lease: without them the message comes back
     # (test_a_lease_that_runs_out_is_delivered_again).
     broker.lease_s = 0.6
@@ -154,6 +263,30 @@ async def test_dedup_key_held_until_ack(backends: tuple[Broker, Store]) -> None:
     assert await broker.enqueue(third) == third.id
 
 
+@pytest.mark.parametrize("settle", ["ack", "dead_letter"])
+async def test_dedup_key_held_through_requeues_until_ack_or_dead_letter(backends: tuple[Broker, Store], settle: str) -> None:
+    broker, _ = backends
+    m = msg(key="k")
+    assert await broker.enqueue(m) == m.id
+    [d] = await broker.fetch(["default"], 1, timeout_s=2)
+    await broker.requeue(d, b"attempt-2")
+    assert await broker.enqueue(msg(key="k")) == m.id  # ready again
+    [d] = await broker.fetch(["default"], 1, timeout_s=2)
+    await broker.requeue(d, b"attempt-3", delay_s=0.3)
+    assert await broker.enqueue(msg(key="k")) == m.id  # delayed
+    [d] = await broker.fetch(["default"], 1, timeout_s=3)
+    assert (d.id, d.body) == (m.id, b"attempt-3")
+    assert await broker.enqueue(msg(key="k")) == m.id  # leased
+    if settle == "ack":
+        await broker.ack([d])
+    else:
+        await broker.dead_letter(d, "gave up")
+    after = msg(key="k")
+    assert await broker.enqueue(after) == after.id
+    [d] = await broker.fetch(["default"], 10, timeout_s=2)
+    assert d.id == after.id
+
+
 async def test_dead_letters_keep_body_and_reason_and_replay(backends: tuple[Broker, Store]) -> None:
     broker, _ = backends
     m = msg()
@@ -166,6 +299,21 @@ async def test_dead_letters_keep_body_and_reason_and_replay(backends: tuple[Brok
     replayed = await broker.replay([m.id])
     assert [r.id for r in replayed] == [m.id]
     assert await broker.dead_letters() == []
+
+
+async def test_dead_letters_keep_the_exact_bytes_and_the_reason(backends: tuple[Broker, Store]) -> None:
+    broker, _ = backends
+    body = b"\x00\xff\xfe not utf-8 \x80\x00"
+    reason = "undecodable: invalid start byte 0xff at 1 \u2014 kept as received"
+    m = msg(body=body)
+    await broker.enqueue(m)
+    [d] = await broker.fetch(["default"], 1, timeout_s=2)
+    assert d.body == body
+    await broker.dead_letter(d, reason)
+    [dead] = await broker.dead_letters()
+    assert (dead.id, dead.queue, dead.body, dead.reason) == (m.id, "default", body, reason)
+    [replayed] = await broker.replay()
+    assert (replayed.body, replayed.reason) == (body, reason)
 
 
 async def test_cancel_removes_a_queued_message(backends: tuple[Broker, Store]) -> None:

@@ -6,15 +6,38 @@ they reach a backend, so a backend never imports a serializer. Every method is a
 must not block the event loop. A backend module is the only place that imports its client
 library; everything else (worker, gateway, workflows, scheduler) speaks these protocols only.
 
+Every Broker keeps the same state machine for each message (tests/brokers/test_protocol.py
+checks it rule by rule on every kind)::
+
+    enqueue ───────────▶ ready ◀──── its time comes ──── delayed ◀── enqueue with an eta
+                           │   ▲                                ▲
+         fetch: claim and  │   │ requeue,                       │ requeue with delay_s > 0
+         lease in one step │   │ or the lease runs out          │
+         (a new receipt)   ▼   │                                │
+                          leased ───────────────────────────────┘
+                           ├── extend: leased for lease_s more, from now
+                           ├── ack: gone
+                           └── dead_letter(reason): a dead letter, its reason and exact bytes kept
+
 Guarantees a Broker gives:
 
 * at least once: a fetched message is leased for ``lease_s`` seconds; until `ack` it is not
-  handed to anyone else, and when its lease runs out (its worker died) it is handed out again
-  with ``deliveries`` incremented;
+  handed to anyone else, and when its lease runs out (its worker died) the next claim takes it
+  back by itself, with ``deliveries`` incremented;
 * claim and lease happen in one atomic step, so two consumers never get the same message;
-* a message with an ``eta`` is not visible before it; higher ``priority`` (0..9) first, FIFO
-  within a priority;
-* a ``key`` (deduplication) is held from `enqueue` until `ack`/`dead_letter` of that message.
+* a lease belongs to its delivery's ``receipt``: once the message has been claimed again, an
+  `ack`, `requeue`, `extend` or `dead_letter` carrying the old receipt changes nothing (a
+  delivery whose receipt is None is not checked);
+* a message with an ``eta`` (or requeued with a delay) is not visible before it, and never
+  waits inside a lease;
+* a fetch from several queues takes the highest ``priority`` (0..9) first, at equal priority
+  the queues in the order given, then FIFO;
+* a ``key`` (deduplication) is held from `enqueue` through every requeue until `ack` or
+  `dead_letter` of that message; meanwhile an `enqueue` with it stores nothing;
+* a dead letter keeps its reason and the body's exact bytes.
+
+RabbitMQ has no leases: it holds a delivery until its ack or until its channel closes, and
+redelivers it then.
 """
 
 from __future__ import annotations
