@@ -40,7 +40,7 @@ class QueueAdmin:
         ]  # fmt: skip
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        await self._dead([delivery.id, delivery.queue, delivery.body, reason])
+        await self._dead([delivery.id, argv.receipt(delivery), delivery.queue, delivery.body, reason])
 
     async def dead_letters(self, limit: int) -> list[DeadLetter]:
         if limit <= 0:
