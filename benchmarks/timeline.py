@@ -65,14 +65,19 @@ PROBES: list[tuple[str, str, str, str, IdOf]] = [
     ("offload.brokers.redis.store", "RedisStore", "put_states", "store states", _state_ids),
     ("offload.brokers.redis.store", "RedisStore", "put_states_if_absent", "store QUEUED if absent", _state_ids),
     ("offload.brokers.amqp", "AmqpBroker", "enqueue", "amqp enqueue", _first_message),
-    ("offload.brokers.amqp_direct", "AmqpDirect", "enqueue", "amqp enqueue from the caller's thread", _first_message),
+    ("offload.brokers.amqp.direct", "AmqpDirect", "enqueue", "amqp enqueue from the caller's thread", _first_message),
     ("offload.brokers.redis.direct", "RedisDirect", "put_states_if_absent", "store QUEUED if absent, caller's thread", _state_ids),
+    ("offload.brokers.amqp.records", "Records", "claim", "amqp claim", _ids),
+    # The amqp rows in checkouts from before the amqp broker was a package.
+    ("offload.brokers.amqp_direct", "AmqpDirect", "enqueue", "amqp enqueue from the caller's thread", _first_message),
     ("offload.brokers.amqp", "AmqpBroker", "_claim", "amqp claim", _ids),
     ("offload.worker.pipeline", "Pipeline", "_admitted", "verdict awaited", _held_id),
     ("offload.brokers.base", "Broker", "store_and_ack", "store and ack", _settled_ids),
     ("offload.brokers.redis.broker", "RedisBroker", "store_and_ack", "store and ack", _settled_ids),
     ("offload.worker.executors", "ThreadRunner", "run", "task in its thread", _job_id),
 ]
+
+AMQP_ARRIVALS = [("offload.brokers.amqp.consumer", "Consumer", "on_message"), ("offload.brokers.amqp", "AmqpBroker", "_on_message")]
 
 
 class Recorder:
@@ -162,20 +167,24 @@ class Recorder:
                 return traced_fetch
 
             broker_class.fetch = make(fetch)  # type: ignore[method-assign]
-        try:
-            from offload.brokers.amqp import AmqpBroker
-        except ImportError:
-            return
-        on_message = AmqpBroker.__dict__.get("_on_message")
-        if on_message is not None:
+        # The amqp consumer's callback: the package's Consumer, or (in checkouts from before the
+        # package) the broker's own method.
+        for module_name, class_name, method in AMQP_ARRIVALS:
+            try:
+                owner = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError):
+                continue
+            on_message = owner.__dict__.get(method)
+            if on_message is None:
+                continue
 
-            @functools.wraps(on_message)
-            def arrived(this: Any, queue: str, message: Any) -> Any:
+            def arrived(this: Any, queue: str, message: Any, on_message: Any = on_message) -> Any:
                 record("amqp delivery arrived", [str((message.headers or {}).get("offload-id"))])
                 # A coroutine function in checkouts from before consumers were aiormq's own.
                 return on_message(this, queue, message)
 
-            AmqpBroker._on_message = arrived  # type: ignore[method-assign]
+            setattr(owner, method, functools.wraps(on_message)(arrived))
+            return
 
 
 def run_worker(trace: Path) -> None:

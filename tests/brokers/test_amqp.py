@@ -22,8 +22,9 @@ import redis.asyncio
 
 from offload import Offload
 from offload.brokers import make_broker, make_store
-from offload.brokers._amqp_acks import Acker, Settled, _Ledger
 from offload.brokers.amqp import AmqpBroker
+from offload.brokers.amqp.acks import Acker, Ledger, Settled
+from offload.brokers.amqp.records import Records
 from offload.brokers.base import Delivery, OutgoingMessage, Verdict
 from offload.config import parse_url
 from offload.errors import BrokerError, BrokerUnavailable, ConfigError
@@ -415,8 +416,8 @@ async def test_consumers_start_again_after_their_channel_closes(amqp: MakeBroker
     await broker.enqueue(first)
     assert [d.id for d in await broker.fetch(["default"], 1, timeout_s=5)] == [first.id]
     # When RabbitMQ closes its channel (here for an ack of a tag it never delivered)
-    assert broker._consumer_channel is not None
-    channel = await broker._consumer_channel.get_underlay_channel()
+    assert broker.consumer.channel is not None
+    channel = await broker.consumer.channel.get_underlay_channel()
     await channel.basic_ack(999_999)
     # Then the channel is reopened and the consumer started again: the next message arrives
     second = msg()
@@ -542,7 +543,7 @@ async def test_a_batch_whose_frames_fail_is_reported_lost() -> None:
 
 
 def test_the_ledger_stays_small_behind_a_long_held_delivery() -> None:
-    ledger = _Ledger()
+    ledger = Ledger()
     # Tag 1 is held (a long task) while the next hundred thousand are acked in order
     for tag in range(2, 100_002):
         ledger.settle(tag)
@@ -561,7 +562,7 @@ def test_the_ledger_stays_small_behind_a_long_held_delivery() -> None:
 
 def test_the_ledger_agrees_with_a_plain_set_of_settled_tags() -> None:
     rng = random.Random(7)
-    ledger, settled = _Ledger(), set[int]()
+    ledger, settled = Ledger(), set[int]()
     for _ in range(3000):
         tag = rng.randint(1, 200)
         batch = {t for t in rng.sample(range(1, 201), 4) if t not in settled}
@@ -668,7 +669,7 @@ async def test_a_refill_hands_out_buffered_messages_claimed_beside_the_outcomes(
     await _buffered(broker, 2)
     # Given a cancel that reaches the third before any claim
     assert await broker.cancel(third.id) is True
-    store = broker._store
+    store = broker.records.store
     assert store is not None
     # When the first one's outcome is stored with a refill
     refilled = await broker.store_and_ack(store, [(first.id, b"done")], 60, {first.id}, [running], (["default"], 4))
@@ -693,14 +694,14 @@ def test_a_busy_worker_claims_its_next_messages_with_its_outcomes(
     app = Offload(AMQP_URL, namespace=namespace, results=REDIS_URL)
     ids = enqueue_noops(app, 200)
     claims: list[int] = []
-    original = AmqpBroker._claim
+    original = Records.claim
 
-    async def counting(self: AmqpBroker, message_ids: list[str]) -> list[bool]:
+    async def counting(self: Records, message_ids: list[str]) -> list[bool]:
         if message_ids:
             claims.append(len(message_ids))
         return await original(self, message_ids)
 
-    monkeypatch.setattr(AmqpBroker, "_claim", counting)
+    monkeypatch.setattr(Records, "claim", counting)
     drain_then_close(app, ids, concurrency=2)
     # Claiming on its own, the fetch loop claims one or two messages at a time (about 110
     # claims for 200 tasks); with the refill most ride along with the outcomes (10 to 25 claims

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from offload import Offload
-from offload.brokers.amqp_direct import AmqpDirect
+from offload.brokers.amqp.direct import AmqpDirect
 from offload.errors import BrokerError, BrokerUnavailable
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
 from tests.support import flush_namespace, thread_worker, wait_until

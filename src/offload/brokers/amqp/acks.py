@@ -4,7 +4,7 @@ An ack with ``multiple=True`` settles every unacknowledged delivery of its chann
 including its delivery tag. That is right only when each lower tag of the channel is either
 being acked in the same batch or settled already: a lower tag still held (buffered, running,
 hopping through the delay levels) would be acked behind its task's back and lost if the worker
-died. A `_Ledger` per channel knows which tags this process has settled, so the batch gets one
+died. A `Ledger` per channel knows which tags this process has settled, so the batch gets one
 frame for its run of tags that no held tag interrupts, and one frame each for the others.
 
 Tags are counted, not registered: a tag RabbitMQ delivered that this process has not seen yet
@@ -48,7 +48,7 @@ class Settled(enum.Enum):
     LOST = "lost"  # its channel closed (or closed while sending): RabbitMQ delivers it again
 
 
-class _Ledger:
+class Ledger:
     """The delivery tags of one channel that this process has acked or nacked.
 
     Kept as runs of consecutive tags above a floor: a delivery held for an hour while thousands
@@ -111,7 +111,7 @@ class Acker:
     (basic.get on the admin channel) are settled one by one, as they come."""
 
     def __init__(self) -> None:
-        self._ledgers: dict[Any, _Ledger] = {}
+        self._ledgers: dict[Any, Ledger] = {}
 
     def track(self, message: Delivered) -> None:
         """Called on each delivery of a consumer, before anything can settle it."""
@@ -123,7 +123,7 @@ class Acker:
             # A new channel (a reconnection): the closed ones' tags are void.
             for old in [c for c in self._ledgers if c.is_closed]:
                 del self._ledgers[old]
-            self._ledgers[channel] = _Ledger()
+            self._ledgers[channel] = Ledger()
 
     def clear(self) -> None:
         self._ledgers.clear()

@@ -32,7 +32,8 @@ from collections.abc import Callable
 import amqp
 from amqp import spec
 
-from offload.brokers.amqp import _H_COPY, _PERSISTENT, _priority, _vhost, is_due, message_headers
+from offload.brokers.amqp.connection import vhost
+from offload.brokers.amqp.messages import H_COPY, PERSISTENT, clamp_priority, is_due, message_headers
 from offload.brokers.base import DirectSender, OutgoingMessage
 from offload.config import BrokerURL
 from offload.errors import BrokerError
@@ -97,12 +98,12 @@ class AmqpDirect(DirectSender):
         if link is None:
             return False
         headers = message_headers(message.id, message.queue, 0, key=None, expires=message.expires, eta=message.eta, now=now)
-        headers[_H_COPY] = uuid.uuid4().hex
+        headers[H_COPY] = uuid.uuid4().hex
         outgoing = amqp.Message(
             message.body,
             application_headers=headers,
-            priority=_priority(message.priority),
-            delivery_mode=_PERSISTENT,
+            priority=clamp_priority(message.priority),
+            delivery_mode=PERSISTENT,
             message_id=message.id,
         )
         try:
@@ -167,7 +168,7 @@ class AmqpDirect(DirectSender):
             host=f"{host}:{url.port or 5672}",
             userid=url.username or "guest",
             password=url.password or "guest",
-            virtual_host=_vhost(url.path),
+            virtual_host=vhost(url.path),
             connect_timeout=self._connect_wait_s,
             read_timeout=self._confirm_wait_s,
             write_timeout=self._confirm_wait_s,
