@@ -177,3 +177,11 @@ def publish_to(channel: str, data: str) -> None:
 @app.task
 def whoami() -> dict[str, object]:
     return {"id": current.id, "attempt": current.attempt}
+
+
+@app.task
+def hold(marker_dir: str, seconds: float) -> int:
+    """Mark each run (a file named by task id and pid), hold a place, and say which process ran it."""
+    Path(marker_dir, f"{current.id}.{os.getpid()}").touch()
+    time.sleep(seconds)
+    return os.getpid()
