@@ -204,7 +204,8 @@ async def test_only_the_current_lease_holder_settles_a_message(backends: tuple[B
     elif late == "requeue":
         await broker.requeue(first, b"late attempt")
     elif late == "extend":
-        await broker.extend([first])
+        # ... and the extend says the lease is lost, so the worker settles nothing of it
+        assert await broker.extend([first]) == [first]
     else:
         await broker.dead_letter(first, "late")
     # Then nothing changed: the second holds the message and its key...
@@ -235,7 +236,7 @@ async def test_extend_keeps_the_lease(backends: tuple[Broker, Store], kind: str)
     got = await broker.fetch(["default"], 1, timeout_s=2)
     for _ in range(4):
         await asyncio.sleep(0.3)
-        await broker.extend(got)
+        assert await broker.extend(got) == []
     assert await broker.fetch(["default"], 1, timeout_s=0.1) == []
     await broker.ack(got)
 
@@ -445,3 +446,18 @@ async def test_first_state_is_stored_with_the_message(backends: tuple[Broker, St
     assert await broker.enqueue(first) == "with-state"
     assert await broker.enqueue(loser) == "with-state"
     assert await store.get_states(["with-state", "loser"]) == [b"queued", None]
+
+
+async def test_an_extend_after_the_lease_ran_out_keeps_a_message_nobody_took(backends: tuple[Broker, Store], kind: str) -> None:
+    broker, _ = backends
+    if kind == "amqp":
+        pytest.skip(NO_LEASES)
+    # Given a lease that ran out while its holder was slow (a stalled loop), nobody else fetching
+    broker.lease_s = SHORT_LEASE_S
+    await broker.enqueue(msg())
+    got = await broker.fetch(["default"], 1, timeout_s=2)
+    await asyncio.sleep(SHORT_LEASE_S * 1.5)
+    # When the holder's late heartbeat comes, it keeps the message: it is not reported lost,
+    # and no other fetch gets it while the renewed lease lasts
+    assert await broker.extend(got) == []
+    assert await broker.fetch(["default"], 1, timeout_s=SHORT_LEASE_S / 2) == []

@@ -218,13 +218,19 @@ class Broker(abc.ABC):
     async def _requeue(self, delivery: Delivery, body: bytes | None, delay_s: float) -> None:
         """`requeue` with ``delay_s`` >= 0."""
 
-    async def extend(self, deliveries: Sequence[Delivery]) -> None:
-        """Heartbeat: renew the leases of messages still running, by ``lease_s`` from now."""
-        if deliveries:
-            await self._extend(deliveries)
+    async def extend(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Heartbeat: renew the leases of messages still running, by ``lease_s`` from now.
+
+        Returns those of ``deliveries`` whose receipt no longer holds its message (claimed again
+        by another fetch after this lease ran out, or gone): a worker must not settle them,
+        since another one runs them now. A lease that ran out but whose message nobody has
+        claimed since is renewed."""
+        if not deliveries:
+            return []
+        return await self._extend(deliveries)
 
     @abc.abstractmethod
-    async def _extend(self, deliveries: Sequence[Delivery]) -> None:
+    async def _extend(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         """`extend` for at least one delivery."""
 
     @abc.abstractmethod

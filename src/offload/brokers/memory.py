@@ -236,14 +236,18 @@ class MemoryBroker(Broker):
             self._index(m)
         self._s.signals.notify([self._topic(delivery.queue)])
 
-    async def _extend(self, deliveries: Sequence[Delivery]) -> None:
+    async def _extend(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         until = time.time() + self.lease_s
+        lost = []
         with self._s.lock:
             for d in deliveries:
                 m = self._held(d)
                 if m is not None and m.leased:
                     m.visible_at = until
                     heapq.heappush(self._lanes(m.queue).waiting, (until, m.seq, m.id, m.deliveries))
+                else:
+                    lost.append(d)
+        return lost
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         with self._s.lock:

@@ -13,6 +13,7 @@ from offload.brokers.amqp.admin import Admin
 from offload.brokers.amqp.connection import Connections, Settings, discard
 from offload.brokers.amqp.consumer import Background, Consumer
 from offload.brokers.amqp.deliveries import Deliveries
+from offload.brokers.amqp.messages import is_stale
 from offload.brokers.amqp.publisher import Publisher
 from offload.brokers.amqp.records import Records
 from offload.brokers.amqp.topology import Names, Topology
@@ -123,9 +124,11 @@ class AmqpBroker(Broker):
     async def _requeue(self, delivery: Delivery, body: bytes | None, delay_s: float) -> None:
         await self.deliveries.requeue(delivery, body, delay_s)
 
-    async def _extend(self, deliveries: Sequence[Delivery]) -> None:
-        """Nothing to do: RabbitMQ holds a delivery until its ack or until its channel closes
-        (mind ``consumer_timeout``, see `deliveries`)."""
+    async def _extend(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Nothing to renew: RabbitMQ holds a delivery until its ack or until its channel closes
+        (mind ``consumer_timeout``, see `deliveries`). The deliveries whose channel has closed
+        are lost: RabbitMQ gives them to another consumer."""
+        return [d for d in deliveries if d.receipt is not None and is_stale(d.receipt)]
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         await self.deliveries.dead_letter(delivery, reason)

@@ -199,11 +199,12 @@ class RedisBroker(Broker):
         ]  # fmt: skip
         await self._script_requeue(args)
 
-    async def _extend(self, deliveries: Sequence[Delivery]) -> None:
+    async def _extend(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         args: list[str] = [repr(float(self.lease_s))]
         for d in deliveries:
             args += [d.id, receipt(d)]
-        await self._script_extend(args)
+        lost = {text(i) for i in await self._script_extend(args)}
+        return [d for d in deliveries if d.id in lost]
 
     # -- management (see admin) ------------------------------------------------------------
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:

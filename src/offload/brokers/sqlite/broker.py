@@ -190,17 +190,15 @@ class SqliteBroker(Broker):
         conn.execute(queries.REQUEUE, (body, state, time.time() + max(delay_s, 0.0), self.namespace, d.id, d.receipt, d.receipt))
         self._h.notifier.notify((self._topic(d.queue),))
 
-    async def _extend(self, deliveries: Sequence[Delivery]) -> None:
-        await self._h.call(self._extend_rows, list(deliveries))
+    async def _extend(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        return await self._h.call(self._extend_rows, list(deliveries))
 
-    def _extend_rows(self, conn: sqlite3.Connection, deliveries: list[Delivery]) -> None:
+    def _extend_rows(self, conn: sqlite3.Connection, deliveries: list[Delivery]) -> list[Delivery]:
         until = time.time() + self.lease_s
-        rows = [(until, self.namespace, d.id, d.receipt, d.receipt) for d in deliveries]
-        if len(rows) == 1:
-            conn.execute(queries.EXTEND, rows[0])
-            return
+        # One statement a row, in one transaction: each row's count says whether it is still ours.
         with transaction(conn):
-            conn.executemany(queries.EXTEND, rows)
+            return [d for d in deliveries
+                    if not conn.execute(queries.EXTEND, (until, self.namespace, d.id, d.receipt, d.receipt)).rowcount]
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         await self._h.call(self._dead_letter, delivery, reason)

@@ -175,9 +175,11 @@ UPDATE messages SET body = coalesce(?, body), state = ?, visible_at = ?, lease =
 WHERE namespace = ? AND id = ? AND (? IS NULL OR lease = ?)
 
 -- name: extend
--- Parameters: visible_at, namespace, id, receipt, receipt.
-UPDATE messages SET visible_at = ?
-WHERE namespace = ? AND id = ? AND state = 2 AND (? IS NULL OR lease = ?)
+-- Parameters: visible_at, namespace, id, receipt, receipt. A lease that ran out and went back
+-- to ready (a promote) but that nobody has claimed since still carries this receipt: the
+-- worker still runs it, so it is leased again rather than run twice.
+UPDATE messages SET visible_at = ?, state = 2
+WHERE namespace = ? AND id = ? AND state IN (0, 2) AND (? IS NULL OR lease = ?)
 
 -- name: bury
 -- The dead letter of a message, in the transaction that acks it.
