@@ -53,6 +53,7 @@ class AmqpBroker(Broker):
     async def connect(self) -> None:
         if self.connections.conn is not None:
             return
+        self.connections.heartbeat_s = self.lease_s
         try:
             await self.connections.connect()
             await self.topology.ensure()

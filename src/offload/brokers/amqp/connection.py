@@ -90,6 +90,10 @@ class Connections:
         self.conn: AbstractRobustConnection | None = None  # enqueue, admin
         self.publisher: AbstractRobustChannel | None = None
         self._admin: aiormq.abc.AbstractChannel | None = None
+        #: The AMQP heartbeat asked of the server: RabbitMQ closes a connection that stays
+        #: silent this long, so a frozen worker's deliveries go to another within it. The
+        #: broker sets it to its ``lease_s`` (the app's heartbeat timeout) before connecting.
+        self.heartbeat_s = 10.0
 
     # -- what errors say, the password masked -----------------------------------------------
     def scrub(self, text: str) -> str:
@@ -123,6 +127,7 @@ class Connections:
             password=self.url.password or "guest",
             virtualhost=vhost(self.url.path),
             ssl=tls,
+            heartbeat=max(int(round(self.heartbeat_s)), 1),
         )
         masked = self.url.masked
 
