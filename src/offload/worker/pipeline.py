@@ -78,16 +78,13 @@ class Pipeline:
         """Take the message through to its end; an error raised is the worker's own (see
         `Settle.after_internal_error`)."""
         d = held.delivery
-        try:
-            env = self._app.codec.decode(d.body)
-        except SignatureError as e:
-            log.error("dead-lettered message %s: %s", d.id, e)
-            refused = f"the worker refused the message: {e} (the sender and the workers must share one secret)"
-            await self._settle.reject(d, "MessageRefused", refused, f"rejected: {e}")
+        env = self._read(d)
+        # The one gate for a broker that hands messages out before admitting them: nothing
+        # below (a state written, a hook called, a run) happens before its verdict.
+        if not await self._admitted(held):
             return
-        except MessageError as e:
-            log.error("dead-lettered malformed message %s: %s", d.id, e)
-            await self._settle.reject(d, "MessageMalformed", f"the worker could not read the message: {e}", f"malformed: {e}")
+        if isinstance(env, MessageError):
+            await self._reject(d, env)
             return
         task = self._app.tasks.get(env.name)
         if task is not None:
@@ -106,17 +103,11 @@ class Pipeline:
             await self._settle.finish(d, env, state, Status.CANCELLED)
             return
         if _past_expiry(env):
-            if not await self._admitted(held):
-                return
             await self._settle.expire(d, env, state)
             return
         if task is None:
-            if not await self._admitted(held):
-                return
             await self._settle.not_registered(d, env, state)
             return
-        if self._app.admission_hooks and not await self._admitted(held):
-            return  # before a hook spends anything on it
         for admit in self._app.admission_hooks:
             wait_s = await admit(env, task)
             if wait_s:
@@ -132,8 +123,6 @@ class Pipeline:
                 return  # shutdown began while this waited for a slot: the worker puts it back
             if env.id in self._revoked:
                 await self._settle.finish(d, env, state, Status.CANCELLED)
-                return
-            if not await self._admitted(held):
                 return
             # Again, now: waiting for a slot, or held back by a hook, may have taken it past.
             if _past_expiry(env):
@@ -151,6 +140,24 @@ class Pipeline:
             await self._settle.finish(d, env, state, Status.CANCELLED)
             return
         await self._settle.outcome(d, env, state, outcome, elapsed_ms)
+
+    def _read(self, d: Delivery) -> Envelope | MessageError:
+        """The message's envelope, verified and decoded; or why it cannot be read."""
+        try:
+            return self._app.codec.decode(d.body)
+        except MessageError as e:
+            return e
+
+    async def _reject(self, d: Delivery, error: MessageError) -> None:
+        if isinstance(error, SignatureError):
+            log.error("dead-lettered message %s: %s", d.id, error)
+            refused = f"the worker refused the message: {error} (the sender and the workers must share one secret)"
+            await self._settle.reject(d, "MessageRefused", refused, f"rejected: {error}")
+        else:
+            log.error("dead-lettered malformed message %s: %s", d.id, error)
+            await self._settle.reject(
+                d, "MessageMalformed", f"the worker could not read the message: {error}", f"malformed: {error}"
+            )
 
     async def _run(self, held: Held, task: Task[Any, Any], env: Envelope, state: TaskState) -> tuple[Outcome, float]:
         """Run the task in its executor, STARTED stored on the way; the outcome and the ms taken."""
@@ -193,7 +200,8 @@ class Pipeline:
 
     async def _admitted(self, held: Held) -> bool:
         """Wait for the broker's verdict on a message it handed out before its cancellation
-        check came back (`Delivery.admitted`). False when the message is settled otherwise:
+        check came back (`Delivery.admitted`; see `Broker.hands_out_early`), at once when there
+        is none to wait for. False when the message is settled otherwise:
         revoked (acked here, unrun; the canceller stored its state) or taken back by the broker
         (its check failed; the broker tries again)."""
         d = held.delivery
