@@ -27,6 +27,7 @@ from offload.worker.connect import connect, connect_budget, pause_unless_stopped
 from offload.worker.executors import ThreadRunner, cancel_async
 from offload.worker.heap import freeze_startup_heap
 from offload.worker.pipeline import Held, Pipeline, Pool
+from offload.worker.places import Places, Refill
 from offload.worker.process_pool import ProcessRunner
 from offload.worker.settle import Settle
 from offload.worker.writer import StateWriter
@@ -101,7 +102,6 @@ class Worker:
         self._abandoned = False
         self._serving = False  # connected: past the wait for the broker
         self._signals_seen = 0
-        self._background: set[asyncio.Future[Any]] = set()
         self._settle: Settle | None = None  # made by run(), with the connections
 
     @property
@@ -129,7 +129,7 @@ class Worker:
         else:
             log.info("stopping: no new tasks; waiting up to %.0f s for %d running", self.grace_s, len(self._held))
         self._stopping.set()
-        self._space.set()
+        self._places.changed.set()
 
     async def run(self, on_ready: Callable[[], Any] | None = None) -> int:
         """Serve until stopped (or, in burst mode, until the queues are empty). Returns an exit code.
@@ -141,7 +141,7 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self._now = asyncio.Event()
-        self._space = asyncio.Event()
+        self._places = Places(self.concurrency + self.prefetch, self._held)
         self._slots = asyncio.Semaphore(self.concurrency)
         # Before connecting: a stop must work while the worker waits for its broker.
         if self.handle_signals:
@@ -164,11 +164,9 @@ class Worker:
     async def _serve(self, on_ready: Callable[[], Any] | None) -> int:
         assert self._loop is not None and self._stopping is not None
         self.broker.hands_out_early = True  # the pipeline awaits each message's admission
-        self._capacity = self.concurrency + self.prefetch
-        self._reserved = 0  # places promised to a fetch or a refill in flight
-        self._backlog = False  # the last claim filled every place asked: the queues have more
+        self._refill = Refill(self._places, self.queues, self.broker, self._stopping)
         # The writer asks for refills only where the broker can do them with this store.
-        self.writer = StateWriter(self.store, self.broker, self.app.result_ttl_s, self)
+        self.writer = StateWriter(self.store, self.broker, self.app.result_ttl_s, self._refill)
         # With the async pool, a sync task still needs somewhere to run that is not the loop.
         self.threads = ThreadRunner(self.concurrency if self.pool == "thread" else 8) if self.pool != "process" else None
         self.procs: ProcessRunner | None = None
@@ -200,7 +198,7 @@ class Worker:
                 h.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
             await self.writer.flush()
-            await asyncio.gather(*self._background, return_exceptions=True)
+            await self._refill.close()
             if self.threads is not None:
                 self.threads.close()
             if self.procs is not None:
@@ -210,19 +208,28 @@ class Worker:
 
     async def _fetch_loop(self) -> None:
         assert self._stopping is not None
-        capacity = self._capacity
+        places = self._places
         failures = 0
         while not self._stopping.is_set():
-            free = capacity - len(self._held) - self._reserved
+            refilled = self._refill.take()
+            if refilled:
+                self._start(refilled)
+                await asyncio.sleep(0)  # let them start (up to their first wait) before looking again
+                continue
+            free = places.free()
             # Claim when at least half the places are free (or all, when idle), so that one
             # round trip to the broker serves several tasks instead of one. While the queues
             # have a backlog and the writer has a batch to write, the batch claims instead (a
-            # refill with its acks: see ask and got).
-            if free <= 0 or (self._held and free < (capacity + 1) // 2) or (self.writer.refilling and self._more_ready()):
-                self._space.clear()
-                await self._space.wait()  # set when a message is let go, and on stop
+            # refill with its acks: see Refill).
+            if (
+                free <= 0
+                or (self._held and free < (places.capacity + 1) // 2)
+                or (self.writer.refilling and self._refill.more_ready())
+            ):
+                places.changed.clear()
+                await places.changed.wait()  # set when a message is let go, a refill is back, and on stop
                 continue
-            self._reserved += free
+            places.reserved += free
             try:
                 deliveries = await self.broker.fetch(self.queues, free, BURST_FETCH_WAIT_S if self.burst else FETCH_WAIT_S)
                 failures = 0
@@ -233,14 +240,18 @@ class Worker:
                 await pause_unless_stopped(pause, self._stopping)
                 continue
             finally:
-                self._reserved -= free
-            self._backlog = len(deliveries) == free
+                places.reserved -= free
+            places.backlog = len(deliveries) == free
             self._start(deliveries)
             if deliveries:
                 # Let the new tasks start (up to their first wait) before the next fetch goes out.
                 await asyncio.sleep(0)
-            if self.burst and not deliveries and not self._held and not await self._due_soon() and not self._held:
-                return
+            if self.burst and not deliveries and self._idle() and not await self._due_soon() and self._idle():
+                break
+        self._refill.put_back_untaken()
+
+    def _idle(self) -> bool:
+        return not self._held and not self._refill.pending
 
     async def _due_soon(self) -> bool:
         """Burst mode, nothing ready and nothing held: does a scheduled message of the queues
@@ -255,44 +266,6 @@ class Worker:
         for d in deliveries:
             held = self._held[d.id] = Held(d)
             held.task = asyncio.create_task(self._handle(held))
-
-    # -- the writer's refill (see StateWriter): claims that ride along with a batch of acks ------
-    def _more_ready(self) -> bool:
-        """The queues have more: the last claim filled every place, or the broker holds some."""
-        return self._backlog or self.broker.local_ready(self.queues) > 0
-
-    def ask(self) -> tuple[list[str], int] | None:
-        assert self._stopping is not None
-        free = self._capacity - len(self._held) - self._reserved
-        if free <= 0 or self._stopping.is_set() or not self._more_ready():
-            return None
-        self._reserved += free
-        return self.queues, free
-
-    def got(self, asked: tuple[list[str], int] | None, deliveries: list[Delivery]) -> None:
-        assert self._stopping is not None
-        if asked is None:
-            self._space.set()  # a batch went out: the fetch loop looks again
-            return
-        self._reserved -= asked[1]
-        self._backlog = len(deliveries) == asked[1]
-        if self._stopping.is_set():
-            for d in deliveries:  # too late to start: back to the queue at once
-                self._loop_task(self._give_back(d))
-        else:
-            self._start(deliveries)
-        self._space.set()  # the fetch loop looks again (and takes over if the queues ran dry)
-
-    def _loop_task(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _give_back(self, delivery: Delivery) -> None:
-        try:
-            await self.broker.requeue(delivery)
-        except Exception as e:  # its lease runs out and it comes back anyway
-            log.warning("could not put back %s (%s); it returns when its lease runs out", delivery.id, e)
 
     async def _drain(self) -> None:
         """Shutdown: put back what has not started; give running tasks the grace period."""
@@ -384,7 +357,7 @@ class Worker:
         finally:
             if not self._abandoned:
                 self._held.pop(d.id, None)
-            self._space.set()
+            self._places.changed.set()
 
 
 def _cpu_count() -> int:

@@ -25,12 +25,14 @@ RETRY_PAUSE_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
 class Refill(Protocol):
-    """What the worker answers when a batch of acks goes out: which queues, and how many places
-    the broker may fill in the same round trip (see `Broker.store_and_ack`)."""
+    """Asked when a batch of acks goes out: which queues, and how many places the broker may
+    fill in the same round trip (see `Broker.store_and_ack`). What the round trip brought is
+    handed back with `got`, for the worker's fetch loop to start (see `places.Refill`)."""
 
     def ask(self) -> tuple[list[str], int] | None: ...
     def got(self, asked: tuple[list[str], int] | None, deliveries: list[Delivery]) -> None:
-        """After every batch written: what the refill brought, if one was asked."""
+        """After every batch written: what the refill brought, if one was asked. Only keeps
+        them: it runs inside the writer's round trip."""
 
 
 class StateWriter:
