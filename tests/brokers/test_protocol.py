@@ -461,3 +461,30 @@ async def test_an_extend_after_the_lease_ran_out_keeps_a_message_nobody_took(bac
     # and no other fetch gets it while the renewed lease lasts
     assert await broker.extend(got) == []
     assert await broker.fetch(["default"], 1, timeout_s=SHORT_LEASE_S / 2) == []
+
+
+async def test_stats_age_the_oldest_ready_message_of_each_queue(backends: tuple[Broker, Store], kind: str) -> None:
+    broker, _ = backends
+    if kind == "amqp":
+        pytest.skip("RabbitMQ does not tell a queue's message ages over AMQP: oldest_age_s stays empty")
+    # Given a low-priority message that has waited, a newer high-priority one that would run
+    # first, and a delayed one (not ready, so not aged)
+    await broker.enqueue(msg("aging", priority=0))
+    await asyncio.sleep(0.3)  # the age itself is what is tested
+    await broker.enqueue(msg("aging", priority=9))
+    await broker.enqueue(msg("aging", eta=time.time() + 60))
+    await broker.enqueue(msg("other"))
+    first = await broker.stats()
+    # The age is the oldest message's, whatever its priority, and it grows while it waits.
+    assert first.queued["aging"] == 2
+    assert 0.25 <= first.oldest_age_s["aging"] < 5
+    assert first.oldest_age_s["other"] < first.oldest_age_s["aging"]
+    await asyncio.sleep(0.2)
+    assert (await broker.stats()).oldest_age_s["aging"] >= first.oldest_age_s["aging"] + 0.15
+    # Once nothing in it is ready, the queue has no age (the delayed message waits still).
+    got = await broker.fetch(["aging"], 10, timeout_s=2)
+    assert len(got) == 2
+    await broker.ack(got)
+    emptied = await broker.stats()
+    assert "aging" not in emptied.oldest_age_s and "aging" not in emptied.queued
+    assert emptied.scheduled == 1 and "other" in emptied.oldest_age_s

@@ -114,10 +114,20 @@ class DeadLetter:
 
 @dataclass(slots=True)
 class QueueStats:
+    """A namespace's counts at one moment, as `Broker.stats` reads them.
+
+    ``oldest_age_s``: per queue, how long (seconds) its oldest ready message has waited: now
+    minus the time the message became ready, which is its enqueue time for a message sent to
+    run at once, and its due time for one that waited for an eta, a retry's delay or a lease
+    that ran out. A queue is in it only when it has ready messages; a broker that cannot tell
+    (RabbitMQ, which does not expose message ages over AMQP) leaves it empty.
+    """
+
     queued: dict[str, int] = field(default_factory=dict)  # ready to run, per queue
     scheduled: int = 0  # waiting for their eta
     running: int = 0  # leased by a worker
     dead: int = 0
+    oldest_age_s: dict[str, float] = field(default_factory=dict)
 
 
 class Broker(abc.ABC):

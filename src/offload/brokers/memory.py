@@ -134,9 +134,11 @@ class MemoryBroker(Broker):
                     return holder
                 s.keys[(ns, message.key)] = message.id
             s.seq += 1
+            # A message due now (or overdue) is visible from now: `stats` ages it from there.
+            now = time.time()
+            visible_at = message.eta if message.eta is not None and message.eta > now else now
             m = s.messages[(ns, message.id)] = _Message(
-                message.id, message.queue, message.body, message.priority,
-                message.eta or 0.0, s.seq, message.key,
+                message.id, message.queue, message.body, message.priority, visible_at, s.seq, message.key,
             )
             self._index(m)
             if message.state is not None:
@@ -296,6 +298,9 @@ class MemoryBroker(Broker):
                     out.scheduled += 1
                 else:
                     out.queued[m.queue] = out.queued.get(m.queue, 0) + 1
+                    # visible_at is when it became ready: enqueued, due, or its lease ran out.
+                    age = now - m.visible_at
+                    out.oldest_age_s[m.queue] = max(out.oldest_age_s.get(m.queue, 0.0), age)
             out.dead = sum(1 for (ns, _) in self._s.dead if ns == self.namespace)
         return out
 

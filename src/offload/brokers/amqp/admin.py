@@ -170,6 +170,8 @@ class Admin:
         return len(removed)
 
     async def stats(self) -> QueueStats:
+        """Depths from passive declares. ``oldest_age_s`` stays empty: RabbitMQ tells a queue's
+        message count over AMQP, but not when its head arrived (only its management API does)."""
         out = QueueStats()
         for queue in await self.known_queues():
             depth = await self._depth(self._names.queue(queue))

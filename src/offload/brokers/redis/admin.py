@@ -64,8 +64,14 @@ class QueueAdmin:
 
     async def stats(self) -> QueueStats:
         reply = await self._stats([])
-        queued = {text(reply[i]): int(reply[i + 1]) for i in range(3, len(reply), 2)}
-        return QueueStats(queued=queued, scheduled=int(reply[0]), running=int(reply[1]), dead=int(reply[2]))
+        out = QueueStats(scheduled=int(reply[0]), running=int(reply[1]), dead=int(reply[2]))
+        # (queue, ready count, oldest ready age) triples; the age is '' when no message says.
+        for i in range(3, len(reply), 3):
+            queue, age = text(reply[i]), text(reply[i + 2])
+            out.queued[queue] = int(reply[i + 1])
+            if age:
+                out.oldest_age_s[queue] = float(age)
+        return out
 
     async def due_within(self, queues: Sequence[str], within_s: float) -> bool:
         if not queues:

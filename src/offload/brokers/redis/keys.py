@@ -1,6 +1,7 @@
 """The keys and channels of a namespace. Every one lives under ``offload:<namespace>:``::
 
-    m:<id>        hash: q (queue), b (body), s (ready score), d (deliveries), k (dedup key)
+    m:<id>        hash: q (queue), b (body), s (ready score), d (deliveries), k (dedup key),
+                  r (when it became or becomes ready, for the age of a queue's oldest)
     q:<queue>     sorted set of ready ids, scored (9 - priority) * 1e12 + sequence
     queues        set of queue names ever used (for stats)
     seq           arrival counter, for FIFO order within a priority

@@ -53,12 +53,15 @@ def stats(conn: sqlite3.Connection, ns: str) -> QueueStats:
     with contextlib.closing(conn.cursor()) as cur:
         cur.execute("BEGIN")
         try:
-            queued = dict(cur.execute(queries.COUNT_QUEUED, (ns, now)).fetchall())
+            ready = cur.execute(queries.COUNT_QUEUED, (ns, now)).fetchall()
             scheduled, running = cur.execute(queries.COUNT_SCHEDULED_AND_RUNNING, (now, ns)).fetchone()
             dead = cur.execute(queries.COUNT_DEAD, (ns,)).fetchone()[0]
         finally:
             cur.execute("COMMIT")
-    return QueueStats(queued=queued, scheduled=scheduled, running=running, dead=dead)
+    return QueueStats(
+        queued={queue: count for queue, count, _ in ready}, scheduled=scheduled, running=running, dead=dead,
+        oldest_age_s={queue: max(now - since, 0.0) for queue, _, since in ready},
+    )
 
 
 def flush_broker(conn: sqlite3.Connection, ns: str) -> None:

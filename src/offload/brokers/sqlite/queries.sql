@@ -207,8 +207,11 @@ DELETE FROM messages WHERE namespace = ? AND id = ? AND state != 2
 DELETE FROM messages WHERE namespace = ? AND queue = ? AND state != 2
 
 -- name: count_queued
+-- Each queue's ready rows and when the oldest of them became ready: a ready row's visible_at
+-- is its enqueue time, or the due time of its eta or retry delay. The same pass over the
+-- namespace's rows as the count alone, so the age costs nothing more.
 -- Parameters: namespace, now.
-SELECT queue, count(*) FROM messages WHERE namespace = ? AND state != 2 AND visible_at <= ? GROUP BY queue
+SELECT queue, count(*), min(visible_at) FROM messages WHERE namespace = ? AND state != 2 AND visible_at <= ? GROUP BY queue
 
 -- name: count_scheduled_and_running
 -- Parameters: now, namespace.

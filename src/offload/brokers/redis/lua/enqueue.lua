@@ -26,12 +26,14 @@ if ARGV[8] ~= '' then
   end
 end
 local score = string.format('%.0f', (9 - tonumber(ARGV[4])) * 1e12 + redis.call('INCR', P .. 'seq'))
-redis.call('HSET', mk, 'q', q, 'b', ARGV[3], 's', score, 'd', '0')
-if key then redis.call('HSET', mk, 'k', key) end
-redis.call('SADD', P .. 'queues', q)
 local eta = tonumber(ARGV[5])
 local t = now()
-if eta and eta > t then
+local scheduled = eta and eta > t
+-- r: when it is ready (its eta, or now), the time stats.lua ages a waiting message from.
+redis.call('HSET', mk, 'q', q, 'b', ARGV[3], 's', score, 'd', '0', 'r', fmt(scheduled and eta or t))
+if key then redis.call('HSET', mk, 'k', key) end
+redis.call('SADD', P .. 'queues', q)
+if scheduled then
   redis.call('ZADD', P .. 'sched', fmt(eta), id)
 elseif not hand(id, q, t) then
   redis.call('ZADD', P .. 'q:' .. q, score, id)

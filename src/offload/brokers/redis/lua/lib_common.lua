@@ -61,12 +61,16 @@ local function surface(t)
   local woke = {}
   for _, src in ipairs({'sched', 'lease'}) do
     local zk = P .. src
-    local ids = redis.call('ZRANGEBYSCORE', zk, '-inf', fmt(t), 'LIMIT', 0, 500)
-    for _, id in ipairs(ids) do
+    local due = redis.call('ZRANGEBYSCORE', zk, '-inf', fmt(t), 'WITHSCORES', 'LIMIT', 0, 500)
+    for i = 1, #due, 2 do
+      local id = due[i]
       redis.call('ZREM', zk, id)
-      local v = redis.call('HMGET', P .. 'm:' .. id, 'q', 's')
+      local mk = P .. 'm:' .. id
+      local v = redis.call('HMGET', mk, 'q', 's')
       if v[1] then
         redis.call('ZADD', P .. 'q:' .. v[1], v[2], id)
+        -- Ready since its eta or its lease's end (the score), not since now (see stats.lua).
+        redis.call('HSET', mk, 'r', due[i + 1])
         woke[v[1]] = true
       end
     end

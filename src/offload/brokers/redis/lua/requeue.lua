@@ -14,6 +14,7 @@ redis.call('ZREM', P .. 'q:' .. v[1], id)
 redis.call('ZREM', P .. 'sched', id)
 local delay = tonumber(ARGV[5])
 local t = now()
+redis.call('HSET', mk, 'r', fmt(t + math.max(delay, 0)))
 if delay > 0 then
   redis.call('ZADD', P .. 'sched', fmt(t + delay), id)
 else
