@@ -28,6 +28,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from offload.app import Offload
+from offload.brokers.base import QueueStats
 from offload.channels import RESERVED_CHANNEL_PREFIX
 from offload.errors import BrokerError, ConfigError
 from offload.gateway.channels import ChannelEvents, ChannelPoll
@@ -148,10 +149,12 @@ def create_gateway(
                 return _json(401, {"detail": "/metrics needs Authorization: Bearer <the metrics token>"},
                              {"www-authenticate": 'Bearer realm="metrics"'})
         try:
-            gw.metrics.broker.stats = await asyncio.wait_for(_stats(app), HEALTH_TIMEOUT_S)
+            # One stats call and one registry read, side by side, per scrape.
+            stats, workers = await asyncio.wait_for(asyncio.gather(_stats(app), app.aworkers()), HEALTH_TIMEOUT_S)
+            gw.metrics.broker.update(stats, workers)
             gw.metrics.broker.up = True
         except Exception as e:
-            log.warning("metrics: broker stats unavailable: %s", str(e) or type(e).__name__)
+            log.warning("metrics: broker stats or worker registry unavailable: %s", str(e) or type(e).__name__)
             gw.metrics.broker.up = False
         return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -206,7 +209,7 @@ async def _probe(app: Offload) -> None:
     await backends.store.get_states(["health-check"])
 
 
-async def _stats(app: Offload) -> Any:
+async def _stats(app: Offload) -> QueueStats:
     return await (await app._broker()).stats()
 
 
