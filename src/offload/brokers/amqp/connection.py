@@ -127,7 +127,7 @@ class Connections:
             password=self.url.password or "guest",
             virtualhost=vhost(self.url.path),
             ssl=tls,
-            heartbeat=max(int(round(self.heartbeat_s)), 1),
+            heartbeat=max(round(self.heartbeat_s), 1),
         )
         masked = self.url.masked
 
