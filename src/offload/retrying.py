@@ -27,16 +27,19 @@ GiveUp = Callable[[str, BaseException], BaseException]
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Pauses that double from ``first_s`` up to ``cap_s``; with ``jitter``, each is drawn from
-    [50 %, 100 %] of that so that many clients that failed together do not retry together."""
+    ``spread`` of that ([50 %, 100 %] unless told) so that many clients that failed together do
+    not retry together."""
 
     first_s: float = 0.1
     cap_s: float = 1.0
     jitter: bool = False
+    spread: tuple[float, float] = (0.5, 1.0)
 
     def pauses(self) -> Iterator[float]:
         pause = self.first_s
+        low, high = self.spread
         while True:
-            yield pause * random.uniform(0.5, 1.0) if self.jitter else pause
+            yield pause * random.uniform(low, high) if self.jitter else pause
             pause = min(pause * 2, self.cap_s)
 
 

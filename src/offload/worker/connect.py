@@ -10,20 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 from collections.abc import Awaitable
 from typing import Any
 
 from offload.app import Offload
 from offload.brokers import Backends
 from offload.errors import BrokerUnavailable
+from offload.retrying import Backoff
 
 log = logging.getLogger("offload.worker")
 
 # A broker unreachable at start-up is tried again after about 0.5, 1, 2, 4, 8, then 10 s (each
 # +-25 %, so that workers started together do not knock together).
-CONNECT_RETRY_FIRST_S = 0.5
-CONNECT_RETRY_MAX_S = 10.0
+CONNECT_BACKOFF = Backoff(first_s=0.5, cap_s=10.0, jitter=True, spread=(0.75, 1.25))
 # How long a burst worker (a cron job, a CI step) waits for its broker unless told: it is
 # expected to end, so it gives up and says so; a daemon waits as long as it takes.
 BURST_CONNECT_TIMEOUT_S = 30.0
@@ -43,6 +42,7 @@ async def connect(app: Offload, stopping: asyncio.Event, limit_s: float) -> Back
     was opened with the app)."""
     loop = asyncio.get_running_loop()
     began = loop.time()
+    pauses = CONNECT_BACKOFF.pauses()
     attempt = 0
     while True:
         attempt += 1
@@ -70,7 +70,7 @@ async def connect(app: Offload, stopping: asyncio.Event, limit_s: float) -> Back
                 raise BrokerUnavailable(
                     e.url, f"{e.reason}; gave up after waiting {waited:.1f} s for it (connect timeout {limit_s:g} s)"
                 ) from e
-            pause = min(_connect_pause(attempt), limit_s - waited)
+            pause = min(next(pauses), limit_s - waited)
             log.warning("broker %s unavailable (%s); retrying in %.1f s", e.url, e.reason, pause)
             if await pause_unless_stopped(pause, stopping):
                 return None
@@ -96,9 +96,3 @@ async def _first_of(*aws: Awaitable[Any]) -> None:
         for t in tasks:
             t.cancel()
 
-
-def _connect_pause(attempt: int) -> float:
-    """Seconds before connection attempt ``attempt + 1``: doubling from CONNECT_RETRY_FIRST_S to
-    CONNECT_RETRY_MAX_S, each spread by +-25 %."""
-    ceiling = min(CONNECT_RETRY_FIRST_S * 2.0 ** min(attempt - 1, 32), CONNECT_RETRY_MAX_S)
-    return ceiling * random.uniform(0.75, 1.25)

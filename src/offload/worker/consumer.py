@@ -14,7 +14,7 @@ import collections
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from offload.app import Offload
@@ -23,6 +23,7 @@ from offload.channels import CONTROL_CHANNEL
 from offload.errors import ConfigError, UsageError
 from offload.hooks import call_each
 from offload.loops import loop_kind
+from offload.retrying import Backoff
 from offload.worker.connect import connect, connect_budget, pause_unless_stopped
 from offload.worker.executors import ThreadRunner, cancel_async
 from offload.worker.heap import freeze_startup_heap
@@ -43,6 +44,8 @@ BURST_FETCH_WAIT_S = 0.25
 # 1 s by default) is part of its work, not a task for the next run.
 BURST_HORIZON_S = 1.0
 REVOKED_REMEMBERED = 10_000
+# After a failed fetch: 0.4, 0.8, 1.6, 3.2, then 5 s until one succeeds.
+FETCH_BACKOFF = Backoff(first_s=0.4, cap_s=5.0)
 
 
 class Worker:
@@ -209,7 +212,7 @@ class Worker:
     async def _fetch_loop(self) -> None:
         assert self._stopping is not None
         places = self._places
-        failures = 0
+        pauses: Iterator[float] | None = None  # the backoff, while fetches fail
         while not self._stopping.is_set():
             refilled = self._refill.take()
             if refilled:
@@ -232,10 +235,11 @@ class Worker:
             places.reserved += free
             try:
                 deliveries = await self.broker.fetch(self.queues, free, BURST_FETCH_WAIT_S if self.burst else FETCH_WAIT_S)
-                failures = 0
+                pauses = None
             except Exception as e:
-                failures += 1
-                pause = min(0.2 * 2**failures, 5.0)
+                if pauses is None:
+                    pauses = FETCH_BACKOFF.pauses()
+                pause = next(pauses)
                 log.warning("fetch failed (%s); retrying in %.1f s", e, pause)
                 await pause_unless_stopped(pause, self._stopping)
                 continue
