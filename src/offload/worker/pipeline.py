@@ -108,6 +108,8 @@ class Pipeline:
         if task is None:
             await self._settle.not_registered(d, env, state)
             return
+        # Not hooks.call_each, as the start and outcome hooks are: here each hook's answer
+        # counts, and the first to hold the message back ends the round.
         for admit in self._app.admission_hooks:
             wait_s = await admit(env, task)
             if wait_s:
