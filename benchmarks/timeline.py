@@ -65,8 +65,6 @@ PROBES: list[tuple[str, str, str, str, IdOf]] = [
     ("offload.brokers.redis.store", "RedisStore", "put_states", "store states", _state_ids),
     ("offload.brokers.redis.store", "RedisStore", "put_states_if_absent", "store QUEUED if absent", _state_ids),
     ("offload.brokers.amqp", "AmqpBroker", "enqueue", "amqp enqueue", _first_message),
-    ("offload.brokers.amqp.direct", "AmqpDirect", "enqueue", "amqp enqueue from the caller's thread", _first_message),
-    ("offload.brokers.redis.direct", "RedisDirect", "put_states_if_absent", "store QUEUED if absent, caller's thread", _state_ids),
     ("offload.brokers.amqp.records", "Records", "claim", "amqp claim", _ids),
     # The amqp rows in checkouts from before the amqp broker was a package.
     ("offload.brokers.amqp_direct", "AmqpDirect", "enqueue", "amqp enqueue from the caller's thread", _first_message),

@@ -28,7 +28,7 @@ DOCUMENTED = {
     "sqlite": {"visibility_timeout": "3"},
     "redis": {"visibility_timeout": "3", "max_connections": "8"},
     "rediss": {"visibility_timeout": "3", "max_connections": "8", "ssl_cert_reqs": "none", "ssl_ca_certs": "/ca.pem"},
-    "amqp": {"connect_timeout": "1", "publish_timeout": "5", "prefetch": "10", "sync_connections": "0"},
+    "amqp": {"connect_timeout": "1", "publish_timeout": "5", "prefetch": "10"},
     "amqps": {"connect_timeout": "1", "cafile": "/ca.pem", "certfile": "/c.pem", "keyfile": "/k.pem"},
 }
 # A kind whose results live elsewhere needs results=.

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from offload import forks, hooks, ratelimit, scheduler
 from offload import workflow as workflows
 from offload.brokers import Backends, check_stores_results, check_url, make_direct, open_backends
-from offload.brokers.base import DEFAULT_HEARTBEAT_TIMEOUT_S, Broker, Direct, DirectSender, Store
+from offload.brokers.base import DEFAULT_HEARTBEAT_TIMEOUT_S, Broker, Direct, Store
 from offload.channels import CONTROL_CHANNEL, check_channel_name
 from offload.config import BrokerURL, absolute_sqlite, parse_url
 from offload.errors import ConfigError, MessageError
@@ -121,8 +121,6 @@ class Offload:
         self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
         # The sync face's blocking client (None until asked for; False when the backend has none).
         self._direct_client: Direct | bool | None = None
-        # The broker's sender from the caller's thread, for a separate store (same convention).
-        self._direct_sender_client: DirectSender | bool | None = None
         self._direct_lock = threading.Lock()
         forks.after_fork(self._after_fork)
 
@@ -133,7 +131,6 @@ class Offload:
         self._connecting.clear()
         self._direct_lock = threading.Lock()
         self._direct_client = None
-        self._direct_sender_client = None
 
     def __repr__(self) -> str:
         return f"<Offload {self.url.masked} namespace={self.namespace!r}>"
@@ -247,9 +244,6 @@ class Offload:
         direct, self._direct_client = self._direct_client, None
         if isinstance(direct, Direct):
             direct.close()
-        sender, self._direct_sender_client = self._direct_sender_client, None
-        if isinstance(sender, DirectSender):
-            sender.close()
         if self._portal._loop is not None:
             self._portal.run(self.aclose())
             self._portal.stop()
@@ -282,10 +276,6 @@ class Offload:
         """The result store's blocking face for sync calls, if it has one. It is made once the
         loop-side backends have connected, so an unreachable server fails as usual."""
         return self._made_once("_direct_client", lambda _: make_direct(self.results_url, self.namespace))  # type: ignore[no-any-return]
-
-    def _direct_sender(self) -> DirectSender | None:
-        """The broker's sender from the caller's thread, if it has one (made as `_direct`)."""
-        return self._made_once("_direct_sender_client", lambda backends: backends.broker.direct_sender())  # type: ignore[no-any-return]
 
     def _made_once(self, attribute: str, make: Callable[[Backends], Any]) -> Any:
         """A blocking face kept in ``attribute`` (None until made, False when there is none),

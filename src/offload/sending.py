@@ -14,9 +14,6 @@ async, with a dedup ``key``       the state first, then the enqueue: the message
                                   may not be sent at all when the key is held
 sync ``delay()``, broker is its   the store's blocking face sends from the caller's  one, no loop hop
 own store with a `Direct` face    thread (`Direct.enqueue`)
-sync, separate store, broker      the broker's `DirectSender` from the caller's      the longer of the two
-with a `DirectSender`             thread, the state written through the store's
-                                  `Direct` meanwhile
 any other sync call               the async route, run on the app's portal loop      as the async route
 ===============================  =================================================  ==========================
 
@@ -142,36 +139,12 @@ class Sender:
         app = self.app
         env = self.build(name, args, kwargs, opts)
         if env.key is None:
-            if app.results_url is app.url:
-                direct = app._direct()
-                if direct is not None:
-                    message, _ = self.outgoing(env, with_state=True)
-                    direct.enqueue(message)
-                    return Result(app, env.id, sent_here=True)
-            elif self._send_directly(env):
+            direct = app._direct() if app.results_url is app.url else None
+            if direct is not None:
+                message, _ = self.outgoing(env, with_state=True)
+                direct.enqueue(message)
                 return Result(app, env.id, sent_here=True)
         return app._portal.run(self.enqueue_envelope(env))
-
-    def _send_directly(self, env: Envelope) -> bool:
-        """Send from this thread through the broker's sender, storing the QUEUED state through
-        the store's sync face while the broker confirms (only where no state is stored yet, as
-        `_send_beside_state` does). False when either face is missing or the sender leaves this
-        message to the loop."""
-        app = self.app
-        sender = app._direct_sender()
-        direct = app._direct() if sender is not None else None
-        if sender is None or direct is None:
-            return False
-        message, state = self.outgoing(env, with_state=False)
-
-        def store_queued() -> None:
-            try:
-                direct.put_states_if_absent([(env.id, state)], app.result_ttl_s)
-            except Exception as e:
-                e.add_note(f"task {env.id} was sent all the same; only its QUEUED state is missing")
-                raise
-
-        return sender.enqueue(message, meanwhile=store_queued)
 
     async def _wait_for_finished_holder(self, broker: Broker, message: OutgoingMessage, holder: str) -> str:
         for pause in KEY_RELEASE_PAUSES_S:

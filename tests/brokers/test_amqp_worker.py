@@ -62,11 +62,13 @@ def test_a_claim_that_fails_puts_the_message_back(
     worker = thread_worker(made, concurrency=2)
     try:
         assert add.delay(1, 2).get(timeout=20) == 3  # every connection is open
-        # The worker's store gives up on a command after 50 ms; Redis holds writes for 400.
-        monkeypatch.setattr(redis_connection, "OPERATION_TIMEOUT_S", 0.05)
-        operator.execute_command("CLIENT", "PAUSE", 400, "WRITE")
         with caplog.at_level(logging.WARNING, logger="offload.brokers.amqp"):
-            result = record.delay(str(ran), "once")  # its QUEUED write waits for the pause
+            # Sent (and its QUEUED state stored) before the pause, it reaches the worker 0.2 s
+            # later, back from the delay levels, while the pause holds the worker's claim.
+            result = record.options(countdown=0.2).delay(str(ran), "once")
+            # The worker's store gives up on a command after 50 ms; Redis holds writes for 400.
+            monkeypatch.setattr(redis_connection, "OPERATION_TIMEOUT_S", 0.05)
+            operator.execute_command("CLIENT", "PAUSE", 400, "WRITE")
             assert result.get(timeout=20) == "once"
         assert any("claiming 1 message(s) failed" in r.getMessage() for r in caplog.records)
     finally:

@@ -31,7 +31,7 @@ class BackendKind:
 # Every broker leases its messages, except RabbitMQ, which holds a delivery until its ack.
 _LEASED = frozenset({"visibility_timeout"})
 _REDIS = _LEASED | {"max_connections"}
-_AMQP = frozenset({"connect_timeout", "publish_timeout", "prefetch", "sync_connections"})
+_AMQP = frozenset({"connect_timeout", "publish_timeout", "prefetch"})
 
 KINDS: dict[str, BackendKind] = {
     "memory": BackendKind("offload.brokers.memory", None, _LEASED),

@@ -47,7 +47,7 @@ import asyncio
 import enum
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -172,11 +172,6 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def _fetch(self, queues: tuple[str, ...], limit: int, timeout_s: float) -> list[Delivery]:
         """`fetch` for distinct queues (at least one), ``limit`` >= 1 and ``timeout_s`` >= 0."""
-
-    def direct_sender(self) -> DirectSender | None:
-        """A blocking face that sends messages from the caller's own thread, for `delay()`
-        beside a separate result store; None when this broker has none (the default)."""
-        return None
 
     def refills_with(self, store: Store) -> bool:
         """Does `store_and_ack` with this store lease the next messages when asked (its
@@ -436,31 +431,10 @@ class Direct(abc.ABC):
         """As `Store.get_states`."""
 
     @abc.abstractmethod
-    def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
-        """As `Store.put_states_if_absent`: the QUEUED state of a message sent by a `DirectSender`."""
-
-    @abc.abstractmethod
     def wait_final(self, task_id: str, timeout_s: float) -> bytes | None:
         """Block until the task's final state is stored (its bytes), or None after ``timeout_s``.
         A final state stored before the call is returned at once while the store still signals
         it (at least a minute); callers read the state first and wait only if it is not final."""
-
-    @abc.abstractmethod
-    def close(self) -> None: ...
-
-
-class DirectSender(abc.ABC):
-    """Sending from the caller's own thread, for a broker that is not its own result store
-    (`Broker.direct_sender`). Safe to call from several threads at once."""
-
-    @abc.abstractmethod
-    def enqueue(self, message: OutgoingMessage, meanwhile: Callable[[], None] | None = None) -> bool:
-        """Send a message without a dedup key, as `Broker.enqueue` would; True once the broker
-        has it. False when it was not sent this way (not yet possible, or the connection failed
-        before the broker confirmed it): the caller sends it through the event loop instead,
-        which retries, reconnects and reports. Raises when the broker refused the message.
-        ``meanwhile`` runs once the message has left, while the broker's confirm is on its way;
-        its error is raised after the confirm (the message is sent all the same)."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -6,9 +6,9 @@ The virtual host is the URL's path, %-encoded (``/%2F`` or an empty path is ``/`
 parameters: ``connect_timeout`` (seconds of retrying before `BrokerUnavailable`, default 5),
 ``publish_timeout`` (how long an enqueue waits for a lost connection to come back, default 30),
 ``prefetch`` (unacknowledged deliveries per consumed queue; default: twice the first
-`fetch`'s limit, see `consumer.window`), ``sync_connections`` (connections of the sync face's
-sender, see `direct`; default 4, 0 sends everything through the loop), and for ``amqps://``
-``cafile``, ``certfile``, ``keyfile``.
+`fetch`'s limit, see `consumer.window`), and for ``amqps://`` ``cafile``, ``certfile``,
+``keyfile``. A sync `delay()` is sent through the app's event loop, by the same aio-pika
+connection as an `adelay()` (docs/performance.md, "The sync face on RabbitMQ").
 
 RabbitMQ cannot keep results: an app on ``amqp://`` names its result store (``results=``),
 whose key-value primitives also keep what RabbitMQ cannot (dedup keys, claims against
@@ -28,8 +28,7 @@ A module per concern, each telling its own part:
 * `received`: a consumer's delivery, read lazily;
 * `records`: dedup keys, claims and the queue registry in the bound store;
 * `admin`: dead letters, replay, purge, stats, `due_within`, flush;
-* `broker`: `AmqpBroker`, composed of the above;
-* `direct`: the sync face's sender, publishing from the caller's thread with py-amqp.
+* `broker`: `AmqpBroker`, composed of the above.
 """
 
 from __future__ import annotations

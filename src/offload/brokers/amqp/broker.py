@@ -17,7 +17,7 @@ from offload.brokers.amqp.messages import is_stale
 from offload.brokers.amqp.publisher import Publisher
 from offload.brokers.amqp.records import Records
 from offload.brokers.amqp.topology import Names, Topology
-from offload.brokers.base import Broker, DeadLetter, Delivery, DirectSender, OutgoingMessage, QueueStats, Store
+from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
 from offload.config import BrokerURL
 
 _instances = itertools.count(1)
@@ -74,14 +74,6 @@ class AmqpBroker(Broker):
     # -- producing (`publisher`) ----------------------------------------------------------------
     async def enqueue(self, message: OutgoingMessage) -> str:
         return await self.publisher.enqueue(message)
-
-    def direct_sender(self) -> DirectSender | None:
-        if self.settings.tls:
-            return None  # amqps:// sends through the event loop, with its SSL context
-        from offload.brokers.amqp.direct import AmqpDirect  # the sync client, only when used
-
-        declared = self.topology.declared
-        return AmqpDirect(self.url, self.names.queue, declared.__contains__, self.client_name, self.settings.connect_timeout_s)
 
     # -- consuming (`consumer`, `deliveries`) ---------------------------------------------------
     def refills_with(self, store: Store) -> bool:

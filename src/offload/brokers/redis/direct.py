@@ -17,7 +17,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from offload.brokers.base import Direct, OutgoingMessage, ttl_ms
+from offload.brokers.base import Direct, OutgoingMessage
 from offload.brokers.redis.argv import enqueue_args, text
 from offload.brokers.redis.connection import (
     MAX_CONNECTIONS,
@@ -54,7 +54,6 @@ class RedisDirect(Direct):
         )
         self._client = redis.Redis(connection_pool=pool)
         self._enqueue = self._client.register_script(source("enqueue"))
-        self._put_if_absent = self._client.register_script(source("put_states_if_absent"))
 
     def _run(self, op: Callable[[], _T]) -> _T:
         try:
@@ -86,13 +85,6 @@ class RedisDirect(Direct):
         args = enqueue_args(message)
         command = ("EVALSHA", self._enqueue.sha, len(self._keys), *self._keys, *args)
         return text(self._command(command, lambda: self._enqueue(keys=self._keys, args=args)))
-
-    def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
-        if not states:
-            return
-        args = [ttl_ms(ttl_s) or 0, *(v for task_id, data in states for v in (task_id, data))]
-        command = ("EVALSHA", self._put_if_absent.sha, len(self._keys), *self._keys, *args)
-        self._command(command, lambda: self._put_if_absent(keys=self._keys, args=args))
 
     def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         if not task_ids:
