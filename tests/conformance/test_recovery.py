@@ -37,7 +37,7 @@ def test_the_registry_sees_a_worker_from_ready_to_exit(harness: Harness) -> None
     # A task held shows among its running ones at the next heartbeat
     markers = harness.tmp_path / "markers"
     markers.mkdir()
-    r = harness.task("hold").delay(str(markers), 3.0)
+    r = harness.task("hold").delay(str(markers), 8.0)
     wait_until(lambda: bool(runs(markers)), 30, "the task to start")
     deadline = time.monotonic() + 10
     while r.id not in harness.app.workers()[0].running:

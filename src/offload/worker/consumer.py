@@ -27,11 +27,13 @@ from offload.retrying import Backoff
 from offload.worker.connect import connect, connect_budget, pause_unless_stopped
 from offload.worker.executors import ThreadRunner, cancel_async
 from offload.worker.heap import freeze_startup_heap
+from offload.worker.heartbeat import Heartbeat
 from offload.worker.pipeline import Held, Pipeline, Pool
 from offload.worker.places import Places, Refill
 from offload.worker.process_pool import ProcessRunner
 from offload.worker.settle import Settle
 from offload.worker.writer import StateWriter
+from offload.workers import Registration
 
 log = logging.getLogger("offload.worker")
 
@@ -180,6 +182,10 @@ class Worker:
             await self.procs.start()
         if self.handle_signals:
             freeze_startup_heap()
+        registration = Registration(self.store, queues=self.queues, concurrency=self.concurrency, pool=self.pool,
+                                    timeout_s=self.broker.lease_s)
+        self.heartbeat = Heartbeat(self.broker, registration, lambda: [h.delivery for h in self._held.values()])
+        await self.heartbeat.start()
         log.info(
             "worker ready: %s namespace=%s queues=%s pool=%s concurrency=%d loop=%s",
             self.app.url.masked, self.app.namespace, ",".join(self.queues), self.pool, self.concurrency,
@@ -188,11 +194,11 @@ class Worker:
         self._settle = settle = Settle(self.app, self.broker, self.store, self.writer)
         self.pipeline = Pipeline(
             self.app, self.broker, self.writer, settle, pool=self.pool, threads=self.threads, procs=self.procs,
-            slots=self._slots, stopping=self._stopping, revoked=self._revoked,
+            slots=self._slots, stopping=self._stopping, revoked=self._revoked, heartbeat=self.heartbeat,
         )
         if on_ready is not None:
             on_ready()
-        helpers = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._listen_control())]
+        helpers = [asyncio.create_task(self.heartbeat.run()), asyncio.create_task(self._listen_control())]
         try:
             await self._fetch_loop()
             await self._drain()
@@ -201,6 +207,7 @@ class Worker:
                 h.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
             await self.writer.flush()
+            await self.heartbeat.leave()
             await self._refill.close()
             if self.threads is not None:
                 self.threads.close()
@@ -307,16 +314,6 @@ class Worker:
         self._held.pop(held.delivery.id, None)
 
     # -- helpers running beside the fetch loop --------------------------------------------------
-    async def _heartbeat(self) -> None:
-        interval = max(min(self.broker.lease_s / 3, 10.0), 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            if self._held:
-                try:
-                    await self.broker.extend([h.delivery for h in self._held.values()])
-                except Exception as e:
-                    log.warning("lease heartbeat failed: %s", e)
-
     async def _listen_control(self) -> None:
         while True:
             try:

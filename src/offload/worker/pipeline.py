@@ -34,6 +34,7 @@ from offload.message import Envelope
 from offload.result import Status, TaskState
 from offload.task import Task
 from offload.worker.executors import Job, ThreadRunner, run_async
+from offload.worker.heartbeat import Heartbeat
 from offload.worker.outcome import Outcome
 from offload.worker.process_pool import ProcessRunner
 from offload.worker.settle import Settle
@@ -66,9 +67,10 @@ class Pipeline:
     def __init__(
         self, app: Offload, broker: Broker, writer: StateWriter, settle: Settle, *, pool: Pool,
         threads: ThreadRunner | None, procs: ProcessRunner | None, slots: asyncio.Semaphore,
-        stopping: asyncio.Event, revoked: Container[str],
+        stopping: asyncio.Event, revoked: Container[str], heartbeat: Heartbeat,
     ) -> None:
         self._app, self._broker, self._writer, self._settle = app, broker, writer, settle
+        self._heartbeat = heartbeat
         self._pool, self._threads, self._procs = pool, threads, procs
         self._slots, self._stopping, self._revoked = slots, stopping, revoked
         self._loop = asyncio.get_running_loop()
@@ -131,6 +133,8 @@ class Pipeline:
                 await self._settle.expire(d, env, state)
                 return
             outcome, elapsed_ms = await self._run(held, task, env, state)
+        if not await self._heartbeat.confirm(d, env.name, env.attempt):
+            return
         if outcome.kind == "expired":  # it waited for a thread past its expiry, and never ran
             await self._settle.expire(d, env, state)
             return

@@ -7,13 +7,14 @@ import itertools
 import os
 import time
 from collections.abc import Collection, Sequence
+from typing import Any
 
 from offload.brokers.amqp.acks import Acker
 from offload.brokers.amqp.admin import Admin
 from offload.brokers.amqp.connection import Connections, Settings, discard
 from offload.brokers.amqp.consumer import Background, Consumer
 from offload.brokers.amqp.deliveries import Deliveries
-from offload.brokers.amqp.messages import is_stale
+from offload.brokers.amqp.messages import is_stale, still_open
 from offload.brokers.amqp.publisher import Publisher
 from offload.brokers.amqp.records import Records
 from offload.brokers.amqp.topology import Names, Topology
@@ -120,9 +121,23 @@ class AmqpBroker(Broker):
     async def _extend(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         """Nothing to renew: RabbitMQ holds a delivery until its ack or until its channel closes
         (mind ``consumer_timeout``, see `deliveries`). The deliveries whose channel has closed
-        are lost: RabbitMQ gives them to another consumer."""
-        return [d for d in deliveries if d.receipt is not None and is_stale(d.receipt)]
-
+        are lost: RabbitMQ gives them to another consumer. Each channel still open here is
+        asked one round trip, since a worker that was frozen learns only by using its
+        connection that RabbitMQ closed it meanwhile (for missed AMQP heartbeats)."""
+        by_channel: dict[int, tuple[Any, list[Delivery]]] = {}
+        lost = []
+        for d in deliveries:
+            if d.receipt is None:
+                continue
+            if is_stale(d.receipt):
+                lost.append(d)
+            else:
+                channel = d.receipt.channel
+                by_channel.setdefault(id(channel), (channel, []))[1].append(d)
+        for channel, held in by_channel.values():
+            if not await still_open(channel):
+                lost += held
+        return lost
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         await self.deliveries.dead_letter(delivery, reason)
 

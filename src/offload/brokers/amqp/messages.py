@@ -3,6 +3,7 @@ readers of the values that come back in a delivery's headers."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiormq
@@ -100,6 +101,21 @@ def key_of(message: Incoming) -> str | None:
 def copy_of(message: Incoming) -> str | None:
     """The copy token of a delivered copy (`H_COPY`)."""
     return text(headers_of(message).get(H_COPY))
+
+
+#: How long `still_open`'s round trip may take before the channel counts as gone.
+PROBE_TIMEOUT_S = 5.0
+
+
+async def still_open(channel: Any) -> bool:
+    """One round trip on a consumer channel (a passive declare of ``amq.direct``, which every
+    server has): False when the connection turns out closed, or does not answer in time."""
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            await channel.exchange_declare("amq.direct", passive=True)
+    except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError, RuntimeError):
+        return False
+    return True
 
 
 def is_stale(message: Incoming) -> bool:
