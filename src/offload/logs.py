@@ -13,8 +13,9 @@ import json
 import logging
 from typing import Any
 
-#: The fields a log call about a task may carry in its ``extra``.
-TASK_FIELDS = ("task_id", "name", "queue", "attempt", "duration_ms")
+#: The fields a log call about a task may carry in its ``extra``, and their names in a line
+#: (``name`` is a LogRecord attribute of its own: the task's goes in as ``task_name``).
+TASK_FIELDS = {"task_id": "task_id", "task_name": "name", "queue": "queue", "attempt": "attempt", "duration_ms": "duration_ms"}
 
 _worker_id: str | None = None
 
@@ -27,7 +28,7 @@ def set_worker_id(worker_id: str | None) -> None:
 
 def task_fields(task_id: str, name: str, queue: str, attempt: int, duration_ms: float | None = None) -> dict[str, Any]:
     """The ``extra`` of a log call about one task."""
-    fields: dict[str, Any] = {"task_id": task_id, "name": name, "queue": queue, "attempt": attempt}
+    fields: dict[str, Any] = {"task_id": task_id, "task_name": name, "queue": queue, "attempt": attempt}
     if duration_ms is not None:
         fields["duration_ms"] = round(duration_ms, 3)
     return fields
@@ -42,8 +43,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "worker": _worker_id,
         }
-        for field in TASK_FIELDS:
-            value = record.__dict__.get(field)
+        for attribute, field in TASK_FIELDS.items():
+            value = record.__dict__.get(attribute)
             if value is not None:
                 line[field] = value
         if record.exc_info:

@@ -28,13 +28,17 @@ from offload.loading import load_app
                    "[default: as long as it takes; 30 with --burst]")
 @click.option("--grace", type=float, default=30.0, show_default=True, help="Seconds running tasks get to finish on SIGTERM/SIGINT.")
 @click.option("--max-tasks-per-child", type=click.IntRange(min=1), help="Replace a process-pool child after this many tasks.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
+              help="Serve this worker's Prometheus metrics (task durations and outcomes by name) on PORT.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="The address of --metrics-port.")
 @click.option("--beat", "with_beat", is_flag=True, help="Also run the periodic scheduler in this worker (small sites).")
 @LOG_LEVEL_OPTION
 @LOG_FORMAT_OPTION
 @LOOP_OPTION
 @user_errors
 def worker(app_spec: str, queues: str, concurrency: int | None, pool: str, prefetch: int | None, burst: bool,
-           connect_timeout: float | None, grace: float, max_tasks_per_child: int | None, with_beat: bool, log_level: str,
+           connect_timeout: float | None, grace: float, max_tasks_per_child: int | None, metrics_port: int | None,
+           metrics_host: str, with_beat: bool, log_level: str,
            log_format: str, loop: str | None) -> None:
     """Run a worker: lease tasks from QUEUES and run them.
 
@@ -47,7 +51,7 @@ def worker(app_spec: str, queues: str, concurrency: int | None, pool: str, prefe
     w = Worker(
         app, queues=[q for q in queues.split(",") if q], concurrency=concurrency, pool=pool,  # type: ignore[arg-type]
         prefetch=prefetch, burst=burst, grace_s=grace, max_tasks_per_child=max_tasks_per_child,
-        connect_timeout_s=connect_timeout,
+        connect_timeout_s=connect_timeout, metrics_port=metrics_port, metrics_host=metrics_host,
     )
 
     async def serve() -> int:

@@ -28,6 +28,7 @@ from offload.worker.connect import connect, connect_budget, pause_unless_stopped
 from offload.worker.executors import ThreadRunner, cancel_async
 from offload.worker.heap import freeze_startup_heap
 from offload.worker.heartbeat import Heartbeat
+from offload.worker.metrics import WorkerMetrics
 from offload.worker.pipeline import Held, Pipeline, Pool
 from offload.worker.places import Places, Refill
 from offload.worker.process_pool import ProcessRunner
@@ -73,6 +74,8 @@ class Worker:
         max_tasks_per_child: int | None = None,
         handle_signals: bool = True,
         connect_timeout_s: float | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         if pool not in ("thread", "process", "async"):
             raise ConfigError(f"pool must be thread, process or async, got {pool!r}")
@@ -99,6 +102,8 @@ class Worker:
         self.grace_s = grace_s
         self.max_tasks_per_child = max_tasks_per_child
         self.handle_signals = handle_signals
+        #: Serve this worker's Prometheus metrics (`worker.metrics`) on this port; None: none.
+        self.metrics_port, self.metrics_host = metrics_port, metrics_host
         self._held: dict[str, Held] = {}
         self._revoked: collections.OrderedDict[str, None] = collections.OrderedDict()
         # Events and the loop belong to run(): they are created on the worker's own loop.
@@ -108,6 +113,7 @@ class Worker:
         self._serving = False  # connected: past the wait for the broker
         self._signals_seen = 0
         self._settle: Settle | None = None  # made by run(), with the connections
+        self._metrics: WorkerMetrics | None = None
 
     @property
     def processed(self) -> int:
@@ -182,6 +188,13 @@ class Worker:
             await self.procs.start()
         if self.handle_signals:
             freeze_startup_heap()
+        self._metrics = metrics = WorkerMetrics() if self.metrics_port is not None else None
+        try:
+            exporter = metrics.serve(self.metrics_host, self.metrics_port or 0) if metrics is not None else None
+        except OSError as e:
+            raise ConfigError(f"cannot serve the worker's metrics on {self.metrics_host}:{self.metrics_port}: {e}") from None
+        if exporter is not None:
+            log.info("worker metrics on http://%s:%d/metrics", exporter.host, exporter.port)
         registration = Registration(self.store, queues=self.queues, concurrency=self.concurrency, pool=self.pool,
                                     timeout_s=self.broker.lease_s)
         self.heartbeat = Heartbeat(self.broker, registration, lambda: [h.delivery for h in self._held.values()])
@@ -191,7 +204,7 @@ class Worker:
             self.app.url.masked, self.app.namespace, ",".join(self.queues), self.pool, self.concurrency,
             loop_kind(asyncio.get_running_loop()),
         )
-        self._settle = settle = Settle(self.app, self.broker, self.store, self.writer)
+        self._settle = settle = Settle(self.app, self.broker, self.store, self.writer, metrics)
         self.pipeline = Pipeline(
             self.app, self.broker, self.writer, settle, pool=self.pool, threads=self.threads, procs=self.procs,
             slots=self._slots, stopping=self._stopping, revoked=self._revoked, heartbeat=self.heartbeat,
@@ -208,6 +221,8 @@ class Worker:
             await asyncio.gather(*helpers, return_exceptions=True)
             await self.writer.flush()
             await self.heartbeat.leave()
+            if exporter is not None:
+                exporter.close()
             await self._refill.close()
             if self.threads is not None:
                 self.threads.close()
@@ -277,6 +292,8 @@ class Worker:
         for d in deliveries:
             held = self._held[d.id] = Held(d)
             held.task = asyncio.create_task(self._handle(held))
+        if self._metrics is not None:
+            self._metrics.set_running(len(self._held))
 
     async def _drain(self) -> None:
         """Shutdown: put back what has not started; give running tasks the grace period."""
@@ -358,6 +375,8 @@ class Worker:
         finally:
             if not self._abandoned:
                 self._held.pop(d.id, None)
+            if self._metrics is not None:
+                self._metrics.set_running(len(self._held))
             self._places.changed.set()
 
 

@@ -30,6 +30,7 @@ from offload.app import Offload
 from offload.brokers.base import Broker, Delivery, Verdict
 from offload.context import TaskContext
 from offload.errors import MessageError, SignatureError
+from offload.logs import task_fields
 from offload.message import Envelope
 from offload.result import Status, TaskState
 from offload.task import Task
@@ -95,7 +96,7 @@ class Pipeline:
                 _relative_seconds(task.opts.expires),
             )
         held.env = env
-        log.info("received %s[%s] attempt %d", env.name, env.id, env.attempt)
+        log.info("received %s[%s] attempt %d", env.name, env.id, env.attempt, extra=task_fields(env.id, env.name, d.queue, env.attempt))
         state = TaskState(
             id=env.id, name=env.name, status=Status.STARTED, attempts=env.attempt,
             queued_at=dt.datetime.fromtimestamp(env.queued_at, dt.UTC),
@@ -142,7 +143,8 @@ class Pipeline:
         if (held.ctx.cancelled and outcome.kind != "ok") or outcome.kind == "cancelled":
             if held.put_back:
                 return
-            log.info("cancelled %s[%s] after %.1f ms", env.name, env.id, elapsed_ms)
+            log.info("cancelled %s[%s] after %.1f ms", env.name, env.id, elapsed_ms,
+                     extra=task_fields(env.id, env.name, d.queue, env.attempt, elapsed_ms))
             await self._settle.finish(d, env, state, Status.CANCELLED)
             return
         await self._settle.outcome(d, env, state, outcome, elapsed_ms)
@@ -172,7 +174,8 @@ class Pipeline:
         held.ctx = TaskContext(env.id, env.name, env.attempt, dict(env.headers), self._progress_reporter(held), self._publisher())
         # A sync task of the thread pool may wait for a thread a while: said so, not "started".
         in_threads = not task.is_async and self._procs is None
-        log.info("%s %s[%s]", "handed to the task threads" if in_threads else "started", env.name, env.id)
+        log.info("%s %s[%s]", "handed to the task threads" if in_threads else "started", env.name, env.id,
+                 extra=task_fields(env.id, env.name, held.delivery.queue, env.attempt))
         started = time.perf_counter()
         job = Job(task, env, held.ctx)
         started_record = job.state_record = state.to_record()  # a snapshot: `state` changes later

@@ -16,8 +16,10 @@ from offload.app import Offload
 from offload.brokers.base import Broker, Delivery, Store
 from offload.errors import SerializationError
 from offload.hooks import call_each
+from offload.logs import task_fields
 from offload.message import Envelope
 from offload.result import Status, TaskState
+from offload.worker.metrics import WorkerMetrics
 from offload.worker.outcome import Outcome, backoff_delay
 from offload.worker.writer import StateWriter
 
@@ -37,8 +39,10 @@ def _utcnow() -> dt.datetime:
 class Settle:
     """The endings of a message, each storing its state before the broker hears."""
 
-    def __init__(self, app: Offload, broker: Broker, store: Store, writer: StateWriter) -> None:
+    def __init__(self, app: Offload, broker: Broker, store: Store, writer: StateWriter,
+                 metrics: WorkerMetrics | None = None) -> None:
         self._app, self._broker, self._store, self._writer = app, broker, store, writer
+        self._metrics = metrics
         #: Attempts that ran to an outcome (succeeded, failed or retried).
         self.processed = 0
         # Internal errors per message id (see after_internal_error); the oldest forgotten first.
@@ -56,7 +60,9 @@ class Settle:
                 state.result = None
                 outcome = Outcome("error", exc_type="SerializationError", message=f"the task's return value cannot be stored: {e}")
             else:
-                log.info("succeeded %s[%s] in %.1f ms", env.name, env.id, elapsed_ms)
+                self._observe(env, d, "succeeded", elapsed_ms)
+                log.info("succeeded %s[%s] in %.1f ms", env.name, env.id, elapsed_ms,
+                         extra=task_fields(env.id, env.name, d.queue, env.attempt, elapsed_ms))
                 if self._app.outcome_hooks and env.headers:
                     await self._writer.put(env.id, encoded, final=True)
                     await self.run_outcome_hooks(env, state)
@@ -72,19 +78,27 @@ class Settle:
                 delay = backoff_delay(env.attempt, env.retry_backoff or 1.0)
             state.status, state.finished_at = Status.RETRYING, None
             state.message = f"retrying in {delay:.1f} s"
+            self._observe(env, d, "retrying", elapsed_ms)
             log.info("retry %s[%s] in %.1f s (attempt %d of %d): %s: %s", env.name, env.id, delay, env.attempt,
-                     (env.retries or 0) + 1, outcome.exc_type, outcome.message)
+                     (env.retries or 0) + 1, outcome.exc_type, outcome.message,
+                     extra=task_fields(env.id, env.name, d.queue, env.attempt, elapsed_ms))
             await self._writer.put(env.id, self._app.encode_state(state))
             await self._broker.requeue(d, self._app.codec.encode(dataclasses.replace(env, attempt=env.attempt + 1)), delay)
             return
         if outcome.kind == "retry":
             state.error = {"type": "Retry", "message": f"no retries left after {env.attempt} attempt(s)", "traceback": ""}
         state.status = Status.FAILED
-        log.warning("failed %s[%s] in %.1f ms: %s: %s", env.name, env.id, elapsed_ms, state.error["type"], state.error["message"])
+        self._observe(env, d, "failed", elapsed_ms)
+        log.warning("failed %s[%s] in %.1f ms: %s: %s", env.name, env.id, elapsed_ms, state.error["type"], state.error["message"],
+                    extra=task_fields(env.id, env.name, d.queue, env.attempt, elapsed_ms))
         await self._writer.put(env.id, self._app.encode_state(state), final=True)
         if self._app.outcome_hooks and env.headers:
             await self.run_outcome_hooks(env, state)
         await self._broker.dead_letter(d, f"failed: {state.error['type']}: {state.error['message']}")
+
+    def _observe(self, env: Envelope, d: Delivery, status: str, elapsed_ms: float) -> None:
+        if self._metrics is not None:
+            self._metrics.observe(env.name, d.queue, status, elapsed_ms / 1000)
 
     async def finish(self, d: Delivery, env: Envelope, state: TaskState, status: Status) -> None:
         """End the message unrun or stopped (cancelled), with ``status``."""
@@ -97,7 +111,8 @@ class Settle:
         await self._writer.put(state.id, self._app.encode_state(state), ack=d, final=True)
 
     async def expire(self, d: Delivery, env: Envelope, state: TaskState) -> None:
-        log.warning("expired %s[%s]: not started before its expiry", env.name, env.id)
+        log.warning("expired %s[%s]: not started before its expiry", env.name, env.id,
+                    extra=task_fields(env.id, env.name, d.queue, env.attempt))
         self._writer.forget(env.id)  # the STARTED of a task that never began
         state.status, state.started_at, state.finished_at = Status.EXPIRED, None, _utcnow()
         await self._app._write_states([state])
