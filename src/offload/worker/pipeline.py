@@ -102,11 +102,7 @@ class Pipeline:
             queued_at=dt.datetime.fromtimestamp(env.queued_at, dt.UTC),
             meta={k: v for k, v in env.headers.items() if k in ("owner", "parent")},
         )
-        if env.id in self._revoked:
-            await self._settle.finish(d, env, state, Status.CANCELLED)
-            return
-        if _past_expiry(env):
-            await self._settle.expire(d, env, state)
+        if await self._ended_unrun(d, env, state):
             return
         if task is None:
             await self._settle.not_registered(d, env, state)
@@ -126,12 +122,8 @@ class Pipeline:
         async with places:
             if self._stopping.is_set():
                 return  # shutdown began while this waited for a slot: the worker puts it back
-            if env.id in self._revoked:
-                await self._settle.finish(d, env, state, Status.CANCELLED)
-                return
             # Again, now: waiting for a slot, or held back by a hook, may have taken it past.
-            if _past_expiry(env):
-                await self._settle.expire(d, env, state)
+            if await self._ended_unrun(d, env, state):
                 return
             outcome, elapsed_ms = await self._run(held, task, env, state)
         if not await self._heartbeat.confirm(d, env.name, env.attempt):
@@ -148,6 +140,16 @@ class Pipeline:
             await self._settle.finish(d, env, state, Status.CANCELLED)
             return
         await self._settle.outcome(d, env, state, outcome, elapsed_ms)
+
+    async def _ended_unrun(self, d: Delivery, env: Envelope, state: TaskState) -> bool:
+        """Cancelled, or past its expiry: settled so without running. False when it may run."""
+        if env.id in self._revoked:
+            await self._settle.finish(d, env, state, Status.CANCELLED)
+            return True
+        if _past_expiry(env):
+            await self._settle.expire(d, env, state)
+            return True
+        return False
 
     def _read(self, d: Delivery) -> Envelope | MessageError:
         """The message's envelope, verified and decoded; or why it cannot be read."""
