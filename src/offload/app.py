@@ -13,7 +13,7 @@ import threading
 import types
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from offload import forks, hooks, ratelimit, scheduler
@@ -33,6 +33,7 @@ from offload.workers import WorkerInfo, live_workers
 
 if TYPE_CHECKING:
     from offload.scheduler import Periodic
+    from offload.worker.outcome import Outcome
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -112,6 +113,13 @@ class Offload:
         #: to run now. A positive answer puts the message back with that delay, costing no
         #: attempt (rate limits hang on this).
         self.admission_hooks: list[Callable[[Envelope, Task[Any, Any]], Awaitable[float | None]]] = []
+        #: Called with each envelope built for sending (`delay()`, `adelay()`, a workflow's
+        #: steps), before it is encoded: a hook may add headers. An error raised fails the send.
+        self.send_hooks: list[Callable[[Envelope], None]] = []
+        #: Entered by the worker, in order, around a task's run and its settlement (outcome hooks
+        #: included): (envelope) -> a context manager whose value is called with the run's
+        #: outcome once it ends (not at all for a message that never ran). Tracing hangs on this.
+        self.run_wrappers: list[Callable[[Envelope], AbstractContextManager[Callable[[Outcome], None]]]] = []
         # Every app carries the workflow hook: a worker must move on a workflow whose members
         # it runs even when its own code never builds one. Messages without headers skip it.
         self.outcome_hooks.append(functools.partial(workflows.on_outcome, self))

@@ -69,13 +69,16 @@ class Sender:
         def pick(option: str, value: Any) -> Any:
             return value if known or option in opts.given else None
 
-        return Envelope(
+        env = Envelope(
             id=task_id or new_task_id(), name=name, args=tuple(args), kwargs=dict(kwargs), queue=opts.queue,
             priority=opts.priority, eta=eta, expires=pick("expires", expires), retries=pick("retries", opts.retries),
             retry_backoff=pick("retry_backoff", opts.retry_backoff_s), time_limit=pick("time_limit", opts.time_limit_s),
             soft_time_limit=pick("soft_time_limit", opts.soft_time_limit_s), key=opts.key, queued_at=now,
             headers=dict(opts.headers),
         )
+        for hook in self.app.send_hooks:
+            hook(env)
+        return env
 
     async def enqueue(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options, task_id: str | None = None) -> Result[Any]:
         """`adelay()`: build and send on the running loop."""

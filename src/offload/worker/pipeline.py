@@ -22,7 +22,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -115,6 +115,16 @@ class Pipeline:
                 log.debug("held back %s[%s] for %.2f s", env.name, env.id, wait_s)
                 await self._broker.requeue(d, None, wait_s)
                 return
+        with contextlib.ExitStack() as wrapped:
+            learners = [wrapped.enter_context(wrap(env)) for wrap in self._app.run_wrappers]
+            await self._run_and_settle(held, task, env, state, learners)
+
+    async def _run_and_settle(
+        self, held: Held, task: Task[Any, Any], env: Envelope, state: TaskState, learners: list[Callable[[Outcome], None]],
+    ) -> None:
+        """From waiting for a place to the settlement, inside the app's run wrappers, each of
+        whose ``learners`` hears the outcome of a run."""
+        d = held.delivery
         # Sync tasks of the thread pool go to the threads at once and wait there (see
         # ThreadRunner); the worker never leases more than its places, so they need no
         # semaphore of their own.
@@ -126,6 +136,8 @@ class Pipeline:
             if await self._ended_unrun(d, env, state):
                 return
             outcome, elapsed_ms = await self._run(held, task, env, state)
+        for learn in learners:
+            learn(outcome)
         if not await self._heartbeat.confirm(d, env.name, env.attempt):
             return
         if outcome.kind == "expired":  # it waited for a thread past its expiry, and never ran
