@@ -153,6 +153,15 @@ def test_a_failed_run_sets_error_and_records_the_exception(traced: Traced, sent:
     assert "raise ValueError(message)" in event["attributes"]["exception.stacktrace"]
 
 
+def test_each_attempt_has_a_process_span_linked_to_the_one_send(traced: Traced, sent: InMemorySpanExporter) -> None:
+    assert traced.app.send("traced.flaky").get(timeout=T) == 2
+    first, second = sorted(traced.worker_spans("process default", count=2), key=lambda s: s["attributes"]["offload.task.attempt"])
+    assert (first["attributes"]["offload.task.attempt"], second["attributes"]["offload.task.attempt"]) == (1, 2)
+    assert first["status"] == "ERROR"  # the attempt did not succeed, though the task did
+    assert second["status"] == "UNSET"
+    assert first["links"] == second["links"] == [ids(the_send_span(sent))]
+
+
 def test_an_async_tasks_own_spans_nest_under_the_process_span(traced_parented: Traced, sent: InMemorySpanExporter) -> None:
     inner_trace = traced_parented.app.send("traced.nested").get(timeout=T)
     (process,) = traced_parented.worker_spans("process default")

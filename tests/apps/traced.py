@@ -16,7 +16,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
-from offload import Offload
+from offload import Offload, Retry, current
 from offload.contrib.otel import instrument
 
 
@@ -67,6 +67,13 @@ def add(x: int, y: int) -> int:
 @app.task(name="traced.fail")
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+@app.task(name="traced.flaky", retries=1)
+def flaky() -> int:
+    if current.attempt == 1:
+        raise Retry(countdown=0, reason="once more")
+    return current.attempt
 
 
 @app.task(name="traced.nested")
