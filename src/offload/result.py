@@ -19,10 +19,11 @@ from offload.errors import (
     UnknownTask,
 )
 from offload.tokens import make_token
+from offload.workers import WorkerInfo, live_workers
 
 if TYPE_CHECKING:
     from offload.app import Offload
-    from offload.brokers.base import Direct
+    from offload.brokers.base import Direct, Store
 
 R = TypeVar("R")
 
@@ -71,6 +72,8 @@ class TaskState:
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # owner, workflow links
+    #: The queue it was sent to (None in states stored before offload kept it).
+    queue: str | None = None
 
     @property
     def done(self) -> bool:
@@ -84,7 +87,7 @@ class TaskState:
             "id": self.id, "name": self.name, "status": self.status.value, "progress": self.progress,
             "message": self.message, "result": self.result, "error": self.error, "attempts": self.attempts,
             "queued_at": ts(self.queued_at), "started_at": ts(self.started_at),
-            "finished_at": ts(self.finished_at), "meta": self.meta,
+            "finished_at": ts(self.finished_at), "meta": self.meta, "queue": self.queue,
         }
 
     @classmethod
@@ -95,7 +98,7 @@ class TaskState:
                 message=rec.get("message"), result=rec.get("result"), error=rec.get("error"),
                 attempts=rec.get("attempts", 0), queued_at=_utc(rec.get("queued_at")),
                 started_at=_utc(rec.get("started_at")), finished_at=_utc(rec.get("finished_at")),
-                meta=rec.get("meta") or {},
+                meta=rec.get("meta") or {}, queue=rec.get("queue"),
             )
         except (KeyError, ValueError, TypeError) as e:
             raise MessageError(f"corrupt task state: {e}") from None
@@ -183,24 +186,37 @@ class Result(Generic[R]):
         return make_token(self.app, self.id, expires_in)
 
 
-def not_done_after(states: Sequence[TaskState], timeout: float | None) -> str:
+def not_done_after(states: Sequence[TaskState], timeout: float | None, workers: Sequence[WorkerInfo] | None = None) -> str:
     """What a `ResultTimeout` says: where each task that has not ended stands, and for one that
-    never started, that no worker took it (none runs, or none consumes its queue)."""
+    never started, whether a live worker consumes its queue (``workers``: the live ones, when
+    they could be read)."""
     waiting = [s for s in states if not s.done]
     if len(waiting) == 1:
-        return f"{_where(waiting[0])} after waiting {timeout} s"
-    where = "; ".join(_where(s) for s in waiting[:5]) + ("; ..." if len(waiting) > 5 else "")
+        return f"{_where(waiting[0], workers)} after waiting {timeout} s"
+    where = "; ".join(_where(s, workers) for s in waiting[:5]) + ("; ..." if len(waiting) > 5 else "")
     return f"{len(waiting)} of {len(states)} tasks not done after waiting {timeout} s: {where}"
 
 
-def _where(state: TaskState) -> str:
+def _where(state: TaskState, workers: Sequence[WorkerInfo] | None) -> str:
     task = f"task {state.id} ({state.name})"
     if state.status is Status.QUEUED:
-        return f"{task} is still queued: no worker has started it (is a worker running on its queue?)"
+        return f"{task} is still queued: no worker has started it{_consumers(state.queue, workers)}"
     if state.status is Status.RETRYING:
         return f"{task} is waiting for attempt {state.attempts + 1}"
     since = "" if state.started_at is None else f" since {state.started_at.isoformat(timespec='seconds')}"
     return f"{task} is still running{since}, attempt {state.attempts}"
+
+
+def _consumers(queue: str | None, workers: Sequence[WorkerInfo] | None) -> str:
+    if workers is None or queue is None:
+        return " (is a worker running on its queue?)"
+    if not workers:
+        return "; no worker is live in this namespace"
+    serving = [w for w in workers if queue in w.queues]
+    if not serving:
+        consumed = ", ".join(sorted({q for w in workers for q in w.queues}))
+        return f"; no live worker consumes queue {queue!r} (the live ones consume {consumed})"
+    return f"; {len(serving)} live worker{'s' if len(serving) != 1 else ''} consume queue {queue!r}: it waits for a free place"
 
 
 class _WaitRules:
@@ -239,10 +255,33 @@ async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, m
             states = await app._read_states(ids)
             if rules.ended(states):
                 return states  # type: ignore[return-value]
-            await watch.wait(rules.next_block(states))
+            try:
+                block = rules.next_block(states)
+            except ResultTimeout:
+                raise ResultTimeout(not_done_after(_known(states), rules.timeout, await _live_or_none(store))) from None
+            await watch.wait(block)
             finals = watch.final_states(ids)
             if finals is not None:  # each came with its change signal: no read
                 return [app.decode_state(raw) for raw in finals]
+
+
+def _known(states: Sequence[TaskState | None]) -> list[TaskState]:
+    return [s for s in states if s is not None]
+
+
+async def _live_or_none(store: Store) -> list[WorkerInfo] | None:
+    """The live workers, for a timeout's message; None when the registry cannot be read."""
+    try:
+        return await live_workers(store)
+    except Exception:
+        return None
+
+
+def _live_or_none_sync(app: Offload) -> list[WorkerInfo] | None:
+    try:
+        return app.workers()
+    except Exception:
+        return None
 
 
 def wait_state_direct(
@@ -265,7 +304,11 @@ def wait_state_direct(
         if rules.ended([read]):
             assert read is not None
             return read
-        raw = direct.wait_final(task_id, rules.next_block([read]))
+        try:
+            block = rules.next_block([read])
+        except ResultTimeout:
+            raise ResultTimeout(not_done_after(_known([read]), rules.timeout, _live_or_none_sync(app))) from None
+        raw = direct.wait_final(task_id, block)
         if raw is not None:
             state = app.decode_state(raw)
             if state.done:

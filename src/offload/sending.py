@@ -90,7 +90,7 @@ class Sender:
         app = self.app
         body = app.codec.encode(env)  # first: what cannot be encoded fails before anything is sent
         queued = TaskState(
-            id=env.id, name=env.name, status=Status.QUEUED,
+            id=env.id, name=env.name, status=Status.QUEUED, queue=env.queue,
             queued_at=dt.datetime.fromtimestamp(env.queued_at, dt.UTC),
             meta={k: v for k, v in env.headers.items() if k in ("owner", "parent")},
         )

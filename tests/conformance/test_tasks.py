@@ -47,14 +47,28 @@ def test_get_times_out_while_queued(harness: Harness) -> None:
     r = harness.task("add").delay(1, 1)
     with pytest.raises(ResultTimeout) as info:
         r.get(timeout=0.3)
-    # It says where the task stands: nobody has started it, so no worker took it.
+    # It says where the task stands: nobody has started it, and no worker is live at all.
     assert str(info.value) == (
-        f"task {r.id} (tests.apps.basic.add) is still queued: no worker has started it "
-        "(is a worker running on its queue?) after waiting 0.3 s"
+        f"task {r.id} (tests.apps.basic.add) is still queued: no worker has started it; "
+        "no worker is live in this namespace after waiting 0.3 s"
     )
     with pytest.raises(TimeoutError):  # ResultTimeout is a TimeoutError too
         r.get(timeout=0.1)
     assert r.status() is Status.QUEUED
+
+
+def test_a_timeout_names_the_queue_no_live_worker_consumes(harness: Harness) -> None:
+    harness.needs_processes()
+    harness.worker("-q", "images,default")
+    r = harness.task("add").options(queue="exports").delay(1, 1)
+    # From a sync caller (the store's blocking face where there is one) and from a coroutine
+    for wait in (lambda: r.get(timeout=0.3), lambda: harness.app._portal.run(r.wait(timeout=0.3))):
+        with pytest.raises(ResultTimeout) as info:
+            wait()
+        assert str(info.value) == (
+            f"task {r.id} (tests.apps.basic.add) is still queued: no worker has started it; no live worker "
+            "consumes queue 'exports' (the live ones consume default, images) after waiting 0.3 s"
+        )
 
 
 def test_a_timeout_on_a_running_task_says_it_runs(harness: Harness) -> None:

@@ -98,7 +98,7 @@ class Pipeline:
         held.env = env
         log.info("received %s[%s] attempt %d", env.name, env.id, env.attempt, extra=task_fields(env.id, env.name, d.queue, env.attempt))
         state = TaskState(
-            id=env.id, name=env.name, status=Status.STARTED, attempts=env.attempt,
+            id=env.id, name=env.name, status=Status.STARTED, attempts=env.attempt, queue=d.queue,
             queued_at=dt.datetime.fromtimestamp(env.queued_at, dt.UTC),
             meta={k: v for k, v in env.headers.items() if k in ("owner", "parent")},
         )
