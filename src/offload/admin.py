@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -72,8 +73,6 @@ async def replay(app: Offload, ids: Sequence[str] | None = None) -> list[str]:
 
 async def follow(app: Offload, task_id: str, timeout: float | None = None) -> AsyncIterator[TaskState]:
     """Every state a task goes through (as seen by this reader), ending with its final one."""
-    import time
-
     deadline = None if timeout is None else time.monotonic() + timeout
     store = await app._store()
     async with store.watch([task_id]) as watch:
