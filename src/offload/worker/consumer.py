@@ -375,6 +375,7 @@ class Worker:
         finally:
             if not self._abandoned:
                 self._held.pop(d.id, None)
+            self.heartbeat.forget(d.id)
             if self._metrics is not None:
                 self._metrics.set_running(len(self._held))
             self._places.changed.set()

@@ -76,8 +76,11 @@ class Heartbeat:
             self._mark_lost(d, unheard)
         log.warning("lease lost on %s[%s]: another worker holds it now; the outcome of this run is dropped",
                     name, d.id, extra=task_fields(d.id, name, d.queue, attempt))
-        self.lost.discard(d.id)
         return False
+
+    def forget(self, message_id: str) -> None:
+        """The worker is done with this message, however it ended."""
+        self.lost.discard(message_id)
 
     def _mark_lost(self, d: Delivery, unheard_s: float) -> None:
         if d.id not in self.lost:
