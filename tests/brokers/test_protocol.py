@@ -1,17 +1,7 @@
 """The Broker and Store protocols, test by test, against every backend kind.
 
-Every broker keeps the same state machine for each message, and the broker tests below check it
-rule by rule::
-
-    enqueue ───────────▶ ready ◀──── its time comes ──── delayed ◀── enqueue with an eta
-                           │   ▲                                ▲
-         fetch: claim and  │   │ requeue,                       │ requeue with delay_s > 0
-         lease in one step │   │ or the lease runs out          │
-         (a new receipt)   ▼   │                                │
-                          leased ───────────────────────────────┘
-                           ├── extend: leased for lease_s more, from now
-                           ├── ack: gone
-                           └── dead_letter(reason): a dead letter, its reason and exact bytes kept
+Every broker keeps the state machine drawn in `offload.brokers.base`'s docstring; the broker
+tests below check it rule by rule:
 
 * A lease belongs to the receipt of the claim that made it. Once a lease has run out and the
   message was claimed again, an ack, requeue, extend or dead letter carrying the old receipt
