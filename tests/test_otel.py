@@ -162,8 +162,9 @@ def test_each_attempt_has_a_process_span_linked_to_the_one_send(traced: Traced, 
     assert first["links"] == second["links"] == [ids(the_send_span(sent))]
 
 
-def test_an_async_tasks_own_spans_nest_under_the_process_span(traced_parented: Traced, sent: InMemorySpanExporter) -> None:
-    inner_trace = traced_parented.app.send("traced.nested").get(timeout=T)
+@pytest.mark.parametrize("task", ["traced.nested", "traced.nested_in_thread"], ids=["async", "thread"])
+def test_a_tasks_own_spans_nest_under_the_process_span(traced_parented: Traced, sent: InMemorySpanExporter, task: str) -> None:
+    inner_trace = traced_parented.app.send(task).get(timeout=T)
     (process,) = traced_parented.worker_spans("process default")
     (inside,) = traced_parented.worker_spans("inside")
     assert inside["parent"] == ids(process)

@@ -76,6 +76,13 @@ def flaky() -> int:
     return current.attempt
 
 
+@app.task(name="traced.nested_in_thread")
+def nested_in_thread() -> str:
+    """The same from a sync task, in one of the worker's task threads."""
+    with tracer.start_as_current_span("inside"):
+        return f"{trace.get_current_span().get_span_context().trace_id:032x}"
+
+
 @app.task(name="traced.nested")
 async def nested() -> str:
     """A span of the task's own, which nests under the process span on the loop."""

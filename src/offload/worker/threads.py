@@ -10,6 +10,8 @@ callbacks on both sides: about twice the CPU per task, and a no-op task pays it 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import queue
 import threading
@@ -86,7 +88,9 @@ class TaskThreads:
             raise UsageError("the task threads are closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((loop, future, fn))
+        # The caller's context goes along, as asyncio.to_thread does: what is current where the
+        # task is handed over (a tracing span, for one) is current where it runs.
+        self._queue.put((loop, future, functools.partial(contextvars.copy_context().run, fn)))
         return future
 
     def _serve(self) -> None:
