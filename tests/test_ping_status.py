@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 
-from tests.support import free_port, run_cli, start_worker
+from offload import Offload
+from tests.support import OffloadProcess, env_for, free_port, run_cli, start_worker
 
 APP = "tests.apps.basic:app"
 
@@ -43,3 +45,22 @@ def test_ping_with_the_broker_down_exits_69(namespace: str) -> None:
     down = run_cli(f"redis://127.0.0.1:{free_port()}/0", namespace, "ping", APP)
     assert down.returncode == 69, down
     assert down.stderr.startswith("offload: error: ") and "Traceback" not in down.stderr
+
+
+def test_status_watch_refreshes_until_interrupted(tmp_path: Path, namespace: str) -> None:
+    url = f"sqlite:///{tmp_path / 'offload.db'}"
+    watch = OffloadProcess(["status", APP, "--watch", "--interval", "0.2"], env_for(url, namespace), ready_line=None)
+    app = Offload(url, namespace=namespace)
+    try:
+        # Given a watch (piped: one frame after another) that has drawn the empty namespace
+        watch.wait_for("workers: none live")
+        # When a task is queued, a later frame shows it without being asked
+        app.ref("tests.apps.basic.add").options(queue="images").delay(1, 2)
+        watch.wait_for(lambda line: re.search(r"queue images\s+1$", line) is not None, timeout=10)
+        # And Ctrl-C ends the watch with exit 0
+        watch.interrupt()
+        assert watch.wait(10) == 0, watch.output
+        assert "Traceback" not in watch.output
+    finally:
+        watch.stop()
+        app.close()

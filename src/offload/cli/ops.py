@@ -22,7 +22,7 @@ from offload.workers import consuming
                        "  offload status app --json\n  offload status app 3kTMd9o0Zr9Zl2x7VvXbQA")
 @click.argument("app_spec", metavar="APP")
 @click.argument("task_id", required=False)
-@click.option("--watch", is_flag=True, help="Refresh in place every --interval seconds until Ctrl-C.")
+@click.option("--watch", is_flag=True, help="Refresh in place every --interval seconds until Ctrl-C (piped: one frame after another).")
 @click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the same as one JSON object.")
 @user_errors
@@ -39,7 +39,14 @@ def status(app_spec: str, task_id: str | None, watch: bool, interval: float, as_
     if not watch:
         click.echo(render_overview(app._portal.run(admin.overview(app))), nl=False)
         return
-    from rich.live import Live  # only --watch draws
+    if not sys.stdout.isatty():
+        # Piped or logged: one frame after the other, as `watch` would print them.
+        with contextlib.suppress(KeyboardInterrupt):
+            while True:
+                click.echo(render_overview(app._portal.run(admin.overview(app))))
+                time.sleep(interval)
+        return
+    from rich.live import Live  # only --watch on a terminal draws in place
 
     with Live(auto_refresh=False, screen=False) as live, contextlib.suppress(KeyboardInterrupt):
         while True:
