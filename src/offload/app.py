@@ -14,7 +14,7 @@ import types
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from offload import forks, hooks, ratelimit, scheduler
 from offload import workflow as workflows
@@ -128,7 +128,7 @@ class Offload:
         self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Backends] = weakref.WeakKeyDictionary()
         self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
         # The sync face's blocking client (None until asked for; False when the backend has none).
-        self._direct_client: Direct | bool | None = None
+        self._direct_client: Direct | Literal[False] | None = None
         self._direct_lock = threading.Lock()
         forks.after_fork(self._after_fork)
 
@@ -281,22 +281,16 @@ class Offload:
         await store.put_states([(s.id, self.encode_state(s)) for s in states], self.result_ttl_s, final)
 
     def _direct(self) -> Direct | None:
-        """The result store's blocking face for sync calls, if it has one. It is made once the
+        """The result store's blocking face for sync calls, if it has one (kept in
+        ``_direct_client``: None until made, False when there is none). It is made once the
         loop-side backends have connected, so an unreachable server fails as usual."""
-        return self._made_once("_direct_client", lambda _: make_direct(self.results_url, self.namespace))  # type: ignore[no-any-return]
-
-    def _made_once(self, attribute: str, make: Callable[[Backends], Any]) -> Any:
-        """A blocking face kept in ``attribute`` (None until made, False when there is none),
-        made from the loop-side backends once they have connected."""
         forks.check()
-        made = getattr(self, attribute)
-        if made is None:
-            backends = self._portal.run(self._backends())
+        if self._direct_client is None:
+            self._portal.run(self._backends())
             with self._direct_lock:
-                if getattr(self, attribute) is None:
-                    setattr(self, attribute, make(backends) or False)
-            made = getattr(self, attribute)
-        return made or None
+                if self._direct_client is None:
+                    self._direct_client = make_direct(self.results_url, self.namespace) or False
+        return self._direct_client or None
 
     # -- sending: the routes live in offload.sending ------------------------------------------
     def build(self, name: str, args: Sequence[Any], kwargs: dict[str, Any], opts: Options, task_id: str | None = None) -> Envelope:
