@@ -174,6 +174,14 @@ class Worker:
 
     async def _serve(self, on_ready: Callable[[], Any] | None) -> int:
         assert self._loop is not None and self._stopping is not None
+        # First: a port that cannot be served stops the worker before it starts threads or children.
+        self._metrics = metrics = WorkerMetrics() if self.metrics_port is not None else None
+        try:
+            exporter = metrics.serve(self.metrics_host, self.metrics_port or 0) if metrics is not None else None
+        except OSError as e:
+            raise ConfigError(f"cannot serve the worker's metrics on {self.metrics_host}:{self.metrics_port}: {e}") from None
+        if exporter is not None:
+            log.info("worker metrics on http://%s:%d/metrics", exporter.host, exporter.port)
         self.broker.hands_out_early = True  # the pipeline awaits each message's admission
         self._refill = Refill(self._places, self.queues, self.broker, self._stopping)
         # The writer asks for refills only where the broker can do them with this store.
@@ -188,13 +196,6 @@ class Worker:
             await self.procs.start()
         if self.handle_signals:
             freeze_startup_heap()
-        self._metrics = metrics = WorkerMetrics() if self.metrics_port is not None else None
-        try:
-            exporter = metrics.serve(self.metrics_host, self.metrics_port or 0) if metrics is not None else None
-        except OSError as e:
-            raise ConfigError(f"cannot serve the worker's metrics on {self.metrics_host}:{self.metrics_port}: {e}") from None
-        if exporter is not None:
-            log.info("worker metrics on http://%s:%d/metrics", exporter.host, exporter.port)
         registration = Registration(self.store, queues=self.queues, concurrency=self.concurrency, pool=self.pool,
                                     timeout_s=self.broker.lease_s)
         self.heartbeat = Heartbeat(self.broker, registration, lambda: [h.delivery for h in self._held.values()])
