@@ -2,7 +2,7 @@
 
 Apps created with the same ``memory://name`` URL in one process share queues and results, so a
 worker running in a thread sees what the test enqueued. This module also serves as the plainest
-statement of the protocol's semantics (the state machine is drawn in tests/brokers/test_protocol.py).
+statement of the protocol's semantics (the state machine is drawn in `offload.brokers.base`).
 
 A delivery's receipt is the message's delivery count at its claim: every claim raises it, so it
 names the claim. Ack, requeue, extend and dead letter act only for the receipt of the latest
