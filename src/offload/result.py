@@ -235,14 +235,19 @@ class _WaitRules:
         done = sum(1 for s in states if s is not None and s.done)
         return done == len(self.ids) or (self.mode == "any" and done > 0)
 
-    def next_block(self, states: Sequence[TaskState | None]) -> float:
-        """Seconds to block before the next read; ResultTimeout once the deadline has passed."""
+    def next_block(self, states: Sequence[TaskState | None]) -> float | None:
+        """Seconds to block before the next read; None once the deadline has passed."""
         if self.deadline is None:
             return SAFETY_POLL_S
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise ResultTimeout(not_done_after([s for s in states if s is not None], self.timeout))
+            return None
         return min(left, SAFETY_POLL_S)
+
+    def timed_out(self, states: Sequence[TaskState | None], workers: Sequence[WorkerInfo] | None) -> ResultTimeout:
+        """The error once the deadline has passed, saying where each task stands (``workers``:
+        the live ones, or None when they could not be read)."""
+        return ResultTimeout(not_done_after([s for s in states if s is not None], self.timeout, workers))
 
 
 async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, mode: str = "all") -> list[TaskState]:
@@ -255,18 +260,13 @@ async def wait_states(app: Offload, ids: Sequence[str], timeout: float | None, m
             states = await app._read_states(ids)
             if rules.ended(states):
                 return states  # type: ignore[return-value]
-            try:
-                block = rules.next_block(states)
-            except ResultTimeout:
-                raise ResultTimeout(not_done_after(_known(states), rules.timeout, await _live_or_none(store))) from None
+            block = rules.next_block(states)
+            if block is None:
+                raise rules.timed_out(states, await _live_or_none(store))
             await watch.wait(block)
             finals = watch.final_states(ids)
             if finals is not None:  # each came with its change signal: no read
                 return [app.decode_state(raw) for raw in finals]
-
-
-def _known(states: Sequence[TaskState | None]) -> list[TaskState]:
-    return [s for s in states if s is not None]
 
 
 async def _live_or_none(store: Store) -> list[WorkerInfo] | None:
@@ -304,10 +304,9 @@ def wait_state_direct(
         if rules.ended([read]):
             assert read is not None
             return read
-        try:
-            block = rules.next_block([read])
-        except ResultTimeout:
-            raise ResultTimeout(not_done_after(_known([read]), rules.timeout, _live_or_none_sync(app))) from None
+        block = rules.next_block([read])
+        if block is None:
+            raise rules.timed_out([read], _live_or_none_sync(app))
         raw = direct.wait_final(task_id, block)
         if raw is not None:
             state = app.decode_state(raw)
