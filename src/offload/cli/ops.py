@@ -33,24 +33,27 @@ def status(app_spec: str, task_id: str | None, watch: bool, interval: float, as_
     if task_id:
         show_task(app, task_id, as_json)
         return
+    def overview() -> dict[str, Any]:
+        return app._portal.run(admin.overview(app))
+
     if as_json:
-        click.echo(json.dumps(app._portal.run(admin.overview(app))))
+        click.echo(json.dumps(overview()))
         return
     if not watch:
-        click.echo(render_overview(app._portal.run(admin.overview(app))), nl=False)
+        click.echo(render_overview(overview()), nl=False)
         return
     if not sys.stdout.isatty():
         # Piped or logged: one frame after the other, as `watch` would print them.
         with contextlib.suppress(KeyboardInterrupt):
             while True:
-                click.echo(render_overview(app._portal.run(admin.overview(app))))
+                click.echo(render_overview(overview()))
                 time.sleep(interval)
         return
     from rich.live import Live  # only --watch on a terminal draws in place
 
     with Live(auto_refresh=False, screen=False) as live, contextlib.suppress(KeyboardInterrupt):
         while True:
-            live.update(render_overview(app._portal.run(admin.overview(app))), refresh=True)
+            live.update(render_overview(overview()), refresh=True)
             time.sleep(interval)
 
 
