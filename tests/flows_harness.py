@@ -48,8 +48,8 @@ class Harness:
         since its workers run in this process."""
         app = Offload(self.url, namespace=self.namespace, results=self.results, **kwargs)
         if self.kind == "memory":
-            for name, t in flows.app.tasks.items():
-                app.tasks[name] = Task(app, t.fn, name, t.opts)
+            for name, t in flows.app.registry.items():
+                app.registry[name] = Task(app, t.fn, name, t.opts)
                 if t.opts.rate_limit:
                     ratelimit.install(app)
             app.periodic_tasks = list(flows.app.periodic_tasks)

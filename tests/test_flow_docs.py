@@ -78,5 +78,5 @@ def test_the_periodic_examples_work_as_written(monkeypatch: pytest.MonkeyPatch) 
         "docs_periodic.sweep": "every(120 s)",
         "hourly-cleanup": "every(3600 s)",
     }
-    cleanup = app.tasks["hourly-cleanup"]
+    cleanup = app.registry["hourly-cleanup"]
     assert cleanup.opts.queue == "maintenance" and app.periodic_tasks[-1].catch_up

@@ -81,7 +81,7 @@ def test_periodic_registers_a_task_and_its_schedule() -> None:
     @app.periodic(cron("0 3 * * *"), name="nightly-report", catch_up=True)
     def report() -> None: ...
 
-    assert isinstance(sweep, Task) and sweep.name in app.tasks and sweep.opts.queue == "maintenance"
+    assert isinstance(sweep, Task) and sweep.name in app.registry and sweep.opts.queue == "maintenance"
     [p_sweep, p_report] = app.periodic_tasks
     assert (p_sweep.name, p_sweep.task, p_sweep.opts.queue, p_sweep.catch_up) == (sweep.name, sweep.name, "maintenance", False)
     assert (p_report.name, p_report.task, p_report.catch_up) == ("nightly-report", "nightly-report", True)

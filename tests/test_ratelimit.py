@@ -30,7 +30,7 @@ def test_a_bad_rate_fails_at_decoration_time(text: str) -> None:
         @app.task(name="limited", rate_limit=text)
         def limited() -> None: ...
 
-    assert app.tasks == {} and app.admission_hooks == []
+    assert app.registry == {} and app.admission_hooks == []
 
 
 def test_the_limiter_is_hung_on_the_app_once_and_only_when_needed() -> None:

@@ -36,7 +36,7 @@ def test_names_and_inline_calls(app: Offload) -> None:
     assert add_task.name == f"{__name__}.add"
     assert app.task(Invoices.total).name == f"{__name__}.Invoices.total"
     assert add_task(1, 2) == 3 and thumb("p") == "p"
-    assert app.tasks["custom.name"] is thumb
+    assert app.registry["custom.name"] is thumb
     assert thumb.opts.queue == "images" and thumb.opts.priority == 5 and thumb.opts.time_limit_s == 30
 
 
@@ -47,9 +47,9 @@ def test_a_function_a_worker_cannot_import_needs_a_name(app: Offload) -> None:
         app.task(local)
     with pytest.raises(ConfigError, match=r"is a lambda.*name="):
         app.task(lambda: None)
-    assert app.tasks == {}
+    assert app.registry == {}
     named = app.task(name="reports.local")(local)
-    assert named.name == "reports.local" and app.tasks == {"reports.local": named}
+    assert named.name == "reports.local" and app.registry == {"reports.local": named}
 
 
 def test_async_tasks_are_recognised(app: Offload) -> None:

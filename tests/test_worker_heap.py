@@ -28,7 +28,7 @@ def test_a_worker_process_freezes_its_startup_heap(tmp_path: Path, namespace: st
 
 def test_a_worker_in_a_thread_leaves_the_heap_alone() -> None:
     app = Offload("memory://heap", namespace="heap")
-    app.tasks["frozen"] = type(basic.frozen_objects)(app, basic.frozen_objects.fn, "frozen", basic.frozen_objects.opts)
+    app.registry["frozen"] = type(basic.frozen_objects)(app, basic.frozen_objects.fn, "frozen", basic.frozen_objects.opts)
     runner = thread_worker(app)
     try:
         assert app.ref("frozen").delay().get(timeout=10) == 0

@@ -66,7 +66,7 @@ async def replay(app: Offload, ids: Sequence[str] | None = None) -> list[str]:
             env = dataclasses.replace(env, attempt=1, expires=None, eta=None)
             body, name, priority = app.codec.encode(env), env.name, env.priority
             queued = TaskState(id=env.id, name=name, status=Status.QUEUED, queue=queue, queued_at=dt.datetime.now(dt.UTC))
-            await backends.store.put_states([(env.id, app.encode_state(queued))], app.result_ttl_s)
+            await backends.store.put_states([app.state_row(queued)], app.result_ttl_s)
         await backends.broker.enqueue(OutgoingMessage(id=dead.id, queue=queue, body=body, priority=priority))
     return [d.id for d in replayed]
 

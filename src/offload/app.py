@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from contextlib import AbstractContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
-from offload import forks, hooks, ratelimit, scheduler
+from offload import forks, history, hooks, ratelimit, scheduler
 from offload import workflow as workflows
 from offload.brokers import Backends, check_stores_results, check_url, make_direct, open_backends
-from offload.brokers.base import DEFAULT_HEARTBEAT_TIMEOUT_S, Broker, Direct, Store
+from offload.brokers.base import DEFAULT_HEARTBEAT_TIMEOUT_S, Broker, Direct, StateRow, Store
 from offload.channels import CONTROL_CHANNEL, check_channel_name
 from offload.config import BrokerURL, absolute_sqlite, parse_url
 from offload.errors import ConfigError, MessageError
@@ -100,7 +100,7 @@ class Offload:
                                     else float(heartbeat_timeout))
         if self.heartbeat_timeout_s <= 0:
             raise ConfigError(f"heartbeat_timeout must be positive, got {self.heartbeat_timeout_s:g} s")
-        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.registry: dict[str, Task[Any, Any]] = {}
         self.worker_start_hooks: list[Callable[[], Any]] = []
         self.periodic_tasks: list[Periodic] = []
         #: "module:attribute" this app was loaded from (set by offload.loading; process pools need it).
@@ -160,14 +160,14 @@ class Offload:
 
         def register(f: Callable[P, Any]) -> Task[P, Any]:
             task_name_ = name or task_name(f)
-            existing = self.tasks.get(task_name_)
+            existing = self.registry.get(task_name_)
             if existing is not None and existing.fn is not f and getattr(existing.fn, "__code__", None) is not getattr(f, "__code__", None):
                 raise ConfigError(f"two different functions registered as task {task_name_!r}; give one of them name=...")
             if opts.rate_limit is not None:
                 ratelimit.parse_rate(opts.rate_limit)  # a bad one fails here, at decoration time
                 ratelimit.install(self)
             t: Task[P, Any] = (AsyncTask if inspect.iscoroutinefunction(f) else Task)(self, f, task_name_, opts)
-            self.tasks[task_name_] = t
+            self.registry[task_name_] = t
             return t
 
         return register(fn) if fn is not None else register
@@ -177,7 +177,7 @@ class Offload:
         return TaskRef(self, name, self._default_options(name))
 
     def _default_options(self, name: str) -> Options:
-        t = self.tasks.get(name)
+        t = self.registry.get(name)
         return t.opts if t is not None else Options()
 
     def send(self, name: str, *args: Any, **kwargs: Any) -> Result[Any]:
@@ -213,6 +213,18 @@ class Offload:
 
     async def aworkers(self) -> list[WorkerInfo]:
         return await live_workers(await self._store())
+
+    def tasks(self, status: Status | str | None = None, name: str | None = None, queue: str | None = None,
+              limit: int = 100, before: dt.datetime | float | None = None) -> list[TaskState]:
+        """The stored task states, newest queued first: those with this status, task name and
+        queue (each filter when given), queued before ``before``; ``limit`` at most. Pass the
+        last one's ``queued_at`` as ``before`` for the next page. From the result store, so it
+        survives restarts of everything but the store, and keeps each state ``result_ttl``."""
+        return self._portal.run(self.atasks(status, name, queue, limit, before))
+
+    async def atasks(self, status: Status | str | None = None, name: str | None = None, queue: str | None = None,
+                     limit: int = 100, before: dt.datetime | float | None = None) -> list[TaskState]:
+        return await history.list_tasks(self, history.query(status, name, queue, limit, before))
 
     def asgi(self, **options: Any) -> Any:
         """The browser gateway (long polling, SSE, channels, offload.js, metrics) as an ASGI
@@ -260,6 +272,10 @@ class Offload:
     def encode_state(self, state: TaskState) -> bytes:
         return self.codec.dumps(state.to_record())
 
+    def state_row(self, state: TaskState) -> StateRow:
+        """The state encoded for a store, with what its history files it under."""
+        return StateRow(state.id, self.encode_state(state), history.listing(state))
+
     def decode_state(self, data: bytes) -> TaskState:
         try:
             return TaskState.from_record(self.codec.loads(data))
@@ -278,7 +294,7 @@ class Offload:
     async def _write_states(self, states: Sequence[TaskState]) -> None:
         store = await self._store()
         final = {s.id for s in states if s.done}
-        await store.put_states([(s.id, self.encode_state(s)) for s in states], self.result_ttl_s, final)
+        await store.put_states([self.state_row(s) for s in states], self.result_ttl_s, final)
 
     def _direct(self) -> Direct | None:
         """The result store's blocking face for sync calls, if it has one (kept in

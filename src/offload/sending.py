@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from offload.brokers.base import Broker, OutgoingMessage, Store
+from offload.brokers.base import Broker, OutgoingMessage, StateRow, Store
 from offload.message import Envelope, new_task_id
 from offload.result import Result, Status, TaskState
 from offload.task import Options
@@ -64,7 +64,7 @@ class Sender:
             expires = now + float(opts.expires)
         # Send what this process knows: everything for a task registered here, only the options
         # given explicitly for a task known by name. The worker fills in the rest.
-        known = name in self.app.tasks
+        known = name in self.app.registry
 
         def pick(option: str, value: Any) -> Any:
             return value if known or option in opts.given else None
@@ -84,7 +84,7 @@ class Sender:
         """`adelay()`: build and send on the running loop."""
         return await self.enqueue_envelope(self.build(name, args, kwargs, opts, task_id))
 
-    def outgoing(self, env: Envelope, with_state: bool) -> tuple[OutgoingMessage, bytes]:
+    def outgoing(self, env: Envelope, with_state: bool) -> tuple[OutgoingMessage, StateRow]:
         """The message for an envelope and its encoded QUEUED state, carried by the message
         when ``with_state`` (a broker that is its own store writes both in one step)."""
         app = self.app
@@ -94,10 +94,11 @@ class Sender:
             queued_at=dt.datetime.fromtimestamp(env.queued_at, dt.UTC),
             meta={k: v for k, v in env.headers.items() if k in ("owner", "parent")},
         )
-        state = app.encode_state(queued)
+        state = app.state_row(queued)
         message = OutgoingMessage(
             id=env.id, queue=env.queue, body=body, priority=env.priority, eta=env.eta, key=env.key, expires=env.expires,
-            state=state if with_state else None, state_ttl_s=app.result_ttl_s if with_state else None,
+            state=state.data if with_state else None, state_ttl_s=app.result_ttl_s if with_state else None,
+            state_listing=state.listing if with_state else None,
         )
         return message, state
 
@@ -113,17 +114,17 @@ class Sender:
         else:
             # A keyed message may not be sent at all (its key is held by another): its state
             # is written first, then the message.
-            await backends.store.put_states([(env.id, state)], app.result_ttl_s)
+            await backends.store.put_states([state], app.result_ttl_s)
             holder = await backends.broker.enqueue(message)
         if holder != env.id:
             holder = await self._wait_for_finished_holder(backends.broker, message, holder)
         return Result(app, holder, sent_here=holder == env.id)
 
-    async def _send_beside_state(self, broker: Broker, store: Store, message: OutgoingMessage, state: bytes) -> str:
+    async def _send_beside_state(self, broker: Broker, store: Store, message: OutgoingMessage, state: StateRow) -> str:
         """Send the message and store its QUEUED state at the same time: the send does not wait
         for a second server. The state is written only where none is stored, so the final state
         of a worker that was quicker than the write stays."""
-        write = asyncio.ensure_future(_after_one_turn(store.put_states_if_absent([(message.id, state)], self.app.result_ttl_s)))
+        write = asyncio.ensure_future(_after_one_turn(store.put_states_if_absent([state], self.app.result_ttl_s)))
         try:
             holder = await broker.enqueue(message)
         except BaseException:

@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 
 from offload.brokers import make_broker, make_store
-from offload.brokers.base import Broker, OutgoingMessage, Store
+from offload.brokers.base import Broker, HistoryQuery, Listing, OutgoingMessage, StateRow, Store
 from offload.brokers.signals import Listener
 from offload.brokers.sqlite import SqliteBroker, SqliteStore, database_path, notify, queries
-from offload.brokers.sqlite.connection import connect
+from offload.brokers.sqlite.connection import SCHEMA_VERSION, connect
 from offload.brokers.sqlite.database import noop
 from offload.config import parse_url
 from offload.errors import BrokerUnavailable, ConfigError
@@ -648,3 +648,26 @@ async def test_concurrent_calls_share_transactions_and_keep_their_own_answers(br
     )
     await asyncio.sleep(0.01)  # past c's time to live: the wait is what is tested
     assert await store.get_states(["a", "b", "c"]) == [b"1-again", b"2", None]
+
+
+async def test_a_file_of_schema_2_gains_the_history_and_keeps_its_states(tmp_path: Path) -> None:
+    # The states table as schema 2 made it, with a state in it
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE states (namespace TEXT NOT NULL, task_id TEXT NOT NULL, data BLOB NOT NULL, "
+                 "expires_at REAL, PRIMARY KEY (namespace, task_id))")
+    conn.execute("INSERT INTO states VALUES ('default', 'old', x'6f6c64', NULL)")
+    conn.execute("PRAGMA user_version=2")
+    conn.commit()
+    conn.close()
+    store = make_store(parse_url(f"sqlite:///{path}"), "default")
+    await store.connect()
+    try:
+        assert await store.get_states(["old"]) == [b"old"]
+        await store.put_states([StateRow("new", b"new", Listing("queued", "tasks.x", "default", 1.0))])
+        assert await store.history(HistoryQuery()) == [("new", b"new")]
+    finally:
+        await store.close()
+    check = sqlite3.connect(path)
+    assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    check.close()

@@ -30,8 +30,8 @@ class Harness:
     def make_app(self, **kwargs: Any) -> Offload:
         app = Offload(self.url, namespace=self.namespace, results=self.results, **kwargs)
         if self.kind == "memory":  # the in-process worker needs the task functions themselves
-            for name, t in basic.app.tasks.items():
-                app.tasks[name] = Task(app, t.fn, name, t.opts)
+            for name, t in basic.app.registry.items():
+                app.registry[name] = Task(app, t.fn, name, t.opts)
             app.worker_start_hooks = list(basic.app.worker_start_hooks)
         return app
 

@@ -50,7 +50,7 @@ import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from offload.config import BrokerURL
 
@@ -61,6 +61,50 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0
 #: Where a store that keeps its worker registry in its key-value space puts the records (the
 #: space's other keys are `offload.ratelimit`'s and the workflows', none of them under it).
 WORKER_PREFIX = "worker:"
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What the history (`Store.history`) files a task state under. A store never decodes the
+    state's bytes, so whoever encodes a state gives these beside it."""
+
+    status: str
+    name: str
+    queue: str
+    queued_at: float  # epoch seconds: the history's order, newest first
+
+
+class StateRow(NamedTuple):
+    """A task state on its way into a store: its id, its encoded bytes, and what the history
+    files it under (None: kept, read by id, but not listed). A plain (id, data) pair is read
+    as a row without a listing."""
+
+    id: str
+    data: bytes
+    listing: Listing | None = None
+
+
+def state_rows(states: Sequence[StateRow]) -> list[StateRow]:
+    """The rows as `StateRow`s, a plain (id, data) pair becoming one without a listing."""
+    return [s if len(s) == 3 else StateRow(*s) for s in states]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """Which states `Store.history` lists: those whose listing matches every filter given,
+    queued before ``before`` (epoch seconds) when given, newest first, ``limit`` at most."""
+
+    status: str | None = None
+    name: str | None = None
+    queue: str | None = None
+    limit: int = 100
+    before: float | None = None
+
+    def matches(self, listing: Listing) -> bool:
+        return ((self.status is None or listing.status == self.status)
+                and (self.name is None or listing.name == self.name)
+                and (self.queue is None or listing.queue == self.queue)
+                and (self.before is None or listing.queued_at < self.before))
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +122,7 @@ class OutgoingMessage:
     # the same step as the message, before it can be fetched (never for a dedup loser).
     state: bytes | None = None
     state_ttl_s: float | None = None
+    state_listing: Listing | None = None
 
 
 @dataclass(slots=True)
@@ -196,7 +241,7 @@ class Broker(abc.ABC):
     async def store_and_ack(
         self,
         store: Store,
-        states: Sequence[tuple[str, bytes]],
+        states: Sequence[StateRow],
         ttl_s: float | None,
         final: Collection[str],
         deliveries: Sequence[Delivery],
@@ -315,27 +360,27 @@ class Store(abc.ABC):
 
     # -- task states ---------------------------------------------------------------------
     async def put_states(
-        self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None, final: Collection[str] = ()
+        self, states: Sequence[StateRow], ttl_s: float | None = None, final: Collection[str] = ()
     ) -> None:
         """Store each (task id, encoded state) and signal watchers of those ids. ``final`` names
         the ids whose state is their last: a store with a `Direct` face hands those to blocked
         `Direct.wait_final` callers. A ``ttl_s`` of None or <= 0 keeps them until deleted."""
         if states:
-            await self._put_states(states, kept_for(ttl_s), final)
+            await self._put_states(state_rows(states), kept_for(ttl_s), final)
 
     @abc.abstractmethod
-    async def _put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]) -> None:
+    async def _put_states(self, states: Sequence[StateRow], ttl_s: float | None, final: Collection[str]) -> None:
         """`put_states` for at least one state; ``ttl_s`` is None or > 0."""
 
-    async def put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None = None) -> None:
+    async def put_states_if_absent(self, states: Sequence[StateRow], ttl_s: float | None = None) -> None:
         """`put_states` for the ids that have no state yet (or an expired one), each atomically;
         the others keep theirs. For the QUEUED state written while the message is being sent:
         a worker that was quicker has stored a later state, which must stay."""
         if states:
-            await self._put_states_if_absent(states, kept_for(ttl_s))
+            await self._put_states_if_absent(state_rows(states), kept_for(ttl_s))
 
     @abc.abstractmethod
-    async def _put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None) -> None:
+    async def _put_states_if_absent(self, states: Sequence[StateRow], ttl_s: float | None) -> None:
         """`put_states_if_absent` for at least one state; ``ttl_s`` is None or > 0."""
 
     @abc.abstractmethod
@@ -344,6 +389,18 @@ class Store(abc.ABC):
 
     async def get_state(self, task_id: str) -> bytes | None:
         return (await self.get_states([task_id]))[0]
+
+    async def history(self, query: HistoryQuery) -> list[tuple[str, bytes]]:
+        """The (task id, state) of the live states whose listing matches ``query``, newest
+        queued first. A state stored without a listing is never in it; an expired one drops
+        out of it with its state."""
+        if query.limit <= 0:
+            return []
+        return await self._history(query)
+
+    @abc.abstractmethod
+    async def _history(self, query: HistoryQuery) -> list[tuple[str, bytes]]:
+        """`history` for a ``query.limit`` >= 1."""
 
     @abc.abstractmethod
     def watch(self, task_ids: Sequence[str]) -> AbstractAsyncContextManager[Watch]:
@@ -375,7 +432,7 @@ class Store(abc.ABC):
 
     async def put_states_and_set_many_if_absent(
         self,
-        states: Sequence[tuple[str, bytes]],
+        states: Sequence[StateRow],
         ttl_s: float | None,
         final: Collection[str],
         items: Sequence[tuple[str, bytes]],

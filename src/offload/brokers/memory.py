@@ -24,8 +24,11 @@ from offload.brokers.base import (
     Broker,
     DeadLetter,
     Delivery,
+    HistoryQuery,
+    Listing,
     OutgoingMessage,
     QueueStats,
+    StateRow,
     Store,
     Watch,
     expires_at,
@@ -94,6 +97,7 @@ class _Space:
     keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (ns, key) -> id
     dead: dict[tuple[str, str], DeadLetter] = field(default_factory=dict)
     states: dict[tuple[str, str], tuple[bytes, float | None]] = field(default_factory=dict)
+    listings: dict[tuple[str, str], Listing] = field(default_factory=dict)  # the history's index
     values: dict[tuple[str, str], tuple[bytes, float | None]] = field(default_factory=dict)
     channels: dict[tuple[str, str], set[_Subscriber]] = field(default_factory=dict)
     lanes: dict[tuple[str, str], _Lanes] = field(default_factory=dict)
@@ -144,6 +148,8 @@ class MemoryBroker(Broker):
             if message.state is not None:
                 until = time.time() + message.state_ttl_s if message.state_ttl_s else None
                 s.states[(ns, message.id)] = (message.state, until)
+                if message.state_listing is not None:
+                    s.listings[(ns, message.id)] = message.state_listing
         s.signals.notify([self._topic(message.queue)])
         return message.id
 
@@ -335,23 +341,41 @@ class MemoryStore(Store):
     def _topic(self, task_id: str) -> str:
         return f"t:{self.namespace}:{task_id}"
 
-    async def _put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]) -> None:
+    async def _put_states(self, states: Sequence[StateRow], ttl_s: float | None, final: Collection[str]) -> None:
         until = expires_at(ttl_s)
         with self._s.lock:
-            for task_id, data in states:
-                self._s.states[(self.namespace, task_id)] = (data, until)
-        self._s.signals.notify(self._topic(t) for t, _ in states)
+            for row in states:
+                self._store_row(row, until)
+        self._s.signals.notify(self._topic(row.id) for row in states)
 
-    async def _put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None) -> None:
+    def _store_row(self, row: StateRow, until: float | None) -> None:
+        slot = (self.namespace, row.id)
+        self._s.states[slot] = (row.data, until)
+        if row.listing is not None:
+            self._s.listings[slot] = row.listing
+        else:
+            self._s.listings.pop(slot, None)
+
+    async def _put_states_if_absent(self, states: Sequence[StateRow], ttl_s: float | None) -> None:
         until = expires_at(ttl_s)
         stored: list[str] = []
         with self._s.lock:
-            for task_id, data in states:
-                slot = (self.namespace, task_id)
-                if _alive(self._s.states.get(slot)) is None:
-                    self._s.states[slot] = (data, until)
-                    stored.append(task_id)
+            for row in states:
+                if _alive(self._s.states.get((self.namespace, row.id))) is None:
+                    self._store_row(row, until)
+                    stored.append(row.id)
         self._s.signals.notify(self._topic(t) for t in stored)
+
+    async def _history(self, query: HistoryQuery) -> list[tuple[str, bytes]]:
+        # A scan: this backend holds one process's tasks, never the 100,000 the others index for.
+        with self._s.lock:
+            found = []
+            for (ns, task_id), listing in self._s.listings.items():
+                data = _alive(self._s.states.get((ns, task_id))) if ns == self.namespace and query.matches(listing) else None
+                if data is not None:
+                    found.append((listing.queued_at, task_id, data))
+        found.sort(key=lambda f: f[0], reverse=True)
+        return [(task_id, data) for _, task_id, data in found[: query.limit]]
 
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         with self._s.lock:
@@ -438,7 +462,7 @@ class MemoryStore(Store):
 
     async def flush_namespace(self) -> None:
         with self._s.lock:
-            for table in (self._s.states, self._s.values):
+            for table in (self._s.states, self._s.listings, self._s.values):
                 for k in [k for k in table if k[0] == self.namespace]:
                     del table[k]
 

@@ -37,7 +37,7 @@ def send(app_spec: str, name: str, args: str, kwargs_json: str, queue: str | Non
     if not isinstance(keywords, dict):
         raise click.BadParameter("--kwargs must be a JSON object")
     app = load_app(app_spec)
-    if name not in app.tasks and not unregistered:
+    if name not in app.registry and not unregistered:
         raise click.BadParameter(_unknown_task_message(app, name), param_hint="NAME")
     opts = {k: v for k, v in (("queue", queue), ("priority", priority), ("countdown", countdown)) if v is not None}
     result = app.ref(name).options(**opts).delay(*positional, **keywords)
@@ -48,7 +48,7 @@ def send(app_spec: str, name: str, args: str, kwargs_json: str, queue: str | Non
 
 
 def _unknown_task_message(app: Offload, name: str) -> str:
-    close = difflib.get_close_matches(name, list(app.tasks), n=3, cutoff=0.9)  # names share long prefixes
+    close = difflib.get_close_matches(name, list(app.registry), n=3, cutoff=0.9)  # names share long prefixes
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"{app.spec or 'the app'} registers no task named {name!r}{hint} (--unregistered sends it anyway)"
 

@@ -20,7 +20,7 @@ def run_in_child(
     app: Offload, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], task_id: str, attempt: int,
     headers: dict[str, Any], soft_limit: float | None, state_record: dict[str, Any],
 ) -> Outcome:
-    task = app.tasks.get(name)
+    task = app.registry.get(name)
     if task is None:
         return Outcome("error", exc_type="NotRegistered", message=f"task {name!r} is not registered in {app.spec}")
 

@@ -26,8 +26,9 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from offload import history
 from offload.app import Offload
-from offload.brokers.base import Broker, Delivery, Verdict
+from offload.brokers.base import Broker, Delivery, StateRow, Verdict
 from offload.context import TaskContext
 from offload.errors import MessageError, SignatureError
 from offload.logs import task_fields
@@ -89,7 +90,7 @@ class Pipeline:
         if isinstance(env, MessageError):
             await self._reject(d, env)
             return
-        task = self._app.tasks.get(env.name)
+        task = self._app.registry.get(env.name)
         if task is not None:
             env = env.with_defaults(
                 task.opts.retries, task.opts.retry_backoff_s, task.opts.time_limit_s, task.opts.soft_time_limit_s,
@@ -194,8 +195,10 @@ class Pipeline:
         job = Job(task, env, held.ctx)
         started_record = job.state_record = state.to_record()  # a snapshot: `state` changes later
 
-        def started_bytes() -> bytes:
-            return self._app.codec.dumps(started_record)
+        listing = history.listing(state)
+
+        def started_bytes() -> StateRow:
+            return StateRow(env.id, self._app.codec.dumps(started_record), listing)
 
         if task.is_async:
             self._writer.put_later(env.id, started_bytes, STARTED_AFTER_S)
@@ -207,7 +210,7 @@ class Pipeline:
         else:
             assert self._threads is not None
 
-            def begun_bytes() -> bytes:
+            def begun_bytes() -> StateRow:
                 started_record["started_at"] = job.started_at
                 return started_bytes()
 
@@ -249,7 +252,7 @@ class Pipeline:
                 if state is None or state.status is not Status.STARTED:
                     return
                 state.progress, state.message = fraction, message
-                self._writer.put(state.id, self._app.encode_state(state))
+                self._writer.put(state.id, self._app.state_row(state))
 
             if threading.get_ident() == self._loop_thread:
                 put()

@@ -55,7 +55,7 @@ class Settle:
         if outcome.kind == "ok":
             state.status, state.result = Status.SUCCEEDED, outcome.value
             try:
-                encoded = self._app.encode_state(state)
+                encoded = self._app.state_row(state)
             except SerializationError as e:
                 state.result = None
                 outcome = Outcome("error", exc_type="SerializationError", message=f"the task's return value cannot be stored: {e}")
@@ -82,7 +82,7 @@ class Settle:
             log.info("retry %s[%s] in %.1f s (attempt %d of %d): %s: %s", env.name, env.id, delay, env.attempt,
                      (env.retries or 0) + 1, outcome.exc_type, outcome.message,
                      extra=task_fields(env.id, env.name, d.queue, env.attempt, elapsed_ms))
-            await self._writer.put(env.id, self._app.encode_state(state))
+            await self._writer.put(env.id, self._app.state_row(state))
             await self._broker.requeue(d, self._app.codec.encode(dataclasses.replace(env, attempt=env.attempt + 1)), delay)
             return
         if outcome.kind == "retry":
@@ -91,7 +91,7 @@ class Settle:
         self._observe(env, d, "failed", elapsed_ms)
         log.warning("failed %s[%s] in %.1f ms: %s: %s", env.name, env.id, elapsed_ms, state.error["type"], state.error["message"],
                     extra=task_fields(env.id, env.name, d.queue, env.attempt, elapsed_ms))
-        await self._writer.put(env.id, self._app.encode_state(state), final=True)
+        await self._writer.put(env.id, self._app.state_row(state), final=True)
         if self._app.outcome_hooks and env.headers:
             await self.run_outcome_hooks(env, state)
         await self._broker.dead_letter(d, f"failed: {state.error['type']}: {state.error['message']}")
@@ -104,11 +104,11 @@ class Settle:
         """End the message unrun or stopped (cancelled), with ``status``."""
         state.status, state.finished_at = status, _utcnow()
         if self._app.outcome_hooks and env.headers:
-            await self._writer.put(state.id, self._app.encode_state(state), final=True)
+            await self._writer.put(state.id, self._app.state_row(state), final=True)
             await self.run_outcome_hooks(env, state)
             await self._broker.ack([d])
             return
-        await self._writer.put(state.id, self._app.encode_state(state), ack=d, final=True)
+        await self._writer.put(state.id, self._app.state_row(state), ack=d, final=True)
 
     async def expire(self, d: Delivery, env: Envelope, state: TaskState) -> None:
         log.warning("expired %s[%s]: not started before its expiry", env.name, env.id,

@@ -13,11 +13,11 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from offload.brokers.base import Broker, Delivery, Store
+from offload.brokers.base import Broker, Delivery, StateRow, Store
 
-#: A state to write: its bytes, or a function that encodes it at write time. The lazy form lets a
+#: A state to write: its row, or a function that encodes it at write time. The lazy form lets a
 #: state that is superseded before the batch is written (STARTED of a 1 ms task) cost nothing.
-Pending = bytes | Callable[[], bytes]
+Pending = StateRow | Callable[[], StateRow]
 
 log = logging.getLogger("offload.worker")
 
@@ -86,7 +86,7 @@ class StateWriter:
         # Yield once first, so that outcomes finishing in the same loop iteration share a batch.
         await asyncio.sleep(0)
         while self._states or self._acks:
-            states = [(k, v if isinstance(v, bytes) else v()) for k, v in self._states.items()]
+            states = [v if isinstance(v, StateRow) else v() for v in self._states.values()]
             acks, waiters, final = self._acks, self._waiters, self._final
             self._states, self._acks, self._waiters, self._final = {}, [], [], set()
             await self._write(states, acks, final)
@@ -99,7 +99,7 @@ class StateWriter:
         """Batches are being written that will ask for a refill: the worker leaves the claiming to them."""
         return self._refill is not None and self._task is not None and not self._task.done()
 
-    async def _write(self, states: Sequence[tuple[str, bytes]], acks: Sequence[Delivery], final: set[str]) -> None:
+    async def _write(self, states: Sequence[StateRow], acks: Sequence[Delivery], final: set[str]) -> None:
         # Keep trying: a state that was not stored must not be acknowledged, and dropping it
         # would lose the outcome. The lease heartbeat keeps the messages ours meanwhile.
         attempt = 0

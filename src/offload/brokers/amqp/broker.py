@@ -18,7 +18,7 @@ from offload.brokers.amqp.messages import is_stale, still_open
 from offload.brokers.amqp.publisher import Publisher
 from offload.brokers.amqp.records import Records
 from offload.brokers.amqp.topology import Names, Topology
-from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
+from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, StateRow, Store
 from offload.config import BrokerURL
 
 _instances = itertools.count(1)
@@ -104,7 +104,7 @@ class AmqpBroker(Broker):
     async def store_and_ack(
         self,
         store: Store,
-        states: Sequence[tuple[str, bytes]],
+        states: Sequence[StateRow],
         ttl_s: float | None,
         final: Collection[str],
         deliveries: Sequence[Delivery],

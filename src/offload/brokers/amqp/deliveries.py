@@ -42,7 +42,7 @@ from offload.brokers.amqp.messages import (
 )
 from offload.brokers.amqp.publisher import Publisher
 from offload.brokers.amqp.records import CLAIM_TTL_S, REVOKED, Records
-from offload.brokers.base import Delivery, Store, Verdict
+from offload.brokers.base import Delivery, StateRow, Store, Verdict
 from offload.errors import BrokerError
 
 log = logging.getLogger("offload.brokers.amqp")
@@ -211,7 +211,7 @@ class Deliveries:
     async def store_and_ack(
         self,
         store: Store,
-        states: Sequence[tuple[str, bytes]],
+        states: Sequence[StateRow],
         ttl_s: float | None,
         final: Collection[str],
         deliveries: Sequence[Delivery],

@@ -7,7 +7,16 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from offload.brokers.base import DeadLetter, Delivery, OutgoingMessage, ttl_ms
+from offload.brokers.base import (
+    DeadLetter,
+    Delivery,
+    HistoryQuery,
+    Listing,
+    OutgoingMessage,
+    StateRow,
+    state_rows,
+    ttl_ms,
+)
 
 __all__ = [
     "DONE_SIGNAL_MS",
@@ -15,6 +24,8 @@ __all__ = [
     "claimed",
     "dead_letters",
     "enqueue_args",
+    "history_args",
+    "listing",
     "put_states_args",
     "receipt",
     "settle_args",
@@ -36,18 +47,31 @@ def enqueue_args(message: OutgoingMessage) -> list[str | bytes | int]:
         message.id, message.queue, message.body, priority,
         "" if message.eta is None else repr(float(message.eta)),
         "0" if message.key is None else "1", message.key or "",
-        message.state or b"", ttl_ms(message.state_ttl_s) or 0,
+        message.state or b"", ttl_ms(message.state_ttl_s) or 0, listing(message.state_listing),
     ]  # fmt: skip
 
 
+def listing(entry: Listing | None) -> str:
+    """A listing as lib_history.lua reads it: 'status\\x1fqueued_at\\x1fqueue\\x1fname', '' for none."""
+    if entry is None:
+        return ""
+    return "\x1f".join((entry.status, repr(float(entry.queued_at)), entry.queue, entry.name))
+
+
+def history_args(query: HistoryQuery) -> list[str | bytes | int]:
+    """ARGV of history.lua."""
+    before = "" if query.before is None else repr(float(query.before))
+    return [query.status or "", query.name or "", query.queue or "", query.limit, before]
+
+
 def put_states_args(
-    states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]
+    states: Sequence[StateRow], ttl_s: float | None, final: Collection[str]
 ) -> list[str | bytes | int]:
     """ARGV of put_states.lua."""
     ttl = ttl_ms(ttl_s) or 0
     args: list[str | bytes | int] = [ttl, min(ttl or DONE_SIGNAL_MS, DONE_SIGNAL_MS)]
-    for task_id, data in states:
-        args += [task_id, data, "1" if task_id in final else "0"]
+    for row in state_rows(states):
+        args += [row.id, row.data, "1" if row.id in final else "0", listing(row.listing)]
     return args
 
 
@@ -57,12 +81,12 @@ def ack_args(deliveries: Sequence[Delivery]) -> list[str | bytes | int]:
 
 
 def settle_args(
-    states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str], deliveries: Sequence[Delivery]
+    states: Sequence[StateRow], ttl_s: float | None, final: Collection[str], deliveries: Sequence[Delivery]
 ) -> list[str | bytes | int]:
     """ARGV of settle.lua: the states, then the messages to acknowledge (the claim, if any,
     is the caller's to add)."""
-    ttl, done_ttl, *triples = put_states_args(states, ttl_s, final)
-    return [ttl, done_ttl, len(states), *triples, len(deliveries), *ack_args(deliveries)]
+    ttl, done_ttl, *quadruples = put_states_args(states, ttl_s, final)
+    return [ttl, done_ttl, len(states), *quadruples, len(deliveries), *ack_args(deliveries)]
 
 
 def receipt(delivery: Delivery) -> str:

@@ -16,7 +16,7 @@ import contextlib
 import uuid
 from collections.abc import Collection, Sequence
 
-from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
+from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, StateRow, Store
 from offload.brokers.redis.admin import QueueAdmin
 from offload.brokers.redis.argv import ack_args, claimed, enqueue_args, receipt, settle_args, text
 from offload.brokers.redis.connection import Commands, connect_bounded, pubsub_client
@@ -178,7 +178,7 @@ class RedisBroker(Broker):
     async def store_and_ack(
         self,
         store: Store,
-        states: Sequence[tuple[str, bytes]],
+        states: Sequence[StateRow],
         ttl_s: float | None,
         final: Collection[str],
         deliveries: Sequence[Delivery],

@@ -25,7 +25,7 @@ from offload.brokers.redis.connection import Commands
 __all__ = ["LIBRARIES", "Arg", "Script", "ScriptName", "load", "source"]
 
 ScriptName = Literal[
-    "ack", "cancel", "claim", "dead", "dead_list", "due_within", "enqueue", "extend", "incr",
+    "ack", "cancel", "claim", "dead", "dead_list", "due_within", "enqueue", "extend", "history", "incr",
     "purge_ready", "purge_scheduled", "put_states", "put_states_if_absent", "put_states_set_many",
     "replay", "requeue", "set_many_if_absent", "settle", "stats", "workers_drop", "workers_list", "workers_put",
 ]  # fmt: skip
@@ -33,7 +33,8 @@ ScriptName = Literal[
 Arg = str | bytes | int | float
 
 _COMMON = ("lib_common",)
-_OUTCOMES = ("lib_common", "lib_outcomes")
+_HISTORY = ("lib_common", "lib_history")
+_OUTCOMES = ("lib_common", "lib_history", "lib_outcomes")
 #: The libraries each script runs after, in order.
 LIBRARIES: dict[ScriptName, tuple[str, ...]] = {
     "ack": _OUTCOMES,
@@ -42,18 +43,19 @@ LIBRARIES: dict[ScriptName, tuple[str, ...]] = {
     "dead": _COMMON,
     "dead_list": _COMMON,
     "due_within": _COMMON,
-    "enqueue": _COMMON,
+    "enqueue": _HISTORY,
     "extend": _COMMON,
+    "history": _HISTORY,
     "incr": (),
     "purge_ready": _COMMON,
     "purge_scheduled": _COMMON,
     "put_states": _OUTCOMES,
-    "put_states_if_absent": _COMMON,
+    "put_states_if_absent": _HISTORY,
     "put_states_set_many": _OUTCOMES,
     "replay": _COMMON,
     "requeue": _COMMON,
     "set_many_if_absent": (),
-    "settle": ("lib_common", "lib_outcomes", "lib_claim"),
+    "settle": (*_OUTCOMES, "lib_claim"),
     "stats": _COMMON,
     "workers_drop": (),
     "workers_list": (),

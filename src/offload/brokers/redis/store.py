@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import cast
 
-from offload.brokers.base import Store, Watch, ttl_ms
-from offload.brokers.redis.argv import put_states_args
+from offload.brokers.base import HistoryQuery, StateRow, Store, Watch, ttl_ms
+from offload.brokers.redis.argv import history_args, listing, put_states_args, text
 from offload.brokers.redis.connection import Commands, connect_bounded, pubsub_client
 from offload.brokers.redis.keys import Keys, unlink_prefix
 from offload.brokers.redis.pubsub import Flag, Hub
@@ -74,6 +74,7 @@ class RedisStore(Store):
         on = [self._keys.prefix]
         self._script_put_states = Script(self._cmds, "put_states", on)
         self._script_put_states_if_absent = Script(self._cmds, "put_states_if_absent", on)
+        self._script_history = Script(self._cmds, "history", on)
         self._incr = Script(self._cmds, "incr", on)
         self._set_many = Script(self._cmds, "set_many_if_absent", on)
         self._put_states_set_many = Script(self._cmds, "put_states_set_many", on)
@@ -96,14 +97,18 @@ class RedisStore(Store):
         await self._ps_client.aclose()
         await self._cmds.close()
 
-    async def _put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]) -> None:
+    async def _put_states(self, states: Sequence[StateRow], ttl_s: float | None, final: Collection[str]) -> None:
         # One script rather than a pipeline: the same single round trip, and the states and
         # their change signals are written together.
         await self._script_put_states(put_states_args(states, ttl_s, final))
 
-    async def _put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None) -> None:
-        args = [ttl_ms(ttl_s) or 0, *(v for task_id, data in states for v in (task_id, data))]
+    async def _put_states_if_absent(self, states: Sequence[StateRow], ttl_s: float | None) -> None:
+        args = [ttl_ms(ttl_s) or 0, *(v for row in states for v in (row.id, row.data, listing(row.listing)))]
         await self._script_put_states_if_absent(args)
+
+    async def _history(self, query: HistoryQuery) -> list[tuple[str, bytes]]:
+        reply = await self._script_history(history_args(query))
+        return [(text(reply[i]), reply[i + 1]) for i in range(0, len(reply), 2)]
 
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         if not task_ids:
@@ -162,14 +167,14 @@ class RedisStore(Store):
 
     async def put_states_and_set_many_if_absent(
         self,
-        states: Sequence[tuple[str, bytes]],
+        states: Sequence[StateRow],
         ttl_s: float | None,
         final: Collection[str],
         items: Sequence[tuple[str, bytes]],
         items_ttl_s: float | None = None,
     ) -> list[bytes | None]:
-        ttl, done_ttl, *triples = put_states_args(states, ttl_s, final)
-        args = [ttl, done_ttl, len(states), *triples, ttl_ms(items_ttl_s) or 0]
+        ttl, done_ttl, *quadruples = put_states_args(states, ttl_s, final)
+        args = [ttl, done_ttl, len(states), *quadruples, ttl_ms(items_ttl_s) or 0]
         args += [v for key, value in items for v in (key, value)]
         # One script: the states and the keys in one round trip.
         held = await self._put_states_set_many(args)

@@ -25,11 +25,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats
+from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, StateRow
 from offload.brokers.sqlite import admin, notify, queries
 from offload.brokers.sqlite.connection import transaction
 from offload.brokers.sqlite.database import Handle
-from offload.brokers.sqlite.store import write_state_rows
+from offload.brokers.sqlite.store import state_params, write_state_rows
 from offload.config import BrokerURL
 
 __all__ = ["LEASED", "READY", "SCHEDULED", "SqliteBroker"]
@@ -100,7 +100,7 @@ class SqliteBroker(Broker):
         """The tasks' first states, in the enqueue's own transaction (never for a dedup loser)."""
         write_state_rows(conn, [
             v for m, holder in zip(messages, holders, strict=True) if m.state is not None and holder == m.id
-            for v in (self.namespace, m.id, m.state, now + m.state_ttl_s if m.state_ttl_s else None)
+            for v in state_params(self.namespace, StateRow(m.id, m.state, m.state_listing), now + m.state_ttl_s if m.state_ttl_s else None)
         ])
 
     # -- fetch ---------------------------------------------------------------------------

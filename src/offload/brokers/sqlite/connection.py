@@ -24,11 +24,13 @@ from offload.config import BrokerURL
 from offload.errors import BrokerError, ConfigError
 from offload.retrying import Backoff, retry_within_sync
 
-__all__ = ["BUSY_TIMEOUT_S", "MMAP_SIZE", "SCHEMA_VERSION", "connect", "database_path", "transaction"]
+__all__ = ["BUSY_TIMEOUT_S", "MMAP_SIZE", "SCHEMA_VERSION", "add_history_columns", "connect", "database_path", "transaction"]
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2  # 2: kv_expiry; every statement of the schema is idempotent, so upgrading is re-running them
+# 2: kv_expiry; 3: the history's columns and indexes. Every statement of the schema is
+# idempotent, so upgrading is re-running them (after `add_history_columns`).
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 10.0
 MMAP_SIZE = 256 * 1024 * 1024  # address space, not memory
 
@@ -111,6 +113,15 @@ def _set_wal(conn: sqlite3.Connection) -> None:
     _retry_locked(switch)
 
 
+def add_history_columns(conn: sqlite3.Connection) -> None:
+    """Give a states table made before schema 3 the history's columns (ADD COLUMN is the one
+    change the schema cannot make idempotently itself). Its states stay unlisted."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(states)")}
+    if columns and "queued_at" not in columns:
+        for column, kind in (("status", "TEXT"), ("name", "TEXT"), ("queue", "TEXT"), ("queued_at", "REAL")):
+            conn.execute(f"ALTER TABLE states ADD COLUMN {column} {kind}")
+
+
 def _create_schema(conn: sqlite3.Connection) -> None:
     def create() -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -122,6 +133,7 @@ def _create_schema(conn: sqlite3.Connection) -> None:
             # Another process may have created it while we waited for the lock.
             if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
                 return
+            add_history_columns(conn)
             for statement in queries.SCHEMA:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

@@ -14,10 +14,22 @@ import sqlite3
 from importlib import resources
 from typing import NamedTuple
 
-__all__ = ["ROWS_PER_INSERT", "SCHEMA", "STATES_PER_STATEMENT", "Claim", "claim", "due_within", "insert_rows", "put_states_rows"]
+__all__ = [
+    "ROWS_PER_INSERT",
+    "SCHEMA",
+    "STATES_PER_STATEMENT",
+    "STATE_COLUMNS",
+    "Claim",
+    "claim",
+    "due_within",
+    "history",
+    "insert_rows",
+    "put_states_rows",
+]  # fmt: skip
 
 ROWS_PER_INSERT = 100  # messages in one INSERT at most
 STATES_PER_STATEMENT = 100  # task states in one INSERT at most
+STATE_COLUMNS = 8  # the parameters of one state in PUT_STATES
 
 _PACKAGE = __name__.rpartition(".")[0]
 _SECTION = re.compile(r"^-- name: (\w+)\s*$")
@@ -134,6 +146,13 @@ def claim(n_queues: int) -> Claim:
         claimed=_sql["claimed"].format(queues=marks),
         next_due=_sql["next_due"].format(dues=dues),
     )
+
+
+@functools.lru_cache(maxsize=8)
+def history(filters: tuple[str, ...]) -> str:
+    """A history page with an equality test on each of these columns (status, name, queue),
+    whose values follow the namespace in the parameters."""
+    return _sql["history"].format(filters="".join(f" AND {column} = ?" for column in filters))
 
 
 @functools.lru_cache(maxsize=64)

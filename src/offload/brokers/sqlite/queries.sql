@@ -43,14 +43,26 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     PRIMARY KEY (namespace, id)
 );
 CREATE INDEX IF NOT EXISTS dead_letters_time ON dead_letters (namespace, died_at);
+-- status, name, queue and queued_at are the state's listing in the history (Store.history),
+-- NULL for a state that is not listed. A file made before schema 3 gets them from
+-- connection.add_history_columns, before these statements run.
 CREATE TABLE IF NOT EXISTS states (
     namespace TEXT NOT NULL,
     task_id TEXT NOT NULL,
     data BLOB NOT NULL,
     expires_at REAL,
+    status TEXT,
+    name TEXT,
+    queue TEXT,
+    queued_at REAL,
     PRIMARY KEY (namespace, task_id)
 );
 CREATE INDEX IF NOT EXISTS states_expiry ON states (expires_at) WHERE expires_at IS NOT NULL;
+-- The history newest first, whole or by one filter; a second filter is checked row by row.
+CREATE INDEX IF NOT EXISTS states_history ON states (namespace, queued_at) WHERE queued_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS states_by_status ON states (namespace, status, queued_at) WHERE queued_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS states_by_name ON states (namespace, name, queued_at) WHERE queued_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS states_by_queue ON states (namespace, queue, queued_at) WHERE queued_at IS NOT NULL;
 -- AUTOINCREMENT: a subscriber remembers the last seq it saw, so a seq must never be reused,
 -- not even after every row was pruned.
 CREATE TABLE IF NOT EXISTS events (
@@ -233,13 +245,15 @@ DELETE FROM dead_letters WHERE namespace = ?
 
 
 -- name: put_states
-INSERT INTO states (namespace, task_id, data, expires_at) VALUES (?, ?, ?, ?)
-ON CONFLICT (namespace, task_id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at
+INSERT INTO states (namespace, task_id, data, expires_at, status, name, queue, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (namespace, task_id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at,
+    status = excluded.status, name = excluded.name, queue = excluded.queue, queued_at = excluded.queued_at
 
 -- name: put_state_if_absent
--- Parameters: namespace, task_id, data, expires_at, now.
-INSERT INTO states (namespace, task_id, data, expires_at) VALUES (?, ?, ?, ?)
-ON CONFLICT (namespace, task_id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at
+-- Parameters: namespace, task_id, data, expires_at, status, name, queue, queued_at, now.
+INSERT INTO states (namespace, task_id, data, expires_at, status, name, queue, queued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (namespace, task_id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at,
+    status = excluded.status, name = excluded.name, queue = excluded.queue, queued_at = excluded.queued_at
 WHERE states.expires_at IS NOT NULL AND states.expires_at <= ?
 
 -- name: get_state
@@ -249,6 +263,12 @@ SELECT data FROM states WHERE namespace = ? AND task_id = ? AND (expires_at IS N
 -- The task ids as one JSON array.
 SELECT task_id, data FROM states
 WHERE namespace = ? AND task_id IN (SELECT value FROM json_each(?)) AND (expires_at IS NULL OR expires_at > ?)
+
+-- name: history
+-- A page of the history: {filters} is an "AND column = ?" for each filter given.
+SELECT task_id, data FROM states
+WHERE namespace = ? {filters} AND queued_at < ? AND (expires_at IS NULL OR expires_at > ?)
+ORDER BY queued_at DESC LIMIT ?
 
 -- name: flush_states
 DELETE FROM states WHERE namespace = ?

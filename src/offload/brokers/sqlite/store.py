@@ -13,32 +13,41 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from offload.brokers.base import WORKER_PREFIX, Store, Watch, expires_at
+from offload.brokers.base import WORKER_PREFIX, HistoryQuery, StateRow, Store, Watch, expires_at
 from offload.brokers.signals import Listener
 from offload.brokers.sqlite import admin, notify, queries
 from offload.brokers.sqlite.connection import transaction
 from offload.brokers.sqlite.database import Handle
 from offload.config import BrokerURL
 
-__all__ = ["SqliteStore", "write_state_rows"]
+__all__ = ["SqliteStore", "state_params", "write_state_rows"]
 
 _PRUNE_EVERY_S = 10.0
 _PRUNE_AGAIN_S = 0.5
 
 
+def state_params(namespace: str, row: StateRow, until: float | None) -> tuple[Any, ...]:
+    """One state's parameters of `queries.PUT_STATES`."""
+    listed = row.listing
+    if listed is None:
+        return namespace, row.id, row.data, until, None, None, None, None
+    return namespace, row.id, row.data, until, listed.status, listed.name, listed.queue, listed.queued_at
+
+
 def write_state_rows(conn: sqlite3.Connection, params: list[Any]) -> None:
-    """Upsert states given as (namespace, task id, data, expires at) flattened, in as few
-    statements as `queries.STATES_PER_STATEMENT` allows (the caller decides the transaction)."""
-    step = queries.STATES_PER_STATEMENT * 4
+    """Upsert states given as their `state_params` flattened, in as few statements as
+    `queries.STATES_PER_STATEMENT` allows (the caller decides the transaction)."""
+    step = queries.STATES_PER_STATEMENT * queries.STATE_COLUMNS
     for i in range(0, len(params), step):
         chunk = params[i : i + step]
-        conn.execute(queries.put_states_rows(len(chunk) // 4), chunk)
+        conn.execute(queries.put_states_rows(len(chunk) // queries.STATE_COLUMNS), chunk)
 
 
 class _SqliteWatch(Watch):
@@ -78,35 +87,43 @@ class SqliteStore(Store):
             self._next_prune = now + _PRUNE_AGAIN_S
 
     # -- task states ---------------------------------------------------------------------
-    async def _put_states(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None, final: Collection[str]) -> None:
+    async def _put_states(self, states: Sequence[StateRow], ttl_s: float | None, final: Collection[str]) -> None:
         await self._h.call_batched(self._write_states, (list(states), ttl_s))
 
-    def _write_states(
-        self, conn: sqlite3.Connection, calls: list[tuple[list[tuple[str, bytes]], float | None]]
-    ) -> list[None]:
+    def _write_states(self, conn: sqlite3.Connection, calls: list[tuple[list[StateRow], float | None]]) -> list[None]:
         ns, now = self.namespace, time.time()
         params = [
             v
             for states, ttl_s in calls
             for until in (expires_at(ttl_s),)
-            for task_id, data in states
-            for v in (ns, task_id, data, until)
+            for row in states
+            for v in state_params(ns, row, until)
         ]
-        with transaction(conn) if len(params) > queries.STATES_PER_STATEMENT * 4 else contextlib.nullcontext():
+        with transaction(conn) if len(params) > queries.STATES_PER_STATEMENT * queries.STATE_COLUMNS else contextlib.nullcontext():
             write_state_rows(conn, params)
-        self._h.notifier.notify({f"t:{ns}:{task_id}" for states, _ in calls for task_id, _ in states})
+        self._h.notifier.notify({f"t:{ns}:{row.id}" for states, _ in calls for row in states})
         self._maybe_prune(now)
         return [None] * len(calls)
 
-    async def _put_states_if_absent(self, states: Sequence[tuple[str, bytes]], ttl_s: float | None) -> None:
+    async def _put_states_if_absent(self, states: Sequence[StateRow], ttl_s: float | None) -> None:
         await self._h.call(self._write_states_if_absent, list(states), ttl_s)
 
-    def _write_states_if_absent(self, conn: sqlite3.Connection, states: list[tuple[str, bytes]], ttl_s: float | None) -> None:
+    def _write_states_if_absent(self, conn: sqlite3.Connection, states: list[StateRow], ttl_s: float | None) -> None:
         ns, now, until = self.namespace, time.time(), expires_at(ttl_s)
         with transaction(conn):
-            for task_id, data in states:
-                conn.execute(queries.PUT_STATE_IF_ABSENT, (ns, task_id, data, until, now))
-        self._h.notifier.notify({f"t:{ns}:{task_id}" for task_id, _ in states})
+            for row in states:
+                conn.execute(queries.PUT_STATE_IF_ABSENT, (*state_params(ns, row, until), now))
+        self._h.notifier.notify({f"t:{ns}:{row.id}" for row in states})
+
+    async def _history(self, query: HistoryQuery) -> list[tuple[str, bytes]]:
+        return await self._h.call(self._read_history, query)
+
+    def _read_history(self, conn: sqlite3.Connection, query: HistoryQuery) -> list[tuple[str, bytes]]:
+        filters = {"status": query.status, "name": query.name, "queue": query.queue}
+        given = tuple(column for column, value in filters.items() if value is not None)
+        before = math.inf if query.before is None else query.before
+        params = (self.namespace, *(filters[c] for c in given), before, time.time(), query.limit)
+        return [(task_id, bytes(data)) for task_id, data in conn.execute(queries.history(given), params)]
 
     async def get_states(self, task_ids: Sequence[str]) -> list[bytes | None]:
         if not task_ids:

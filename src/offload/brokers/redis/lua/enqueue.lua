@@ -2,7 +2,7 @@
 -- fetch blocked on its queue, else into the queue (waking its blocked fetches).
 -- KEYS[1]: the namespace prefix.
 -- ARGV: id, queue, body, priority (0-9), eta ('' = now), has_key ('1'/'0'), key, first state
--- ('' = none), the state's time to live in ms (0 = none).
+-- ('' = none), the state's time to live in ms (0 = none), its listing (see lib_history.lua).
 -- Returns the id, or the id of the queued or running message that holds the dedup key.
 local id, q = ARGV[1], ARGV[2]
 local mk = P .. 'm:' .. id
@@ -24,6 +24,9 @@ if ARGV[8] ~= '' then
   else
     redis.call('SET', P .. 'state:' .. id, ARGV[8])
   end
+  local t = now()
+  list_state(id, ARGV[10], ttl, t)
+  prune_history(4, t)
 end
 local score = string.format('%.0f', (9 - tonumber(ARGV[4])) * 1e12 + redis.call('INCR', P .. 'seq'))
 local eta = tonumber(ARGV[5])

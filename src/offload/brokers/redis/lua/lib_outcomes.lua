@@ -1,12 +1,14 @@
 -- Library: storing outcomes and acknowledging, as functions over a range of ARGV, so that a
 -- worker whose results live in this same Redis does both in one script (settle.lua); needs
--- lib_common.lua.
--- ARGV[first..last]: (task id, state, final '1' or '0') triples. ttl and done_ttl in ms.
+-- lib_common.lua and lib_history.lua.
+-- ARGV[first..last]: (task id, state, final '1' or '0', listing) quadruples. ttl and done_ttl
+-- in ms.
 -- A final state is also the one element of done:<id> for a while, where blocked sync waiters
 -- (BLMOVE from the list onto itself, which leaves it in place for the next waiter) pick it up,
 -- and it goes with its change signal on task:<id>, which saves async waiters a read.
 local function put_states(ttl, done_ttl, first, last)
-  for i = first, last, 3 do
+  local t = now()
+  for i = first, last, 4 do
     local id = ARGV[i]
     local k = P .. 'state:' .. id
     if ttl > 0 then
@@ -24,7 +26,9 @@ local function put_states(ttl, done_ttl, first, last)
     else
       redis.call('PUBLISH', P .. 'task:' .. id, '')
     end
+    list_state(id, ARGV[i + 3], ttl, t)
   end
+  prune_history(8 + math.floor((last - first + 1) / 2), t)
 end
 -- ARGV[first..last]: (message id, receipt) pairs of messages whose outcome is stored. Only the
 -- current lease holder's receipt (the delivery count of its lease) acknowledges; '' skips the
