@@ -15,6 +15,9 @@
     waiting:<w>   what an enqueue needs to hand a blocked fetch messages: lease, channel, queues, how many
     state:<id>    a task's encoded state (Store)
     kv:<key>      the Store's key-value space
+    h:all         the history (Store.history): sorted set of listed task ids, scored by queued time;
+                  h:s:<status>, h:n:<name>, h:q:<queue> the same per status, task name and queue,
+                  h:meta hash id -> its listing, h:exp sorted set of ids by when their state expires
     workers       sorted set of live worker ids, scored by when their record runs out (ms)
     workers:rec   hash: worker id -> its registry record
     wake:<queue>  pub/sub channel: the queue got ready messages while a fetch was waiting on it
