@@ -31,7 +31,7 @@ def test_app_comes_from_the_settings_and_is_built_once() -> None:
 def test_tasks_modules_of_installed_apps_are_discovered() -> None:
     from offload.contrib.django import app
 
-    assert {"tests.django.testapp.registry.add", "tests.django.testapp.registry.report"} <= set(app.registry)
+    assert {"tests.django.testapp.tasks.add", "tests.django.testapp.tasks.report"} <= set(app.registry)
 
 
 def test_environment_fills_what_the_settings_leave_out(monkeypatch: pytest.MonkeyPatch) -> None:
