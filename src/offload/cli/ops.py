@@ -42,19 +42,24 @@ def status(app_spec: str, task_id: str | None, watch: bool, interval: float, as_
     if not watch:
         click.echo(render_overview(overview()), nl=False)
         return
-    if not sys.stdout.isatty():
-        # Piped or logged: one frame after the other, as `watch` would print them.
-        with contextlib.suppress(KeyboardInterrupt):
-            while True:
-                click.echo(render_overview(overview()))
-                time.sleep(interval)
-        return
-    from rich.live import Live  # only --watch on a terminal draws in place
+    # Ctrl-C may land while a read is under way on the app's loop thread: the connections are
+    # closed here, so that the process exits at once rather than waiting on that thread.
+    try:
+        if not sys.stdout.isatty():
+            # Piped or logged: one frame after the other, as `watch` would print them.
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    click.echo(render_overview(overview()))
+                    time.sleep(interval)
+            return
+        from rich.live import Live  # only --watch on a terminal draws in place
 
-    with Live(auto_refresh=False, screen=False) as live, contextlib.suppress(KeyboardInterrupt):
-        while True:
-            live.update(render_overview(overview()), refresh=True)
-            time.sleep(interval)
+        with Live(auto_refresh=False, screen=False) as live, contextlib.suppress(KeyboardInterrupt):
+            while True:
+                live.update(render_overview(overview()), refresh=True)
+                time.sleep(interval)
+    finally:
+        app.close()
 
 
 def show_task(app: Offload, task_id: str, as_json: bool) -> None:
