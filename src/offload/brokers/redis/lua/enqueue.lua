@@ -15,6 +15,7 @@ if ARGV[6] == '1' then
   if holder and redis.call('EXISTS', P .. 'm:' .. holder) == 1 then return holder end
   redis.call('SET', P .. 'key:' .. key, id)
 end
+local t = now()
 if ARGV[8] ~= '' then
   -- The task's first state, stored before the message can be claimed.
   redis.call('DEL', P .. 'done:' .. id)
@@ -24,13 +25,11 @@ if ARGV[8] ~= '' then
   else
     redis.call('SET', P .. 'state:' .. id, ARGV[8])
   end
-  local t = now()
   list_state(id, ARGV[10], ttl, t)
   prune_history(4, t)
 end
 local score = string.format('%.0f', (9 - tonumber(ARGV[4])) * 1e12 + redis.call('INCR', P .. 'seq'))
 local eta = tonumber(ARGV[5])
-local t = now()
 local scheduled = eta and eta > t
 -- r: when it is ready (its eta, or now), the time stats.lua ages a waiting message from.
 redis.call('HSET', mk, 'q', q, 'b', ARGV[3], 's', score, 'd', '0', 'r', fmt(scheduled and eta or t))
