@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 from offload import forks, history, hooks, ratelimit, scheduler
 from offload import workflow as workflows
 from offload.brokers import Backends, check_stores_results, check_url, make_direct, open_backends
-from offload.brokers.base import DEFAULT_HEARTBEAT_TIMEOUT_S, Broker, Direct, StateRow, Store
+from offload.brokers.base import DEFAULT_HEARTBEAT_TIMEOUT_S, Broker, Direct, Store
+from offload.brokers.states import StateRow
 from offload.channels import CONTROL_CHANNEL, check_channel_name
 from offload.config import BrokerURL, absolute_sqlite, parse_url
 from offload.errors import ConfigError, MessageError

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from offload.brokers.base import HistoryQuery, Listing
+from offload.brokers.states import HistoryQuery, Listing
 from offload.errors import MessageError
 from offload.result import Status, TaskState
 

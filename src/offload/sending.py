@@ -30,7 +30,8 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from offload.brokers.base import Broker, OutgoingMessage, StateRow, Store
+from offload.brokers.base import Broker, OutgoingMessage, Store
+from offload.brokers.states import StateRow
 from offload.message import Envelope, new_task_id
 from offload.result import Result, Status, TaskState
 from offload.task import Options

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from offload.brokers import open_backends
-from offload.brokers.base import HistoryQuery, Listing, OutgoingMessage, StateRow, Store
+from offload.brokers.base import OutgoingMessage, Store
+from offload.brokers.states import HistoryQuery, Listing, StateRow
 from offload.config import parse_url
 from tests.conftest import urls_for
 

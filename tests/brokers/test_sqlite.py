@@ -27,11 +27,12 @@ from typing import Any
 import pytest
 
 from offload.brokers import make_broker, make_store
-from offload.brokers.base import Broker, HistoryQuery, Listing, OutgoingMessage, StateRow, Store
+from offload.brokers.base import Broker, OutgoingMessage, Store
 from offload.brokers.signals import Listener
 from offload.brokers.sqlite import SqliteBroker, SqliteStore, database_path, notify, queries
 from offload.brokers.sqlite.connection import SCHEMA_VERSION, connect
 from offload.brokers.sqlite.database import noop
+from offload.brokers.states import HistoryQuery, Listing, StateRow
 from offload.config import parse_url
 from offload.errors import BrokerUnavailable, ConfigError
 

@@ -24,16 +24,14 @@ from offload.brokers.base import (
     Broker,
     DeadLetter,
     Delivery,
-    HistoryQuery,
-    Listing,
     OutgoingMessage,
     QueueStats,
-    StateRow,
     Store,
     Watch,
     expires_at,
 )
 from offload.brokers.signals import Signals
+from offload.brokers.states import HistoryQuery, Listing, StateRow
 from offload.config import BrokerURL
 
 

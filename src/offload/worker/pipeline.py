@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 from offload import history
 from offload.app import Offload
-from offload.brokers.base import Broker, Delivery, StateRow, Verdict
+from offload.brokers.base import Broker, Delivery, Verdict
+from offload.brokers.states import StateRow
 from offload.context import TaskContext
 from offload.errors import MessageError, SignatureError
 from offload.logs import task_fields

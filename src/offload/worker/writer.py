@@ -13,7 +13,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from offload.brokers.base import Broker, Delivery, StateRow, Store
+from offload.brokers.base import Broker, Delivery, Store
+from offload.brokers.states import StateRow
 
 #: A state to write: its row, or a function that encodes it at write time. The lazy form lets a
 #: state that is superseded before the batch is written (STARTED of a 1 ms task) cost nothing.

@@ -18,7 +18,8 @@ from offload.brokers.amqp.messages import is_stale, still_open
 from offload.brokers.amqp.publisher import Publisher
 from offload.brokers.amqp.records import Records
 from offload.brokers.amqp.topology import Names, Topology
-from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, StateRow, Store
+from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
+from offload.brokers.states import StateRow
 from offload.config import BrokerURL
 
 _instances = itertools.count(1)

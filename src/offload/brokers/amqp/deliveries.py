@@ -42,7 +42,8 @@ from offload.brokers.amqp.messages import (
 )
 from offload.brokers.amqp.publisher import Publisher
 from offload.brokers.amqp.records import CLAIM_TTL_S, REVOKED, Records
-from offload.brokers.base import Delivery, StateRow, Store, Verdict
+from offload.brokers.base import Delivery, Store, Verdict
+from offload.brokers.states import StateRow
 from offload.errors import BrokerError
 
 log = logging.getLogger("offload.brokers.amqp")

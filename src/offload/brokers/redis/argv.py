@@ -7,16 +7,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from offload.brokers.base import (
-    DeadLetter,
-    Delivery,
-    HistoryQuery,
-    Listing,
-    OutgoingMessage,
-    StateRow,
-    state_rows,
-    ttl_ms,
-)
+from offload.brokers.base import DeadLetter, Delivery, OutgoingMessage, ttl_ms
+from offload.brokers.states import HistoryQuery, Listing, StateRow, state_rows
 
 __all__ = [
     "DONE_SIGNAL_MS",

@@ -16,7 +16,7 @@ import contextlib
 import uuid
 from collections.abc import Collection, Sequence
 
-from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, StateRow, Store
+from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, Store
 from offload.brokers.redis.admin import QueueAdmin
 from offload.brokers.redis.argv import ack_args, claimed, enqueue_args, receipt, settle_args, text
 from offload.brokers.redis.connection import Commands, connect_bounded, pubsub_client
@@ -25,6 +25,7 @@ from offload.brokers.redis.pubsub import Hub
 from offload.brokers.redis.scripts import Arg, Script, load
 from offload.brokers.redis.store import RedisStore
 from offload.brokers.redis.wakeups import Claiming, Handed, Registration, Wakeups
+from offload.brokers.states import StateRow
 from offload.config import BrokerURL
 from offload.errors import BrokerError
 

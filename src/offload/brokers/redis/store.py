@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import cast
 
-from offload.brokers.base import HistoryQuery, StateRow, Store, Watch, ttl_ms
+from offload.brokers.base import Store, Watch, ttl_ms
 from offload.brokers.redis.argv import history_args, listing, put_states_args, text
 from offload.brokers.redis.connection import Commands, connect_bounded, pubsub_client
 from offload.brokers.redis.keys import Keys, unlink_prefix
 from offload.brokers.redis.pubsub import Flag, Hub
 from offload.brokers.redis.scripts import Script, load
+from offload.brokers.states import HistoryQuery, StateRow
 from offload.config import BrokerURL
 
 __all__ = ["RedisStore"]

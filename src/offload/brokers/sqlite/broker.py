@@ -25,11 +25,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats, StateRow
+from offload.brokers.base import Broker, DeadLetter, Delivery, OutgoingMessage, QueueStats
 from offload.brokers.sqlite import admin, notify, queries
 from offload.brokers.sqlite.connection import transaction
 from offload.brokers.sqlite.database import Handle
 from offload.brokers.sqlite.store import state_params, write_state_rows
+from offload.brokers.states import StateRow
 from offload.config import BrokerURL
 
 __all__ = ["LEASED", "READY", "SCHEDULED", "SqliteBroker"]

@@ -20,11 +20,12 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from offload.brokers.base import WORKER_PREFIX, HistoryQuery, StateRow, Store, Watch, expires_at
+from offload.brokers.base import WORKER_PREFIX, Store, Watch, expires_at
 from offload.brokers.signals import Listener
 from offload.brokers.sqlite import admin, notify, queries
 from offload.brokers.sqlite.connection import transaction
 from offload.brokers.sqlite.database import Handle
+from offload.brokers.states import HistoryQuery, StateRow
 from offload.config import BrokerURL
 
 __all__ = ["SqliteStore", "state_params", "write_state_rows"]
