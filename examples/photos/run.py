@@ -48,8 +48,9 @@ class Child:
         self.name = name
         self.ready_text = ready_text
         self.ready = threading.Event()
-        # A session of its own: a Ctrl-C in the terminal reaches the launcher only, which then
-        # stops everything in order (a worker that got SIGINT twice would skip its grace time).
+        # A POSIX session of its own (start_new_session): a Ctrl-C in the terminal reaches the
+        # launcher only, which then stops everything in order (a worker that got SIGINT twice
+        # would skip its grace time).
         self.proc = subprocess.Popen(
             list(command), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             bufsize=1, start_new_session=True,
