@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
+import signal
 import sys
-import time
+import threading
 from typing import Any
 
 import click
@@ -42,24 +42,38 @@ def status(app_spec: str, task_id: str | None, watch: bool, interval: float, as_
     if not watch:
         click.echo(render_overview(overview()), nl=False)
         return
-    # Ctrl-C may land while a read is under way on the app's loop thread: the connections are
-    # closed here, so that the process exits at once rather than waiting on that thread.
+    # Ctrl-C ends the watch between frames: a KeyboardInterrupt raised in the middle of a read
+    # on the app's loop thread could leave that read, and the exit, waiting on it. A second
+    # Ctrl-C interrupts at once, for a read that hangs.
+    stop = threading.Event()
+    previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
+    signal.signal(signal.SIGINT, lambda *_: interrupt_twice(stop, previous))
     try:
         if not sys.stdout.isatty():
             # Piped or logged: one frame after the other, as `watch` would print them.
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    click.echo(render_overview(overview()))
-                    time.sleep(interval)
+            while not stop.is_set():
+                click.echo(render_overview(overview()))
+                stop.wait(interval)
             return
         from rich.live import Live  # only --watch on a terminal draws in place
 
-        with Live(auto_refresh=False, screen=False) as live, contextlib.suppress(KeyboardInterrupt):
-            while True:
+        with Live(auto_refresh=False, screen=False) as live:
+            while not stop.is_set():
                 live.update(render_overview(overview()), refresh=True)
-                time.sleep(interval)
+                stop.wait(interval)
+    except KeyboardInterrupt:
+        pass
     finally:
+        signal.signal(signal.SIGINT, previous)
         app.close()
+
+
+def interrupt_twice(stop: threading.Event, previous: Any) -> None:
+    """The first Ctrl-C asks the watch to end after the frame it draws; the second raises."""
+    if stop.is_set():
+        signal.signal(signal.SIGINT, previous)
+        raise KeyboardInterrupt
+    stop.set()
 
 
 def show_task(app: Offload, task_id: str, as_json: bool) -> None:
