@@ -12,6 +12,7 @@ from typing import Any
 from offload.app import Offload
 from offload.brokers.base import DeadLetter, OutgoingMessage, QueueStats
 from offload.errors import MessageError, UnknownTask
+from offload.preview import call_preview
 from offload.result import SAFETY_POLL_S, Status, TaskState
 from offload.workers import live_workers
 
@@ -65,10 +66,20 @@ async def replay(app: Offload, ids: Sequence[str] | None = None) -> list[str]:
         else:
             env = dataclasses.replace(env, attempt=1, expires=None, eta=None)
             body, name, priority = app.codec.encode(env), env.name, env.priority
-            queued = TaskState(id=env.id, name=name, status=Status.QUEUED, queue=queue, queued_at=dt.datetime.now(dt.UTC))
+            queued = TaskState(id=env.id, name=name, status=Status.QUEUED, queue=queue, queued_at=dt.datetime.now(dt.UTC),
+                               meta={"call": call_preview(env.name, env.args, env.kwargs)})
             await backends.store.put_states([app.state_row(queued)], app.result_ttl_s)
         await backends.broker.enqueue(OutgoingMessage(id=dead.id, queue=queue, body=body, priority=priority))
     return [d.id for d in replayed]
+
+
+async def purge_dead(app: Offload, ids: Sequence[str] | None = None) -> list[str]:
+    """Delete dead letters (all when ``ids`` is None) for good; their ids.
+
+    The broker hands them over as it does for `replay`, and nothing is enqueued: the task
+    states stay, so the history still shows how each one ended."""
+    taken = await (await app._broker()).replay(None if ids is None else list(ids))
+    return [d.id for d in taken]
 
 
 async def follow(app: Offload, task_id: str, timeout: float | None = None) -> AsyncIterator[TaskState]:

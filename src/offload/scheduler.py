@@ -75,7 +75,7 @@ class Schedule(Protocol):
         ...
 
 
-def _zone(name: str) -> ZoneInfo:
+def zone_named(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -96,10 +96,10 @@ class Cron:
                 f"not a 5-field cron expression (minute hour day-of-month month day-of-week): {self.expr!r}"
             )
         if self.timezone is not None:
-            _zone(self.timezone)
+            zone_named(self.timezone)
 
     def next_after(self, after: float, tz: dt.tzinfo) -> float:
-        zone = _zone(self.timezone) if self.timezone else tz
+        zone = zone_named(self.timezone) if self.timezone else tz
         # croniter walks local wall-clock time with the zone's DST rules: "0 3 * * *" stays at
         # 03:00 local across a DST change.
         start = dt.datetime.fromtimestamp(after, zone)
@@ -220,7 +220,7 @@ class Beat:
         if not periodic:
             log.warning("beat: the app has no periodic tasks (register some with @app.periodic)")
             return
-        tz = _zone(self.app.timezone)
+        tz = zone_named(self.app.timezone)
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)

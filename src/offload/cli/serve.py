@@ -110,13 +110,18 @@ def beat(app_spec: str, catch_up: bool, log_level: str, log_format: str, loop: s
               help="Serve /metrics. [default: on a loopback --host, or with a metrics token; else off]")
 @click.option("--metrics-token", envvar="OFFLOAD_METRICS_TOKEN", default=None, show_envvar=True,
               help="/metrics then answers 401 without Authorization: Bearer <this token>.")
+@click.option("--dashboard", is_flag=True,
+              help="Serve /dashboard/, behind basic auth (user admin) with the password in $OFFLOAD_DASHBOARD_PASSWORD; "
+                   "without one, on a loopback --host only.")
 @LOG_LEVEL_OPTION
 @user_errors
 def gateway(app_spec: str, host: str, port: int, cors_origins: tuple[str, ...], grace: float, access_log: bool,
-            metrics: bool | None, metrics_token: str | None, log_level: str) -> None:
+            metrics: bool | None, metrics_token: str | None, dashboard: bool, log_level: str) -> None:
     """Serve the browser gateway (long polling, SSE, offload.js, metrics) with uvicorn."""
     from offload.gateway.serve import serve
 
     setup_logging(log_level)
     serve(load_app(app_spec), host=host, port=port, cors_origins=cors_origins, grace_s=grace, access_log=access_log,
-          log_level=log_level, metrics=metrics, metrics_token=metrics_token or None)
+          log_level=log_level, metrics=metrics, metrics_token=metrics_token or None, dashboard=dashboard,
+          # From the environment only: a command line is visible to every user of the machine.
+          dashboard_password=os.environ.get("OFFLOAD_DASHBOARD_PASSWORD") or None)

@@ -24,7 +24,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp
 
 from offload.app import Offload
@@ -54,6 +54,8 @@ def create_gateway(
     public_channels: Sequence[str] = (),
     metrics: bool = True,
     metrics_token: str | None = None,
+    dashboard: bool = False,
+    dashboard_password: str | None = None,
 ) -> Starlette:
     """The gateway of ``app`` as an ASGI application (what ``app.asgi(...)`` returns).
 
@@ -64,6 +66,8 @@ def create_gateway(
     ``public_channels``: channel name patterns anyone may follow when the app has a secret.
     ``metrics``: serve ``GET /metrics`` (it names the queues and counts their tasks).
     ``metrics_token``: when given, ``/metrics`` answers 401 without ``Authorization: Bearer <it>``.
+    ``dashboard``: serve the dashboard at ``/dashboard/``, behind basic auth as ``admin`` with
+    ``dashboard_password``; without a password, to loopback clients only.
     """
     if metrics_token is not None and not metrics_token:
         raise ConfigError("metrics_token must not be empty (pass None to serve /metrics without one)")
@@ -176,7 +180,7 @@ def create_gateway(
         yield
         await gw.close()
 
-    routes = [
+    routes: list[BaseRoute] = [
         # The stream routes come first: "/tasks/{id}" would not match them anyway, but the
         # order states the intent.
         Route("/tasks/{task_id}/events", task_events, methods=["GET"]),
@@ -189,6 +193,12 @@ def create_gateway(
     ]
     if metrics:
         routes.append(Route("/metrics", prometheus, methods=["GET"]))
+    if dashboard:
+        from offload.dashboard import dashboard_routes
+
+        routes.append(Mount("/dashboard", routes=dashboard_routes(app, gw, dashboard_password)))
+    elif dashboard_password is not None:
+        raise ConfigError("dashboard_password is set but the dashboard is off: pass dashboard=True")
     middleware = []
     if cors_origins:
         middleware.append(Middleware(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from offload.app import Offload
+from offload.errors import ConfigError
 from offload.gateway.gateway import Gateway
 from offload.gateway.redact import redact_logs
 
@@ -49,12 +50,17 @@ def metrics_served(host: str, metrics: bool | None, metrics_token: str | None) -
 
 def serve(app: Offload, *, host: str = "127.0.0.1", port: int = 8000, cors_origins: Sequence[str] = (),
           grace_s: float = 5.0, access_log: bool = True, log_level: str = "info", metrics: bool | None = None,
-          metrics_token: str | None = None) -> None:
+          metrics_token: str | None = None, dashboard: bool = False, dashboard_password: str | None = None) -> None:
     """Run the gateway of ``app`` until SIGINT/SIGTERM. ``grace_s``: how long requests still
     running at shutdown get to finish before they are cancelled. ``metrics``: serve ``/metrics``
-    (default: see `metrics_served`); ``metrics_token``: the bearer token it then requires."""
+    (default: see `metrics_served`); ``metrics_token``: the bearer token it then requires.
+    ``dashboard``: serve ``/dashboard/``; on an address other than loopback only with a password."""
+    if dashboard and not dashboard_password and not is_loopback(host):
+        raise ConfigError(f"the dashboard shows task arguments and tracebacks: on {host}, which is not a loopback "
+                          "address, it needs a password ($OFFLOAD_DASHBOARD_PASSWORD)")
     served = metrics_served(host, metrics, metrics_token)
-    asgi = app.asgi(cors_origins=list(cors_origins), metrics=served, metrics_token=metrics_token)
+    asgi = app.asgi(cors_origins=list(cors_origins), metrics=served, metrics_token=metrics_token,
+                    dashboard=dashboard, dashboard_password=dashboard_password or None)
     if not served and metrics is None:
         log.warning("/metrics is off on %s, which is not a loopback address: set a metrics token "
                     "($OFFLOAD_METRICS_TOKEN) or pass --metrics to serve it", host)
