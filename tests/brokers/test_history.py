@@ -110,6 +110,18 @@ async def test_an_expired_state_leaves_the_history(store: Store) -> None:
     assert ids(await store.history(HistoryQuery(status="succeeded"))) == ["long"]
 
 
+async def test_a_later_state_is_listed_for_its_own_ttl(store: Store) -> None:
+    # A task's first state would have expired by now, its final one keeps 60 s: the prune,
+    # which later writes run, must keep it listed.
+    await store.put_states([row("task", "queued", 1)], ttl_s=0.3)
+    await store.put_states([row("task", "succeeded", 1)], ttl_s=60)
+    await asyncio.sleep(0.4)  # past the first state's expiry: time itself is the input here
+    for i in range(10):
+        await store.put_states([row(f"later{i}", "queued", 2)], ttl_s=60)
+    assert ids(await store.history(HistoryQuery(status="succeeded"))) == ["task"]
+    assert "task" in ids(await store.history(HistoryQuery(limit=100)))
+
+
 async def test_a_namespace_lists_only_its_own(store: Store, kind: str, tmp_path: Path) -> None:
     broker_url, results_url = urls_for(kind, tmp_path)
     other = await open_backends(parse_url(broker_url), parse_url(results_url or broker_url), f"t{uuid.uuid4().hex[:12]}")

@@ -39,10 +39,14 @@ local function list_state(id, listing, ttl, t)
     redis.call('ZADD', P .. 'h:s:' .. status, at, id)
     redis.call('HSET', P .. 'h:meta', id, listing)
   end
-  if ttl > 0 then
-    redis.call('ZADD', P .. 'h:exp', string.format('%.0f', t * 1000 + ttl), id)
-  else
+  -- h:exp is written when a task is first listed only: a later state lives longer than its
+  -- first, and the prune moves the entry on to the state's actual expiry when it finds the
+  -- state still there. That keeps a task's status changes and progress writes at two or
+  -- three commands.
+  if ttl == 0 then
     redis.call('ZREM', P .. 'h:exp', id)
+  elseif not old then
+    redis.call('ZADD', P .. 'h:exp', string.format('%.0f', t * 1000 + ttl), id)
   end
 end
 -- Drop up to n listings whose state has expired. Each write prunes more than it lists, so
@@ -50,10 +54,15 @@ end
 local function prune_history(n, t)
   local gone = redis.call('ZRANGEBYSCORE', P .. 'h:exp', '-inf', string.format('%.0f', t * 1000), 'LIMIT', 0, n)
   for _, id in ipairs(gone) do
-    if redis.call('EXISTS', P .. 'state:' .. id) == 0 then
-      local listing = redis.call('HGET', P .. 'h:meta', id)
-      if listing then unlist(id, listing) end
+    local left = redis.call('PTTL', P .. 'state:' .. id)
+    if left > 0 then
+      redis.call('ZADD', P .. 'h:exp', string.format('%.0f', t * 1000 + left), id)
+    else
+      if left == -2 then  -- the state is gone: so is its listing
+        local listing = redis.call('HGET', P .. 'h:meta', id)
+        if listing then unlist(id, listing) end
+      end
+      redis.call('ZREM', P .. 'h:exp', id)
     end
-    redis.call('ZREM', P .. 'h:exp', id)
   end
 end
