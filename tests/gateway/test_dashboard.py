@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import base64
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from offload import ConfigError, Offload, Status
+from offload.cli.common import EXIT_USAGE
 from offload.gateway.serve import serve
 from tests.gateway.conftest import client_for, data, set_state, start_call
+from tests.support import run_cli
 
 PASSWORD = "correct horse battery"
 AUTH = {"authorization": "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()}
@@ -62,6 +65,13 @@ def test_the_gateway_refuses_a_public_dashboard_without_a_password() -> None:
         Offload("memory://dash").asgi(dashboard_password=PASSWORD)
     with pytest.raises(ValueError, match="must not be empty"):
         Offload("memory://dash").asgi(dashboard=True, dashboard_password="")
+
+
+def test_offload_gateway_dashboard_on_a_public_address_needs_the_password(tmp_path: Path) -> None:
+    done = run_cli(f"sqlite:///{tmp_path / 'offload.db'}", "dash", "gateway", "tests.apps.basic:app",
+                   "--host", "0.0.0.0", "--port", "0", "--dashboard")
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert "needs a password ($OFFLOAD_DASHBOARD_PASSWORD)" in done.stderr and "Traceback" not in done.stderr
 
 
 async def test_without_the_flag_there_is_no_dashboard() -> None:
@@ -183,3 +193,9 @@ async def test_the_live_stream_sends_the_overview_and_a_task_as_it_changes(app: 
     finally:
         call.disconnect()
         await call.finish()
+
+
+async def test_the_dashboard_without_its_slash_redirects_to_it() -> None:
+    async with dashboard(Offload("memory://dash")) as client:
+        moved = await client.get("/dashboard", headers=AUTH)
+    assert moved.is_redirect and moved.headers["location"].endswith("/dashboard/")
