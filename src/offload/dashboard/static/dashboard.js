@@ -5,7 +5,7 @@
 
 const view = document.getElementById("view");
 const csrf = document.querySelector('meta[name="csrf-token"]').content;
-const STATUSES = ["queued", "scheduled", "running", "succeeded", "failed", "cancelled", "expired"];
+const STATUSES = ["queued", "started", "retrying", "succeeded", "failed", "cancelled", "expired"];
 let live = null;      // the EventSource or fallback timer of the page shown
 let render = 0;       // bumps on every navigation: late answers for an old page are dropped
 
@@ -134,7 +134,7 @@ function workersTable(workers) {
     ["Host", (w) => `${w.hostname} (pid ${w.pid})`],
     ["Queues", (w) => w.queues.join(", "), "worker-queues"],
     ["Pool", (w) => `${w.pool} × ${w.concurrency}`],
-    ["Running", (w) => w.running.length ? w.running.map(taskLink).flatMap((a) => [a, " "]) : "0", "worker-running"],
+    ["Running", (w) => [`${w.running.length} / ${w.concurrency} `, w.running.map(taskLink).flatMap((a) => [a, " "])], "worker-running"],
     ["Started", (w) => isoWhen(w.started_at)],
     ["Last seen", (w) => isoWhen(w.last_seen)],
     ["Version", (w) => w.version],
@@ -299,7 +299,9 @@ async function dead(mine) {
       const ids2 = done[action === "purge" ? "purged" : "replayed"];
       status.textContent = `${action === "purge" ? "Purged" : "Replayed"} ${ids2.length} task(s).`;
     } catch (error) {
-      status.textContent = `Could not ${action}: ${error.message}`;
+      // The CSRF token is made per gateway process: a page older than a restart must reload.
+      status.textContent = error.status === 403 ? `Could not ${action}: ${error.message}. Reload the page and try again.`
+        : `Could not ${action}: ${error.message}`;
     }
     await refresh();
   };
