@@ -17,11 +17,15 @@ function h(tag, attrs, ...children) {
     if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
   return node;
+}
+
+function paint(...nodes) {
+  view.replaceChildren(...nodes.flat(Infinity).filter((node) => node !== null && node !== undefined));
 }
 
 function when(epoch) {
@@ -142,7 +146,7 @@ function workersTable(workers) {
 }
 
 function overviewPage(data) {
-  view.replaceChildren(
+  paint(
     h("h1", {}, "Overview"),
     h("p", {class: "muted", id: "broker"}, `${data.broker} · namespace ${data.namespace}`),
     h("div", {class: "cards-row"}, card("Running", data.running, "count-running"),
@@ -166,7 +170,7 @@ async function overview(mine) {
 }
 
 async function workers(mine) {
-  const show = (list) => view.replaceChildren(h("h1", {}, "Workers"), workersTable(list));
+  const show = (list) => paint(h("h1", {}, "Workers"), workersTable(list));
   const data = await api("api/workers");
   if (mine !== render) return;
   show(data.workers);
@@ -218,7 +222,7 @@ async function tasks(mine, params) {
     shown = shown.concat(data.tasks); next = data.next_before; paged = true;
     draw();
   });
-  view.replaceChildren(h("h1", {}, "Tasks"),
+  paint(h("h1", {}, "Tasks"),
     h("div", {class: "filters"}, status, text("filter-name", "name", "task name"), text("filter-queue", "queue", "queue"), search),
     list, older);
   const first = await load(null);
@@ -250,7 +254,7 @@ function taskPage(data) {
     h("p", {}, h("strong", {id: "task-error-type"}, t.error.type), ": ", h("span", {id: "task-error-message"}, t.error.message)),
     h("pre", {id: "task-traceback"}, t.error.traceback || ""),
   ] : t.status === "succeeded" ? [h("h2", {}, "Result"), h("pre", {id: "task-result"}, JSON.stringify(t.result, null, 2))] : [];
-  view.replaceChildren(
+  paint(
     h("h1", {}, "Task ", h("span", {class: "mono", id: "task-id"}, t.id)),
     h("dl", {class: "fields"},
       field("Name", t.name, "task-name"), field("Status", badge(t.status), "task-status"),
@@ -305,7 +309,7 @@ async function dead(mine) {
     }
     await refresh();
   };
-  view.replaceChildren(h("h1", {}, "Dead letters"),
+  paint(h("h1", {}, "Dead letters"),
     h("div", {class: "actions"},
       h("button", {id: "replay-selected", type: "button", onclick: act("replay", false)}, "Replay selected"),
       h("button", {id: "replay-all", type: "button", onclick: act("replay", true)}, "Replay all"),
@@ -319,7 +323,7 @@ async function dead(mine) {
 async function periodic(mine) {
   const data = await api("api/periodic");
   if (mine !== render) return;
-  view.replaceChildren(h("h1", {}, "Periodic tasks"), h("p", {class: "muted", id: "timezone"}, `Schedules in ${data.timezone}`),
+  paint(h("h1", {}, "Periodic tasks"), h("p", {class: "muted", id: "timezone"}, `Schedules in ${data.timezone}`),
     table("periodic-table", [
       ["Name", (p) => p.name, "periodic-name"], ["Task", (p) => p.task], ["Schedule", (p) => h("code", {}, p.schedule)],
       ["Queue", (p) => p.queue], ["Next run", (p) => [when(p.next_run), " ", h("span", {class: "muted"}, `(${relative(p.next_run)})`)], "next-run"],
@@ -339,7 +343,7 @@ async function route() {
     link.classList.toggle("current", link.dataset.route === (page === "task" ? "tasks" : page));
   }
   document.body.dataset.page = page;
-  view.replaceChildren(h("p", {class: "muted"}, "Loading…"));
+  paint(h("p", {class: "muted"}, "Loading…"));
   try {
     if (page === "overview") await overview(mine);
     else if (page === "tasks") await tasks(mine, params);
@@ -347,10 +351,10 @@ async function route() {
     else if (page === "workers") await workers(mine);
     else if (page === "dead") await dead(mine);
     else if (page === "periodic") await periodic(mine);
-    else view.replaceChildren(h("h1", {}, "Not found"), h("p", {}, h("a", {href: "#/"}, "Back to the overview")));
+    else paint(h("h1", {}, "Not found"), h("p", {}, h("a", {href: "#/"}, "Back to the overview")));
   } catch (error) {
     if (mine !== render) return;
-    view.replaceChildren(h("h1", {}, error.status === 404 ? "Not found" : "Error"));
+    paint(h("h1", {}, error.status === 404 ? "Not found" : "Error"));
     showError(error.message);
   }
 }
