@@ -298,16 +298,17 @@ async function dead(mine) {
     if (!all && !ids.length) { status.textContent = "Select some dead letters first."; return; }
     const what = all ? "every dead letter" : `${ids.length} dead letter(s)`;
     if (action === "purge" && !confirm(`Purge ${what}? They cannot be replayed afterwards.`)) return;
+    let said;
     try {
       const done = await api(`api/dead/${action}`, all ? {all: true} : {ids});
-      const ids2 = done[action === "purge" ? "purged" : "replayed"];
-      status.textContent = `${action === "purge" ? "Purged" : "Replayed"} ${ids2.length} task(s).`;
+      said = `${action === "purge" ? "Purged" : "Replayed"} ${done[action === "purge" ? "purged" : "replayed"].length} task(s).`;
     } catch (error) {
       // The CSRF token is made per gateway process: a page older than a restart must reload.
-      status.textContent = error.status === 403 ? `Could not ${action}: ${error.message}. Reload the page and try again.`
+      said = error.status === 403 ? `Could not ${action}: ${error.message}. Reload the page and try again.`
         : `Could not ${action}: ${error.message}`;
     }
     await refresh();
+    status.textContent = said;  // after the list is redrawn, so the message describes what is shown
   };
   paint(h("h1", {}, "Dead letters"),
     h("div", {class: "actions"},
