@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -77,6 +77,31 @@ def missing(reason: str) -> NoReturn:
     if os.environ.get("OFFLOAD_REQUIRE_BROKERS") == "1":
         pytest.fail(f"{reason} (OFFLOAD_REQUIRE_BROKERS=1)")
     pytest.skip(reason)
+
+
+#: Debian's chromium package, driven by Playwright (its own browser downloads are never used).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def require_chromium() -> None:
+    """Chromium and Playwright, or skip (locally) / fail (CI) saying which is missing."""
+    if not os.path.exists(CHROMIUM):
+        missing(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
+    require_module("playwright", "pip install playwright")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """A headless Chromium, one per test module."""
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
 
 
 def require_module(name: str, install: str) -> types.ModuleType:

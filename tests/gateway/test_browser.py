@@ -5,7 +5,6 @@ long polling; and it follows a channel both ways."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -16,24 +15,19 @@ import pytest
 
 from offload import Offload
 from offload.tokens import make_token
-from tests.conftest import missing, require_module
+from tests.conftest import require_chromium
 from tests.gateway.conftest import SECRET, Server
 from tests.support import env_for, start_worker
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 BASIC = "tests.apps.basic."
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The site (page + gateway at /jobs) and a worker, on sqlite, with a secret."""
-    if not os.path.exists(CHROMIUM):
-        missing(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
-    require_module("playwright", "pip install playwright")
+    require_chromium()
     url = f"sqlite:///{tmp_path_factory.mktemp('browser') / 'offload.db'}"
     namespace = "browser"
     env = env_for(url, namespace, OFFLOAD_TEST_SECRET=SECRET)
@@ -47,15 +41,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         worker.stop()
         server.stop()
 
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ never scrolls sideways."""
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +16,8 @@ import pytest
 
 from offload import Offload
 from offload.errors import TaskFailed
-from tests.conftest import missing, require_module, require_server
+from tests.conftest import require_chromium, require_server
 from tests.gateway.conftest import Server
-from tests.gateway.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support import OffloadProcess, env_for, flush_namespace, start_worker, wait_until
 
 pytestmark = pytest.mark.browser
@@ -63,9 +61,7 @@ class Stack:
 
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    if not os.path.exists(CHROMIUM):
-        missing(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
-    require_module("playwright", "pip install playwright")
+    require_chromium()
     require_server(request.param)
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('dashboard') / 'offload.db'}"
@@ -75,15 +71,6 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     yield made
     made.close()
 
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def open_context(browser: Any, **options: Any) -> Any:

@@ -21,14 +21,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import missing, require_module
+from tests.conftest import require_chromium, require_module
 from tests.support import ROOT, OffloadProcess
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 #: The export link's lifetime in this test: long enough to download 30 MB on a slow machine,
 #: short enough to wait for its expiry.
 LINK_MAX_AGE_S = 15
@@ -60,9 +57,7 @@ class Demo(OffloadProcess):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    if not os.path.exists(CHROMIUM):
-        missing(f"no Chromium at {CHROMIUM} (Debian's chromium package)")
-    require_module("playwright", "pip install playwright")
+    require_chromium()
     require_module("django", "pip install 'offload[django]'")
     started = time.monotonic()
     process = Demo(tmp_path_factory.mktemp("photos"))
@@ -80,15 +75,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         assert code == 0, process.output[-3000:]
         assert "demo | stopped" in process.output
 
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def photos(folder: Path) -> list[Path]:
