@@ -14,23 +14,15 @@ from __future__ import annotations
 
 import base64
 import hmac
-import ipaddress
 import secrets
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
+from offload.gateway.serve import is_loopback
+
 USER = "admin"
 CSRF_HEADER = "x-csrf-token"
-
-
-def is_loopback_client(host: str | None) -> bool:
-    if host is None:  # a test client or a Unix socket: no network peer at all
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class DashboardAccess:
@@ -47,7 +39,8 @@ class DashboardAccess:
     def check(self, request: Request) -> None:
         """Raise 401 (no or wrong credentials) or 403 (no password and a remote client)."""
         if self._authorization is None:
-            if not is_loopback_client(request.client.host if request.client else None):
+            # No client address: a Unix socket or an in-process client, no network peer at all.
+            if request.client is not None and not is_loopback(request.client.host):
                 raise HTTPException(403, "the dashboard has no password, so it serves this machine only")
             return
         given = request.headers.get("authorization", "").encode("latin-1", "replace")

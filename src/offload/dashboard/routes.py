@@ -19,6 +19,7 @@ from offload import admin
 from offload.app import Offload
 from offload.dashboard import views
 from offload.dashboard.access import DashboardAccess
+from offload.gateway.app import checked_task_id
 from offload.gateway.gateway import Gateway
 from offload.gateway.payload import dumps
 from offload.gateway.sse import Stream
@@ -65,19 +66,17 @@ def dashboard_routes(app: Offload, gw: Gateway, password: str | None) -> list[Ba
 
     async def task_list(request: Request) -> Response:
         q = request.query_params
-        limit = _number(q.get("limit"), "limit", 50)
-        if limit != int(limit) or not 1 <= limit <= MAX_PAGE:
-            raise HTTPException(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
+        limit = _limit(q.get("limit"), 50, MAX_PAGE)
         before = q.get("before")
         try:
             found = await views.tasks(app, q.get("status") or None, q.get("name") or None, q.get("queue") or None,
-                                      int(limit), None if not before else _number(before, "before", 0))
+                                      limit, None if not before else _number(before, "before", 0))
         except ValueError as e:  # an unknown status, said in one line by the history query
             raise HTTPException(400, str(e)) from None
         return _json(found)
 
     async def task_detail(request: Request) -> Response:
-        found = await views.task(app, _task_id(request.path_params["task_id"]))
+        found = await views.task(app, checked_task_id(request.path_params["task_id"]))
         if found is None:
             raise HTTPException(404, "no such task (unknown, or its state has expired)")
         return _json(found)
@@ -86,10 +85,7 @@ def dashboard_routes(app: Offload, gw: Gateway, password: str | None) -> list[Ba
         return _json({"workers": [w.to_json() for w in await app.aworkers()]})
 
     async def dead(request: Request) -> Response:
-        limit = _number(request.query_params.get("limit"), "limit", 100)
-        if limit != int(limit) or not 1 <= limit <= MAX_ACTION_IDS:
-            raise HTTPException(400, f"limit must be a whole number from 1 to {MAX_ACTION_IDS}")
-        return _json(await views.dead(app, int(limit)))
+        return _json(await views.dead(app, _limit(request.query_params.get("limit"), 100, MAX_ACTION_IDS)))
 
     async def replay(request: Request) -> Response:
         access.check_action(request)
@@ -104,7 +100,7 @@ def dashboard_routes(app: Offload, gw: Gateway, password: str | None) -> list[Ba
 
     async def events(request: Request) -> ASGIApp:
         task_id = request.query_params.get("task")
-        return _LiveStream(app, gw, None if not task_id else _task_id(task_id))
+        return _LiveStream(app, gw, None if not task_id else checked_task_id(task_id))
 
     return [
         Route("/", guarded(index), methods=["GET"]),
@@ -161,7 +157,7 @@ async def _chosen(request: Request) -> list[str] | None:
     ids = body.get("ids") if isinstance(body, dict) else None
     if not isinstance(ids, list) or not ids or len(ids) > MAX_ACTION_IDS or not all(isinstance(i, str) for i in ids):
         raise HTTPException(400, f'the body must be {{"ids": [1 to {MAX_ACTION_IDS} ids]}} or {{"all": true}}')
-    return [_task_id(i) for i in ids]
+    return [checked_task_id(i) for i in ids]
 
 
 def _json(content: Any) -> Response:
@@ -170,6 +166,13 @@ def _json(content: Any) -> Response:
     except TypeError:  # a result a JSON codec would not have stored (pickle, msgpack): its repr
         body = json.dumps(content, default=repr, separators=(",", ":")).encode()
     return Response(body, media_type="application/json", headers=_NO_STORE)
+
+
+def _limit(raw: str | None, default: int, top: int) -> int:
+    limit = _number(raw, "limit", default)
+    if limit != int(limit) or not 1 <= limit <= top:
+        raise HTTPException(400, f"limit must be a whole number from 1 to {top}")
+    return int(limit)
 
 
 def _number(raw: str | None, name: str, default: float) -> float:
@@ -182,9 +185,3 @@ def _number(raw: str | None, name: str, default: float) -> float:
     if not math.isfinite(value):
         raise HTTPException(400, f"{name} must be a finite number")
     return value
-
-
-def _task_id(task_id: str) -> str:
-    if not task_id or len(task_id) > 200:
-        raise HTTPException(400, "not a task id")
-    return task_id

@@ -79,7 +79,7 @@ def create_gateway(
     script = resources.files("offload.gateway").joinpath("static/offload.js").read_bytes()
 
     async def task(request: Request) -> ASGIApp:
-        task_id = _task_id(request.path_params["task_id"])
+        task_id = checked_task_id(request.path_params["task_id"])
         _require(gw.may_read([task_id], _tokens(request)))
         wait_s = _wait(request)
         since = request.query_params.get("since")
@@ -90,7 +90,7 @@ def create_gateway(
         return LongPoll(gw, [task_id], ready, wait_s, many=False)
 
     async def task_events(request: Request) -> ASGIApp:
-        task_id = _task_id(request.path_params["task_id"])
+        task_id = checked_task_id(request.path_params["task_id"])
         _require(gw.may_read([task_id], _tokens(request)))
         last_id = last_event_id(request.scope, request.query_params)
         if last_id == DONE_ID:
@@ -106,7 +106,7 @@ def create_gateway(
         if len(task_ids) > MAX_IDS:
             raise HTTPException(400, f"ids= may name at most {MAX_IDS} tasks")
         for task_id in task_ids:
-            _task_id(task_id)
+            checked_task_id(task_id)
         # Tokens come in the order of the ids as given (duplicates included).
         tokens = _tokens(request)
         by_id = dict(zip(raw_ids, tokens, strict=True)) if len(tokens) == len(raw_ids) else {}
@@ -228,7 +228,8 @@ def _json(status: int, content: Any, headers: Mapping[str, str] | None = None) -
                     headers={"cache-control": "no-store", **(headers or {})})
 
 
-def _task_id(task_id: str) -> str:
+def checked_task_id(task_id: str) -> str:
+    """A task id from a URL, or a 400 for one that cannot be one (empty, or over 200 characters)."""
     if not task_id or len(task_id) > _MAX_ID_LENGTH:
         raise HTTPException(400, "not a task id")
     return task_id
