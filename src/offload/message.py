@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from offload.errors import ConfigError, MessageError, SerializationError, SignatureError
+from offload.preview import call_preview
 from offload.serializers import BY_CODE, Serializer
 
 MAGIC = b"OF"
@@ -75,6 +76,14 @@ class Envelope:
         if self.expires is None and expires_after is not None:
             self.expires = self.queued_at + expires_after
         return self
+
+    def state_meta(self) -> dict[str, Any]:
+        """What a task's states keep of its message: the owner and workflow parent from the
+        headers, and a preview of the call. Every state is written whole, so the sender's
+        queued state and the worker's started one both start from this."""
+        meta = {k: v for k, v in self.headers.items() if k in ("owner", "parent")}
+        meta["call"] = call_preview(self.name, self.args, self.kwargs)
+        return meta
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _ENVELOPE_FIELDS}

@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 from offload.brokers.base import Broker, OutgoingMessage, Store
 from offload.brokers.states import StateRow
 from offload.message import Envelope, new_task_id
-from offload.preview import call_preview
 from offload.result import Result, Status, TaskState
 from offload.task import Options
 
@@ -94,9 +93,8 @@ class Sender:
         queued = TaskState(
             id=env.id, name=env.name, status=Status.QUEUED, queue=env.queue,
             queued_at=dt.datetime.fromtimestamp(env.queued_at, dt.UTC),
-            meta={k: v for k, v in env.headers.items() if k in ("owner", "parent")},
+            meta=env.state_meta(),
         )
-        queued.meta["call"] = call_preview(env.name, env.args, env.kwargs)
         state = app.state_row(queued)
         message = OutgoingMessage(
             id=env.id, queue=env.queue, body=body, priority=env.priority, eta=env.eta, key=env.key, expires=env.expires,

@@ -34,7 +34,6 @@ from offload.context import TaskContext
 from offload.errors import MessageError, SignatureError
 from offload.logs import task_fields
 from offload.message import Envelope
-from offload.preview import call_preview
 from offload.result import Status, TaskState
 from offload.task import Task
 from offload.worker.executors import Job, ThreadRunner, run_async
@@ -103,10 +102,8 @@ class Pipeline:
         state = TaskState(
             id=env.id, name=env.name, status=Status.STARTED, attempts=env.attempt, queue=d.queue,
             queued_at=dt.datetime.fromtimestamp(env.queued_at, dt.UTC),
-            meta={k: v for k, v in env.headers.items() if k in ("owner", "parent")},
+            meta=env.state_meta(),
         )
-        # Every state is written whole: the call's preview is kept as the queued state had it.
-        state.meta["call"] = call_preview(env.name, env.args, env.kwargs)
         if await self._ended_unrun(d, env, state):
             return
         if task is None:
